@@ -11,7 +11,7 @@ import pytest
 
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
-from qprobe.rollouts import FORMAT, RolloutWriter, Rollouts, write_rollouts
+from qprobe.rollouts import FORMAT, Rollouts, RolloutWriter, write_rollouts
 
 SPEC = FeatureSpec(model="tiny", layer=1, position="last", dim=4)
 META = {"task": "t", "split": "train", "k": 2, "sampling": {"temperature": 0.8, "top_p": 0.95}}
