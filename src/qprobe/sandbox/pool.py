@@ -191,10 +191,8 @@ class Sandbox:
             rep = self._workers[0].report
             if self.config.isolation == "require" and not isolation_ok(rep):
                 self.close()
-                raise QProbeError(
-                    "sandbox: strong isolation required but unavailable: "
-                    + "; ".join(rep.get("errors", [])) or "need root or user namespaces"
-                )
+                why = "; ".join(rep.get("errors", [])) or "need root or user namespaces"
+                raise QProbeError(f"sandbox: strong isolation required but unavailable: {why}")
             self._started = True
 
     def isolation(self) -> dict:
