@@ -174,7 +174,9 @@ class Sandbox:
         # so RLIMIT_NPROC and signals cannot cross between them.
         base = 1_000_000 + secrets.randbelow(1_000_000) * 256
         self._workers = [_Worker(self.config, base + i) for i in range(n)]
-        self._lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.RLock()
         self._started = False
 
     def __enter__(self) -> Sandbox:
@@ -187,13 +189,48 @@ class Sandbox:
         with self._lock:
             if self._started:
                 return
-            self._workers[0].start()
+            # One long-lived thread per worker starts it and feeds it. Workers die with the
+            # thread that started them (PR_SET_PDEATHSIG), so that thread must outlive the jobs.
+            ready: queue.Queue = queue.Queue()
+            self._threads = [
+                threading.Thread(target=self._serve, args=(w, ready), daemon=True)
+                for w in self._workers
+            ]
+            for t in self._threads:
+                t.start()
+            errors = [e for e in (ready.get() for _ in self._workers) if e is not None]
+            self._started = True
+            if errors:
+                self.close()
+                raise errors[0]
             rep = self._workers[0].report
             if self.config.isolation == "require" and not isolation_ok(rep):
                 self.close()
                 why = "; ".join(rep.get("errors", [])) or "need root or user namespaces"
                 raise QProbeError(f"sandbox: strong isolation required but unavailable: {why}")
-            self._started = True
+
+    def _serve(self, worker: _Worker, ready: queue.Queue) -> None:
+        try:
+            worker.start()
+            ready.put(None)
+        except Exception as e:
+            ready.put(e)
+            return
+        c = self.config
+        limits = {"timeout": c.timeout, "memory_mb": c.memory_mb, "file_size_mb": c.file_size_mb,
+                  "tmpfs_mb": c.tmpfs_mb, "max_processes": c.max_processes,
+                  "max_open_files": c.max_open_files, "output_limit": c.output_limit}  # fmt: skip
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                worker.stop()
+                return
+            results, i, code = item
+            try:
+                res = worker.run({"id": i, "code": code, "uid": worker.uid, **limits})
+            except Exception as e:  # a bug here must surface as a sandbox error, not a hang
+                res = {"status": "sandbox_error", "detail": f"sandbox: {e!r}"}
+            results.put((i, res))
 
     def isolation(self) -> dict:
         """What isolation the workers run with (namespaces, uid drop, ...)."""
@@ -207,39 +244,13 @@ class Sandbox:
         return [v for _, v in self.map(programs, ordered=True)]
 
     def map(self, programs: Iterable[str], ordered: bool = False) -> Iterator[tuple[int, Verdict]]:
-        """Run every program; yield (index, Verdict) as each finishes (or in order)."""
+        """Run every program; yield (index, Verdict) as each finishes (or in input order)."""
         self._ensure_started()
-        jobs: queue.Queue = queue.Queue()
         results: queue.Queue = queue.Queue()
         n = 0
         for i, code in enumerate(programs):
-            jobs.put((i, code))
+            self._jobs.put((results, i, code))
             n += 1
-        if n == 0:
-            return
-        c = self.config
-        limits = {"timeout": c.timeout, "memory_mb": c.memory_mb, "file_size_mb": c.file_size_mb,
-                  "tmpfs_mb": c.tmpfs_mb, "max_processes": c.max_processes,
-                  "max_open_files": c.max_open_files, "output_limit": c.output_limit}  # fmt: skip
-
-        def feed(worker: _Worker) -> None:
-            while True:
-                try:
-                    i, code = jobs.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    res = worker.run({"id": i, "code": code, "uid": worker.uid, **limits})
-                except Exception as e:  # a bug here must surface as a sandbox error, not a hang
-                    res = {"status": "sandbox_error", "detail": f"sandbox: {e!r}"}
-                results.put((i, res))
-
-        threads = [
-            threading.Thread(target=feed, args=(w,), daemon=True)
-            for w in self._workers[: min(n, len(self._workers))]
-        ]
-        for t in threads:
-            t.start()
         pending: dict[int, Verdict] = {}
         nxt = 0
         for _ in range(n):
@@ -260,13 +271,18 @@ class Sandbox:
             while nxt in pending:
                 yield nxt, pending.pop(nxt)
                 nxt += 1
-        for t in threads:
-            t.join()
 
     def close(self) -> None:
-        for w in self._workers:
-            w.stop()
-        self._started = False
+        """Stop the workers (each finishes its current program first)."""
+        with self._lock:
+            if not self._started:
+                return
+            for _ in self._threads:
+                self._jobs.put(None)
+            for t in self._threads:
+                t.join()
+            self._threads = []
+            self._started = False
 
 
 def isolation_ok(rep: dict) -> bool:
