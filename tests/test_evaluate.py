@@ -8,10 +8,13 @@ import math
 import numpy as np
 import pytest
 
+from qprobe.cli import main
+from qprobe.errors import FeatureSpecMismatch
 from qprobe.evaluate import (
     argmax_expected_reward,
     bootstrap_ci,
     evaluate_groups,
+    evaluate_rollouts,
     expected_max_at_k,
     format_table,
     pass_at_k,
@@ -70,7 +73,9 @@ def test_argmax_exact_with_ties() -> None:
         q = rng.integers(0, 3, size=n).astype(float)  # many ties
         r = rng.random(n)
         for k in range(1, n + 1):
-            assert argmax_expected_reward(q, r, k) == pytest.approx(brute_probe(q, r, k, 0.0), abs=1e-12)
+            assert argmax_expected_reward(q, r, k) == pytest.approx(
+                brute_probe(q, r, k, 0.0), abs=1e-12
+            )
 
 
 def test_softmax_exact_enumeration_matches_brute_force() -> None:
@@ -86,9 +91,13 @@ def test_softmax_monte_carlo_close_to_exact_and_seeded() -> None:
     rng = np.random.default_rng(3)
     q, r = rng.normal(size=12), rng.random(12)
     exact = brute_probe(q, r, 5, 0.3)  # C(12,5)=792 subsets
-    mc = softmax_expected_reward(q, r, 5, 0.3, np.random.default_rng(7), exact_limit=10, mc_subsets=20000)
+    mc = softmax_expected_reward(
+        q, r, 5, 0.3, np.random.default_rng(7), exact_limit=10, mc_subsets=20000
+    )
     assert mc == pytest.approx(exact, abs=0.01)
-    mc2 = softmax_expected_reward(q, r, 5, 0.3, np.random.default_rng(7), exact_limit=10, mc_subsets=20000)
+    mc2 = softmax_expected_reward(
+        q, r, 5, 0.3, np.random.default_rng(7), exact_limit=10, mc_subsets=20000
+    )
     assert mc == mc2
 
 
@@ -115,7 +124,9 @@ def test_evaluate_groups_perfect_and_useless_probe() -> None:
     P, n = 30, 8
     group = np.repeat(np.arange(P), n)
     rewards = (rng.random(P * n) < 0.3).astype(float)
-    perfect = evaluate_groups(group, rewards, rewards + 1e-3 * rng.random(P * n), ks=[1, 4, 8], betas=[0.0])
+    perfect = evaluate_groups(
+        group, rewards, rewards + 1e-3 * rng.random(P * n), ks=[1, 4, 8], betas=[0.0]
+    )
     const = evaluate_groups(group, rewards, np.zeros(P * n), ks=[1, 4, 8], betas=[0.0])
     for k in (1, 4, 8):
         # a probe that ranks by the reward reaches the skyline; a constant one picks sample 0
@@ -136,15 +147,105 @@ def test_evaluate_groups_nan_rewards_uneven_groups_and_greedy() -> None:
     group = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     rewards = np.array([1, 0, np.nan, 0, 1, 0, 0, 1, 1], dtype=float)
     scores = np.arange(9, dtype=float)
-    res = evaluate_groups(group, rewards, scores, ks=[1, 2, 3, 8], betas=[0.0, 0.5],
-                          greedy_rewards=np.array([1.0, 0.0, np.nan]))
+    res = evaluate_groups(
+        group,
+        rewards,
+        scores,
+        ks=[1, 2, 3, 8],
+        betas=[0.0, 0.5],
+        greedy_rewards=np.array([1.0, 0.0, np.nan]),
+    )
     assert res.ks == [1, 2, 3]  # k=8: no prompt has 8 samples
     assert res.pass_at_k[3].n_prompts == 1  # only prompt 2 has >= 3 scored samples
     assert res.pass1.mean == pytest.approx(np.mean([0.5, 0.5, 0.5]))
     assert res.greedy is not None and res.greedy.mean == pytest.approx(0.5)
     assert any("without a reward" in n for n in res.notes)
-    assert res.probe[(2, 0.0)].mean == pytest.approx(np.mean([
-        brute_probe(np.array([0.0, 1.0]), np.array([1.0, 0.0]), 2, 0.0),
-        brute_probe(np.array([3.0, 4.0]), np.array([0.0, 1.0]), 2, 0.0),
-        brute_probe(scores[5:], rewards[5:], 2, 0.0),
-    ]))
+    assert res.probe[(2, 0.0)].mean == pytest.approx(
+        np.mean(
+            [
+                brute_probe(np.array([0.0, 1.0]), np.array([1.0, 0.0]), 2, 0.0),
+                brute_probe(np.array([3.0, 4.0]), np.array([0.0, 1.0]), 2, 0.0),
+                brute_probe(scores[5:], rewards[5:], 2, 0.0),
+            ]
+        )
+    )
+
+
+def _rollouts_and_probe(tmp_path, P=12, n=6, dim=5, seed=0):
+    """Synthetic scored rollouts whose reward is 1 when feature 0 > 0, and a probe on feature 0."""
+    import torch
+
+    from qprobe.features import FeatureSpec
+    from qprobe.probe import Probe
+    from qprobe.rollouts import write_rollouts
+
+    rng = np.random.default_rng(seed)
+    spec = FeatureSpec(model="synthetic", layer=1, position="last", dim=dim, dtype="float32")
+    feats = rng.normal(size=(P * n, dim)).astype(np.float32)
+    rewards = (feats[:, 0] + 0.5 * rng.normal(size=P * n) > 0).astype(float)
+    rows = [
+        {
+            "prompt_id": f"p{i // n}",
+            "sample_idx": i % n,
+            "prompt": f"q{i // n}",
+            "completion": f"a{i}",
+            "reward": float(rewards[i]),
+        }
+        for i in range(P * n)
+    ]
+    write_rollouts(tmp_path / "test", rows, feats, meta={"task": "synthetic"}, feature_spec=spec)
+    probe = Probe(dim, beta=0.1, objective="q", feature_spec=spec)
+    with torch.no_grad():
+        probe.net[-1].weight.zero_()
+        probe.net[-1].weight[0, 0] = 1.0
+    probe.save(tmp_path / "probe")
+    return feats, rewards, spec
+
+
+def test_evaluate_rollouts_scores_with_the_probe(tmp_path) -> None:
+    feats, rewards, _ = _rollouts_and_probe(tmp_path)
+    res = evaluate_rollouts(str(tmp_path / "test"), str(tmp_path / "probe"), [1, 3, 6], [0.0, 1.0])
+    direct = evaluate_groups(
+        np.repeat(np.arange(12), 6), rewards, feats[:, 0], [1, 3, 6], [0.0, 1.0]
+    )
+    for key, e in direct.probe.items():
+        assert res.probe[key].mean == pytest.approx(e.mean, abs=1e-6)
+    assert res.probe[(6, 0.0)].mean > res.pass1.mean  # the planted direction helps
+
+
+def test_evaluate_refuses_probe_of_other_features(tmp_path) -> None:
+    from qprobe.features import FeatureSpec
+    from qprobe.probe import Probe
+
+    _rollouts_and_probe(tmp_path)
+    other = FeatureSpec(model="another-model", layer=1, position="last", dim=5, dtype="float32")
+    Probe(5, feature_spec=other).save(tmp_path / "other")
+    with pytest.raises(FeatureSpecMismatch):
+        evaluate_rollouts(str(tmp_path / "test"), str(tmp_path / "other"))
+
+
+def test_cli_evaluate_table_json_and_errors(tmp_path, capsys) -> None:
+    import json
+
+    _rollouts_and_probe(tmp_path)
+    out = tmp_path / "res" / "eval.json"
+    rc = main(
+        [
+            "evaluate",
+            str(tmp_path / "test"),
+            "--probe",
+            str(tmp_path / "probe"),
+            "--k",
+            "1,2,4",
+            "--beta",
+            "0,0.1",
+            "--json",
+            str(out),
+        ]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0 and "pass@1" in text and "beta=0.1" in text
+    d = json.loads(out.read_text())
+    assert d["ks"] == [1, 2, 4] and len(d["probe"]) == 6
+    assert main(["evaluate", str(tmp_path / "missing"), "--probe", str(tmp_path / "probe")]) == 2
+    assert "qprobe: error:" in capsys.readouterr().err

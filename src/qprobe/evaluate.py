@@ -49,7 +49,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def _rank_weights(n: int, k: int) -> np.ndarray:
     """w[j] = C(n-1-j, k-1) / C(n, k): chance that rank j (0 = best) is the best of a k-subset."""
     denom = math.comb(n, k)
-    return np.array([math.comb(n - 1 - j, k - 1) / denom for j in range(n)], dtype=np.float64)  # [n]
+    return np.array(
+        [math.comb(n - 1 - j, k - 1) / denom for j in range(n)], dtype=np.float64
+    )  # [n]
 
 
 def expected_max_at_k(rewards: np.ndarray, k: int) -> float:
@@ -238,8 +240,12 @@ def evaluate_groups(
     for k in res.ks:
         sel = [g for g in groups if len(g[0]) >= k]
         if len(sel) < len(groups):
-            notes.append(f"k={k}: {len(groups) - len(sel)} prompt(s) with fewer than {k} samples left out")
-        res.pass_at_k[k] = Estimate.of(np.array([expected_max_at_k(g[0], k) for g in sel]), n_boot, seed)
+            notes.append(
+                f"k={k}: {len(groups) - len(sel)} prompt(s) with fewer than {k} samples left out"
+            )
+        res.pass_at_k[k] = Estimate.of(
+            np.array([expected_max_at_k(g[0], k) for g in sel]), n_boot, seed
+        )
         if scores is None:
             continue
         base = np.array([g[0].mean() for g in sel])  # [P_k] per-prompt pass@1
@@ -268,7 +274,9 @@ def format_table(res: EvalResult, title: str = "") -> str:
     )
     lines.append(f"  base pass@1 (mean reward)   {res.pass1.fmt()}")
     if res.greedy is not None:
-        lines.append(f"  greedy                      {res.greedy.fmt()}  ({res.greedy.n_prompts} prompts)")
+        lines.append(
+            f"  greedy                      {res.greedy.fmt()}  ({res.greedy.n_prompts} prompts)"
+        )
     lines.append("")
     head = f"  {'k':>3}  {'pass@k (skyline)':<24}"
     if res.probe:
@@ -333,10 +341,9 @@ def evaluate_rollouts(
     if probe_dir is not None:
         from qprobe.probe import Probe
 
-        probe = Probe.load(probe_dir)
         if r.feature_spec is None:
             raise QProbeError(f"{rollouts_dir}: rollouts carry no features; a probe needs them")
-        probe.feature_spec.check_compatible(r.feature_spec, where=f"{rollouts_dir} vs probe {probe_dir}")
+        probe = Probe.load(probe_dir, feature_spec=r.feature_spec)  # refuses another spec
         scores = np.asarray(probe.score(np.asarray(r.features)), dtype=np.float64)  # [N]
     greedy = None
     if greedy_dir is not None:

@@ -1,0 +1,130 @@
+"""Generation with a Q-probe: sample k completions, score each with the probe, return the choice.
+
+    from qprobe.backends import load_model
+    from qprobe.generate import QProbePolicy
+    from qprobe.probe import Probe
+
+    probe = Probe.load("probes/demo")
+    policy = QProbePolicy(load_model("default", layer=probe.feature_spec.layer), probe, k=8)
+    out = policy.generate(["What is 7 + 5?"])[0]
+    out.text, out.scores, out.chosen
+
+Features come from the sampling model itself when it computes them (local backends), or from an
+`Embedder` given separately (API models: completions from the server, features from a local
+model). Either way the probe refuses features of another spec (FeatureSpecMismatch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qprobe.backends.base import Embedder, LanguageModel, SamplingParams
+from qprobe.errors import QProbeError
+from qprobe.policy import choose, softmax_weights
+
+
+@dataclass
+class Choice:
+    """The result for one prompt: the chosen completion and every candidate with its score."""
+
+    prompt: str
+    text: str  # the chosen completion
+    chosen: int  # its index among the candidates
+    candidates: list[str]
+    scores: list[float]  # probe score Q of each candidate
+    weights: list[float]  # selection probability softmax(Q / beta) of each candidate
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "chosen": self.chosen,
+            "text": self.text,
+            "candidates": [
+                {"index": i, "text": t, "score": s, "weight": w, "finish_reason": f}
+                for i, (t, s, w, f) in enumerate(
+                    zip(self.candidates, self.scores, self.weights, self.finish_reasons)
+                )
+            ],
+        }
+
+
+class QProbePolicy:
+    """Best-of-k with a probe: pi(a | x) = softmax(Q(x, a_1..k) / beta) over k base samples.
+
+    model: the sampling backend. probe: a loaded `qprobe.probe.Probe`. beta: None = the probe's
+    own beta; 0 = argmax. embedder: computes features when the model gives none (API models).
+    seed: seeds both the sampling (via `params.seed` when `params` is None) and the choice.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        probe: Any,
+        k: int = 8,
+        beta: float | None = None,
+        params: SamplingParams | None = None,
+        embedder: Embedder | None = None,
+        seed: int = 0,
+    ) -> None:
+        if k < 1:
+            raise QProbeError(f"generate: k must be >= 1, got {k}")
+        self.model, self.probe, self.k = model, probe, int(k)
+        self.beta = float(probe.beta if beta is None else beta)
+        self.params = params if params is not None else SamplingParams(seed=seed)
+        self.embedder = embedder
+        self.rng = np.random.default_rng(seed)
+        spec = model.feature_spec if embedder is None else embedder.feature_spec
+        if spec is None:
+            raise QProbeError(
+                f"generate: model {getattr(model, 'name', '?')!r} gives no features; "
+                "pass an embedder (--embedder) that computes the probe's features"
+            )
+        probe.check_features(spec, where=f"model {getattr(model, 'name', '?')!r} vs probe")
+
+    def generate(self, prompts: list[str]) -> list[Choice]:
+        """One `Choice` per prompt (k samples each, scored in one batch)."""
+        samples = self.model.sample(list(prompts), self.k, self.params)
+        flat = [s for group in samples for s in group]
+        if self.embedder is not None:
+            reps = [p for p, g in zip(prompts, samples) for _ in g]
+            feats = self.embedder.embed(reps, [s.text for s in flat])  # [P*k, D]
+        else:
+            if any(s.feature is None for s in flat):
+                raise QProbeError("generate: the model returned samples without features")
+            feats = np.stack([s.feature for s in flat])  # [P*k, D]
+        scores = self.probe.score(feats).astype(np.float64)  # [P*k]
+        out, i = [], 0
+        for prompt, group in zip(prompts, samples):
+            q = scores[i : i + len(group)]  # [k]
+            i += len(group)
+            j = choose(q, self.beta, self.rng)
+            out.append(
+                Choice(
+                    prompt=prompt,
+                    text=group[j].text,
+                    chosen=j,
+                    candidates=[s.text for s in group],
+                    scores=[float(x) for x in q],
+                    weights=[float(x) for x in softmax_weights(q, self.beta)],
+                    finish_reasons=[s.finish_reason for s in group],
+                )
+            )
+        return out
+
+
+def best_of_k(
+    model: LanguageModel,
+    probe: Any,
+    prompt: str,
+    k: int = 8,
+    beta: float | None = None,
+    params: SamplingParams | None = None,
+    embedder: Embedder | None = None,
+    seed: int = 0,
+) -> Choice:
+    """The probe's choice among k samples for one prompt (see `QProbePolicy`)."""
+    return QProbePolicy(model, probe, k, beta, params, embedder, seed).generate([prompt])[0]

@@ -1,0 +1,94 @@
+"""generate: the probe's choice among k samples of a tiny random model, library and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qprobe.backends import SamplingParams, load_model
+from qprobe.cli import main
+from qprobe.errors import FeatureSpecMismatch, QProbeError
+from qprobe.features import FeatureSpec
+from qprobe.generate import QProbePolicy, best_of_k
+from qprobe.probe import Probe
+from tiny_lm import save_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    model = load_model(str(folder), layer=1)
+    probe = Probe(model.feature_spec.dim, beta=0.5, objective="q", feature_spec=model.feature_spec)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        probe.net[-1].weight.copy_(torch.randn(probe.net[-1].weight.shape, generator=g))
+    probe_dir = probe.save(tmp_path_factory.mktemp("probe") / "probe")
+    return folder, model, probe, probe_dir
+
+
+PARAMS = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
+
+
+def test_best_of_k_argmax_picks_highest_score(tiny) -> None:
+    _, model, probe, _ = tiny
+    c = best_of_k(model, probe, "ab", k=6, beta=0.0, params=PARAMS)
+    assert len(c.candidates) == 6 and len(c.scores) == 6
+    assert c.chosen == int(np.argmax(c.scores)) and c.text == c.candidates[c.chosen]
+    assert c.weights[c.chosen] == 1.0
+    # scores are the probe on the model's own features of the same samples
+    samples = model.sample(["ab"], 6, PARAMS)[0]
+    assert [s.text for s in samples] == c.candidates
+    expect = probe.score(np.stack([s.feature for s in samples]))
+    np.testing.assert_allclose(c.scores, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_policy_softmax_choice_is_seeded_and_uses_embedder(tiny) -> None:
+    _, model, probe, _ = tiny
+    a = QProbePolicy(model, probe, k=5, beta=None, params=PARAMS, seed=1).generate(["x", "yz"])
+    b = QProbePolicy(model, probe, k=5, beta=None, params=PARAMS, seed=1).generate(["x", "yz"])
+    assert [c.chosen for c in a] == [c.chosen for c in b]
+    assert abs(sum(a[0].weights) - 1) < 1e-9 and max(a[0].weights) < 1  # beta = probe's 0.5
+    # features from a separate embedder (the API-model path) give the same scores
+    emb = model.embedder()
+    e = QProbePolicy(model, probe, k=5, params=PARAMS, embedder=emb, seed=1).generate(["x", "yz"])
+    np.testing.assert_allclose(e[1].scores, a[1].scores, rtol=1e-3, atol=1e-3)
+
+
+def test_policy_refuses_other_features(tiny) -> None:
+    _, model, _, _ = tiny
+    other = FeatureSpec(model="other", layer=0, position="last", dim=model.feature_spec.dim)
+    with pytest.raises(FeatureSpecMismatch):
+        QProbePolicy(model, Probe(other.dim, feature_spec=other), k=2)
+    with pytest.raises(QProbeError):
+        QProbePolicy(model, Probe(other.dim, feature_spec=other), k=0)
+
+
+def test_cli_generate_all_json(tiny, capsys) -> None:
+    folder, _, _, probe_dir = tiny
+    args = [
+        "generate",
+        "--model",
+        str(folder),
+        "--probe",
+        str(probe_dir),
+        "--k",
+        "4",
+        "--beta",
+        "0",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "2",
+        "hello",
+    ]
+    assert main(args + ["--all"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["candidates"]) == 4 and d["beta"] == 0.0
+    scores = [c["score"] for c in d["candidates"]]
+    assert d["chosen"] == int(np.argmax(scores))
+    assert main(args) == 0
+    assert capsys.readouterr().out.rstrip("\n") == d["text"]
+    assert main(["generate", "--probe", str(folder), "hi"]) == 2  # a model folder is no probe
