@@ -1,0 +1,61 @@
+"""Code tasks: the reward is whether prompt + completion + tests runs to the end in the sandbox."""
+
+from __future__ import annotations
+
+import atexit
+
+from qprobe.sandbox import Sandbox, SandboxConfig
+from qprobe.tasks.base import Score, Task, check_columns
+
+# Where a code completion usually ends (Codex / HumanEval convention): a new top-level
+# definition, a main guard, a print or a comment at column 0.
+CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+
+
+class CodeTask(Task):
+    """Scores by running `program(row, completion)` in the sandbox, one fresh process each."""
+
+    def __init__(self, sandbox: SandboxConfig | None = None):
+        self.sandbox_config = sandbox or SandboxConfig()
+        self._sandbox: Sandbox | None = None
+
+    def program(self, row: dict, completion: str) -> str:
+        """The full program whose running to the end means the completion passes."""
+        raise NotImplementedError
+
+    @property
+    def sandbox(self) -> Sandbox:
+        if self._sandbox is None:
+            self._sandbox = Sandbox(self.sandbox_config)
+            atexit.register(self._sandbox.close)
+        return self._sandbox
+
+    def rows_for(self, prompts: list[str], prompt_id: list | None) -> list[dict]:
+        """The data row behind each prompt: by prompt_id when given, else by prompt text."""
+        if prompt_id is not None:
+            return [self.row(str(pid)) for pid in prompt_id]
+        by_prompt = {}
+        for split in self.splits():
+            for r in self._load(split):
+                by_prompt.setdefault(r["prompt"], r)
+        from qprobe.errors import QProbeError
+
+        out = []
+        for p in prompts:
+            if p not in by_prompt:
+                raise QProbeError(f"{self.name}: prompt not in the data set and no prompt_id given")
+            out.append(by_prompt[p])
+        return out
+
+    def score(self, prompts: list[str], completions: list[str], **columns) -> list[Score]:
+        check_columns(self.name, prompts, completions, columns)
+        rows = self.rows_for(prompts, columns.get("prompt_id"))
+        programs = [self.program(r, c) for r, c in zip(rows, completions)]
+        return [
+            Score(v.reward, v.status, v.detail) for v in self.sandbox.run_all(programs)
+        ]
+
+    def close(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
