@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+from collections.abc import Callable
 
 from qprobe.sandbox import Sandbox, SandboxConfig
 from qprobe.tasks.base import Score, Task, check_columns
@@ -47,13 +48,23 @@ class CodeTask(Task):
             out.append(by_prompt[p])
         return out
 
-    def score(self, prompts: list[str], completions: list[str], **columns) -> list[Score]:
+    def score(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        progress: Callable[[int], object] | None = None,
+        **columns,
+    ) -> list[Score]:
+        """Run every program in the sandbox; `progress(1)` is called as each one finishes."""
         check_columns(self.name, prompts, completions, columns)
         rows = self.rows_for(prompts, columns.get("prompt_id"))
         programs = [self.program(r, c) for r, c in zip(rows, completions)]
-        return [
-            Score(v.reward, v.status, v.detail) for v in self.sandbox.run_all(programs)
-        ]
+        out: list[Score | None] = [None] * len(programs)
+        for i, v in self.sandbox.map(programs):
+            out[i] = Score(v.reward, v.status, v.detail)
+            if progress is not None:
+                progress(1)
+        return out
 
     def close(self) -> None:
         if self._sandbox is not None:

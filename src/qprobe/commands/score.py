@@ -1,0 +1,128 @@
+"""`qprobe score`: compute rewards for given completions, or (re)fill a rollouts folder's rewards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "score",
+        help="score completions (JSONL or a rollouts folder) with a task's reward",
+        description="Score completions with TASK's reward. INPUT is a JSONL file of rows "
+        '{"prompt_id", "completion"} (other fields are kept; "prompt" is looked up when '
+        "missing): each row is written back with its reward, status (passed / failed / "
+        "timeout / error / sandbox_error for code) and detail. Or INPUT is a rollouts folder: "
+        "its reward column and verdict column are filled in or refreshed in place.",
+    )
+    p.add_argument("input", metavar="INPUT", help="completions .jsonl or rollouts folder")
+    p.add_argument("--task", required=True, help="task name, task .jsonl, or module:function")
+    p.add_argument("--split", help="check that every prompt_id belongs to this split")
+    p.add_argument("--data", help="data folder for the task (default: $QPROBE_DATA, ...)")
+    p.add_argument("--out", help="output .jsonl ('-' = stdout; default INPUT.scored.jsonl)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (3)")
+    p.add_argument("--workers", type=int, default=0, help="sandbox workers (0 = 2 x cores)")
+    p.set_defaults(func=run)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    from qprobe.errors import QProbeError
+    from qprobe.tasks.base import read_jsonl
+
+    rows = read_jsonl(path)
+    for n, r in enumerate(rows, 1):
+        if "prompt_id" not in r or not isinstance(r.get("completion"), str):
+            raise QProbeError(f"{path}:{n}: each row needs prompt_id and a string completion")
+    if not rows:
+        raise QProbeError(f"{path}: no rows to score")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from qprobe.errors import QProbeError
+    from qprobe.sandbox import SandboxConfig
+    from qprobe.tasks import get_task
+    from qprobe.tasks.code import CodeTask
+
+    src = Path(args.input)
+    if not src.exists():
+        raise QProbeError(f"score: {src} does not exist")
+    task = get_task(
+        args.task,
+        data=args.data,
+        sandbox=SandboxConfig(timeout=args.timeout, workers=args.workers),
+    )
+    store = None
+    if src.is_dir():
+        from qprobe.rollouts import Rollouts
+
+        store = Rollouts(src)
+        ids = [str(x) for x in store.prompt_ids]
+        rows = [
+            {"prompt_id": pid, "prompt": p, "completion": c}
+            for pid, p, c in zip(ids, store.column("prompt"), store.column("completion"))
+        ]
+    else:
+        rows = _read_rows(src)
+    ids = [str(r["prompt_id"]) for r in rows]
+    if args.split:
+        wanted = {r["id"] for r in task.prompts(args.split)}
+        bad = [i for i in ids if i not in wanted]
+        if bad:
+            raise QProbeError(f"score: prompt_id {bad[0]!r} is not in {task.name} split {args.split}")
+    prompts = []
+    for r, pid in zip(rows, ids):
+        p = r.get("prompt")
+        if p is None:
+            try:
+                p = task.row(pid)["prompt"]
+            except (QProbeError, NotImplementedError):
+                p = ""
+        prompts.append(p)
+    kw = {}
+    bar = tqdm(total=len(rows), desc=f"scoring ({task.name})", unit="completion", file=sys.stderr)
+    if isinstance(task, CodeTask):
+        kw["progress"] = bar.update
+    try:
+        scores = task.score(prompts, [r["completion"] for r in rows], prompt_id=ids, **kw)
+    finally:
+        if not kw:
+            bar.update(len(rows))
+        bar.close()
+        task.close()
+
+    if store is not None:
+        store.set_rewards(
+            [s.reward for s in scores],
+            extra_columns={"verdict": [s.status for s in scores],
+                           "verdict_detail": [s.detail for s in scores]},
+        )  # fmt: skip
+        where = str(src)
+    else:
+        out_rows = [dict(r, reward=s.reward, status=s.status, detail=s.detail)
+                    for r, s in zip(rows, scores)]  # fmt: skip
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
+        if args.out == "-":
+            sys.stdout.write(text)
+            where = "stdout"
+        else:
+            dest = Path(args.out) if args.out else src.with_name(src.name.split(".")[0] + ".scored.jsonl")
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, dest)
+            where = str(dest)
+    counts: dict[str, int] = {}
+    for s in scores:
+        counts[s.status] = counts.get(s.status, 0) + 1
+    scored = [s.reward for s in scores if s.reward is not None]
+    mean = f"{sum(scored) / len(scored):.4f}" if scored else "n/a"
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"scored {len(scores)} completions -> {where}: mean reward {mean} ({summary})",
+          file=sys.stderr)  # fmt: skip
+    return 0
