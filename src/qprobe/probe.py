@@ -1,0 +1,254 @@
+"""The probe: a small torch module Q(x, a) = net(standardise(phi(x, a))), saved as a folder.
+
+A probe is linear by default (`hidden=()`) or an MLP with ReLU hidden layers. Optional feature
+standardisation ((phi - mean) / std, statistics fitted on the training rows) lives inside the
+probe, so users always pass raw features. On disk:
+
+    PROBE_DIR/probe.safetensors   net.* weights, plus `mean` / `std` when standardising
+    PROBE_DIR/config.json         format, objective, beta, architecture, feature spec,
+                                  training-data fingerprint, train config, qprobe version
+
+Library use:
+
+    probe = Probe.load("probes/mbpp")
+    scores = probe.score(features)   # [N, D] float16 / float32 numpy -> [N] float32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qprobe.errors import FeatureSpecMismatch, QProbeError
+from qprobe.features import FeatureSpec
+
+FORMAT = "qprobe-probe/1"
+WEIGHTS = "probe.safetensors"
+CONFIG = "config.json"
+SCORE_CHUNK = 8192  # rows converted to float32 at a time in `score`
+
+
+def build_net(dim: int, hidden: tuple[int, ...] | list[int] = ()) -> nn.Sequential:
+    """Linear (hidden=()) or MLP net mapping [N, dim] -> [N, 1].
+
+    The output layer starts at zero, so a fresh probe scores every candidate 0: the selection
+    policy starts as the base model's own sampling (uniform over the k candidates).
+    """
+    layers: list[nn.Module] = []
+    d = dim
+    for h in hidden:
+        layers += [nn.Linear(d, int(h)), nn.ReLU()]
+        d = int(h)
+    out = nn.Linear(d, 1)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    layers.append(out)
+    return nn.Sequential(*layers)
+
+
+class Probe(nn.Module):
+    """A Q-probe: scores feature vectors; knows its feature spec, objective and beta."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: tuple[int, ...] | list[int] = (),
+        *,
+        beta: float = 0.1,
+        objective: str = "q",
+        feature_spec: FeatureSpec | None = None,
+        mean: np.ndarray | torch.Tensor | None = None,
+        std: np.ndarray | torch.Tensor | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if feature_spec is not None and int(feature_spec.dim) != int(dim):
+            raise FeatureSpecMismatch(
+                f"probe: feature spec dim {feature_spec.dim} differs from probe dim {dim}"
+            )
+        self.dim = int(dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.beta = float(beta)
+        self.objective = objective
+        self.feature_spec = feature_spec
+        self.info: dict[str, Any] = dict(info or {})  # fingerprint, train config, metrics
+        self.net = build_net(self.dim, self.hidden)
+        self.standardize = mean is not None
+        if (mean is None) != (std is None):
+            raise ValueError("probe: give both mean and std, or neither")
+        if mean is not None:
+            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(dim))
+            self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(dim))
+
+    # --- scoring ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores of raw features x: [N, D] float32 -> [N]."""
+        if self.standardize:
+            x = (x - self.mean) / self.std
+        return self.net(x).squeeze(-1)
+
+    def check_features(self, spec: FeatureSpec | None = None, dim: int | None = None,
+                       where: str = "features") -> None:
+        """Raise FeatureSpecMismatch if features of `spec` / width `dim` do not fit this probe."""
+        if spec is not None:
+            if self.feature_spec is not None:
+                self.feature_spec.check_compatible(spec, where)
+            elif int(spec.dim) != self.dim:
+                raise FeatureSpecMismatch(
+                    f"{where}: dimension {spec.dim} does not match the probe's {self.dim}"
+                )
+        if dim is not None and int(dim) != self.dim:
+            raise FeatureSpecMismatch(
+                f"{where}: dimension {dim} does not match the probe's {self.dim}"
+            )
+
+    @torch.no_grad()
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Probe scores Q for a feature matrix: [N, D] float16/float32 numpy -> [N] float32."""
+        x = np.asarray(features)
+        if x.ndim != 2:
+            raise QProbeError(f"probe.score: features must be 2-D [N, D], got shape {x.shape}")
+        self.check_features(dim=x.shape[1])
+        if x.dtype not in (np.float16, np.float32, np.float64):
+            raise QProbeError(f"probe.score: features must be float16/float32, got {x.dtype}")
+        was_training = self.training
+        self.eval()
+        out = np.empty(len(x), dtype=np.float32)  # [N]
+        for i in range(0, len(x), SCORE_CHUNK):
+            chunk = torch.from_numpy(np.ascontiguousarray(x[i : i + SCORE_CHUNK])).float()
+            out[i : i + len(chunk)] = self(chunk).numpy()
+        self.train(was_training)
+        if not np.isfinite(out).all():
+            raise QProbeError("probe.score: features gave non-finite scores (NaN/inf in input?)")
+        return out
+
+    # --- persistence -----------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        from qprobe import __version__
+
+        return {
+            "format": FORMAT,
+            "objective": self.objective,
+            "beta": self.beta,
+            "architecture": {
+                "type": "mlp" if self.hidden else "linear",
+                "dim": self.dim,
+                "hidden": list(self.hidden),
+                "standardize": self.standardize,
+            },
+            "feature_spec": self.feature_spec.to_dict() if self.feature_spec else None,
+            **self.info,
+            "qprobe_version": __version__,
+        }
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write the probe folder atomically (temp folder beside it, then rename)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise QProbeError(f"{out}: exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not (out / CONFIG).is_file():
+            raise QProbeError(f"{out}: folder exists and is not a probe; refusing to overwrite")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(tensors, str(tmp / WEIGHTS))
+            (tmp / CONFIG).write_text(json.dumps(self.config(), indent=2) + "\n")
+            if out.exists():  # replace an older probe: move it aside, swap, then delete it
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "probe")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    @classmethod
+    def load(cls, probe_dir: str | os.PathLike, feature_spec: FeatureSpec | None = None) -> Probe:
+        """Load a probe folder; with `feature_spec`, refuse features of another spec."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = Path(probe_dir)
+        cfg_path, w_path = d / CONFIG, d / WEIGHTS
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise QProbeError(f"{d}: not a probe folder (needs {CONFIG} and {WEIGHTS})")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise QProbeError(f"{cfg_path}: invalid JSON ({e})") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            raise QProbeError(f"{cfg_path}: format is not {FORMAT!r}")
+        try:
+            arch = cfg["architecture"]
+            dim, hidden, std_on = int(arch["dim"]), tuple(arch["hidden"]), bool(arch["standardize"])
+            beta, objective = float(cfg["beta"]), str(cfg["objective"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise QProbeError(f"{cfg_path}: missing or bad field ({e})") from None
+        spec = cfg.get("feature_spec")
+        spec = FeatureSpec.from_dict(spec, f"{cfg_path}: feature_spec") if spec else None
+        try:
+            tensors = load_file(str(w_path))
+        except (SafetensorError, OSError) as e:
+            raise QProbeError(f"{w_path}: cannot read weights ({e})") from None
+        if std_on and ("mean" not in tensors or "std" not in tensors):
+            raise QProbeError(f"{w_path}: standardisation statistics missing")
+        known = {"format", "objective", "beta", "architecture", "feature_spec", "qprobe_version"}
+        info = {k: v for k, v in cfg.items() if k not in known}
+        probe = cls(
+            dim, hidden, beta=beta, objective=objective, feature_spec=spec,
+            mean=tensors.get("mean") if std_on else None,
+            std=tensors.get("std") if std_on else None, info=info,
+        )
+        try:
+            probe.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise QProbeError(f"{w_path}: weights do not match config.json ({first[-1].strip()})"
+                              ) from None
+        probe.eval()
+        if feature_spec is not None:
+            probe.check_features(feature_spec, where=str(d))
+        return probe
+
+
+def fingerprint(
+    features: np.ndarray,
+    rewards: np.ndarray | None = None,
+    prompt_ids: np.ndarray | list[str] | None = None,
+    pairs: np.ndarray | None = None,
+    chunk_rows: int = 4096,
+) -> str:
+    """sha256 of the training data (features bytes as stored, rewards, prompt ids, pairs).
+
+    Two probes with the same fingerprint were trained on byte-identical data.
+    """
+    h = hashlib.sha256()
+    f = np.asarray(features)
+    h.update(f"{f.dtype.str}{f.shape}".encode())
+    for i in range(0, len(f), chunk_rows):  # chunked: memory-mapped shards stay unread until here
+        h.update(np.ascontiguousarray(f[i : i + chunk_rows]).tobytes())
+    if rewards is not None:
+        h.update(b"rewards")
+        h.update(np.ascontiguousarray(rewards, dtype=np.float32).tobytes())
+    if prompt_ids is not None:
+        h.update(b"prompt_ids")
+        h.update("\x00".join(str(p) for p in prompt_ids).encode())
+    if pairs is not None:
+        h.update(b"pairs")
+        h.update(np.ascontiguousarray(pairs, dtype=np.int64).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,533 @@
+"""Training a Q-probe on (features, rewards) or (features, preference pairs).
+
+The trainer is written for CPU speed: the training rows are laid out once, standardised, as one
+float32 matrix in the order the objective needs (q/ce: shuffled rows; pg: groups of m samples of
+one prompt; bt: chosen/rejected row pairs; dpo: whole prompts), and every batch is a contiguous
+slice of it. Each epoch visits the batches in a new random order. Re-shuffling rows every epoch
+would mean gathering the whole matrix again, which costs more than the training step itself on a
+CPU; the batch composition therefore stays fixed for a run (drawn from the seed).
+
+Small data. The paper's defaults (Adam, lr 5e-5, batch 1000, 150 epochs) were tuned for 92,800
+rows, i.e. ~14,000 optimiser steps. On 100 prompts x 16 samples the same 150 epochs are only
+300 steps. Three choices make the defaults work there too:
+- features are standardised (fitted on the training rows, stored in the probe), so that Adam's
+  per-coordinate step of ~lr moves every score by a comparable amount whatever the feature scale;
+- the output layer starts at zero (the policy starts as the base model's own sampling) and for
+  q/ce the bias starts at the loss-optimal constant (mean reward / its logit), so no steps are
+  spent learning the average;
+- `min_steps` (default 2000) raises the number of epochs until at least that many optimiser
+  steps are taken. With a validation split, early stopping keeps the best epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from qprobe.errors import QProbeError
+from qprobe.features import FeatureSpec
+from qprobe.objectives import (
+    BASELINES,
+    OBJECTIVES,
+    bt_loss,
+    ce_loss,
+    dpo_loss,
+    pg_loss,
+    q_loss,
+)
+from qprobe.probe import Probe, fingerprint
+
+PAIR_OBJECTIVES = ("bt", "dpo")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of probe training (paper defaults; see module docstring for small data)."""
+
+    objective: str = field(default="q", metadata={
+        "help": "training objective: q (MSE to reward), ce (BCE, reward in [0,1]), pg (policy "
+                "gradient in groups of one prompt), bt (Bradley-Terry on pairs), dpo (DPO on the "
+                "best-of-k policy, pairs + the prompt's other samples)",
+        "choices": OBJECTIVES})
+    beta: float = field(default=0.1, metadata={
+        "help": "selection temperature stored with the probe; pg and dpo also train with it"})
+    lr: float = field(default=5e-5, metadata={"help": "learning rate"})
+    batch_size: int = field(default=1000, metadata={
+        "help": "rows per batch (pg: batch_size // group_size whole groups; bt/dpo: "
+                "batch_size // 2 pairs / whole prompts of about batch_size rows)"})
+    epochs: int = field(default=150, metadata={"help": "passes over the training rows"})
+    min_steps: int = field(default=2000, metadata={
+        "help": "raise epochs until at least this many optimiser steps are taken (small data)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
+    optimizer: str = field(default="adam", metadata={
+        "help": "optimizer", "choices": ("adam", "adamw")})
+    group_size: int = field(default=10, metadata={
+        "help": "pg: samples of one prompt per softmax group (m; paper: 10)"})
+    baseline: str = field(default="none", metadata={
+        "help": "pg: reward baseline; constant per group, changes the loss value, not the "
+                "gradient", "choices": BASELINES})
+    hidden: tuple[int, ...] = field(default=(), metadata={
+        "help": "hidden layer sizes of an MLP probe, comma separated (empty: linear probe)"})
+    standardize: bool = field(default=True, metadata={
+        "help": "standardise features with mean/std of the training rows (stored in the probe)"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, split and order"})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "fraction of prompts held out for validation (0: none)"})
+    patience: int = field(default=0, metadata={
+        "help": "early stopping: epochs without validation improvement (0: never stop early; "
+                "the best validation epoch is kept whenever there is a validation split)"})
+
+    def validate(self) -> None:
+        """Raise QProbeError on a value the user must fix."""
+        checks = [
+            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
+            (self.optimizer in ("adam", "adamw"), "optimizer must be adam or adamw"),
+            (self.baseline in BASELINES, f"baseline must be one of {BASELINES}"),
+            (math.isfinite(self.beta) and self.beta >= 0, "beta must be >= 0"),
+            (self.beta > 0 or self.objective not in ("pg", "dpo"),
+             f"beta must be > 0 to train {self.objective} (softmax(Q/beta))"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr must be > 0"),
+            (self.batch_size >= 2, "batch_size must be >= 2"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.min_steps >= 0, "min_steps must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.group_size >= 2, "group_size must be >= 2"),
+            (all(int(h) > 0 for h in self.hidden), "hidden sizes must be positive"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (self.patience >= 0, "patience must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise QProbeError(f"train config: {msg}")
+
+
+# --- batches ------------------------------------------------------------------------------------
+@dataclass
+class _Batch:
+    """One batch: rows [start, end) of the laid-out matrix plus the objective's index tensors."""
+
+    start: int
+    end: int
+    rewards: torch.Tensor | None = None  # q/ce: [B]; pg: [G, m]
+    index: torch.Tensor | None = None  # pg: [G, m] local rows (-1 pad); dpo: [P, n] others
+    baseline: torch.Tensor | None = None  # pg: [G]
+    chosen: torch.Tensor | None = None  # dpo: [P] local rows
+    rejected: torch.Tensor | None = None  # dpo: [P] local rows
+
+
+def _padded(lists: list[np.ndarray], width: int | None = None) -> np.ndarray:
+    """Rows of unequal length -> int64 [len, width] padded with -1."""
+    width = max((len(x) for x in lists), default=0) if width is None else width
+    out = np.full((len(lists), max(width, 1)), -1, dtype=np.int64)
+    for i, x in enumerate(lists):
+        out[i, : len(x)] = x
+    return out
+
+
+def _pack(sizes: list[int], batch_rows: int) -> list[tuple[int, int]]:
+    """Greedy: consecutive units into batches of about batch_rows rows -> (first, last+1) units."""
+    out, first, rows = [], 0, 0
+    for i, s in enumerate(sizes):
+        rows += s
+        if rows >= batch_rows:
+            out.append((first, i + 1))
+            first, rows = i + 1, 0
+    if first < len(sizes):
+        if out and rows < batch_rows // 2:  # fold a small tail into the last batch
+            out[-1] = (out[-1][0], len(sizes))
+        else:
+            out.append((first, len(sizes)))
+    return out
+
+
+def _layout(
+    cfg: TrainConfig,
+    rows: np.ndarray,
+    rewards: np.ndarray,
+    groups: np.ndarray,
+    pairs: np.ndarray | None,
+    rng: np.random.Generator,
+    batch_rows: int,
+    group_size: int,
+) -> tuple[np.ndarray, list[_Batch]]:
+    """Order the given rows for the objective and cut batches.
+
+    rows: [n] dataset row indices to use; rewards, groups: [N_all]; pairs: [P, 2] dataset rows.
+    Returns (order [L] dataset row per laid-out row, batches). No Python loop per sample in the
+    hot path: this runs once per training run.
+    """
+    obj = cfg.objective
+    t = torch.as_tensor
+    if obj in ("q", "ce"):
+        order = rows[rng.permutation(len(rows))]
+        n_b = max(1, round(len(order) / batch_rows))
+        bounds = np.linspace(0, len(order), n_b + 1).round().astype(int)
+        return order, [
+            _Batch(int(a), int(b), rewards=t(rewards[order[a:b]], dtype=torch.float32))
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+    if obj == "pg":
+        by_prompt: dict[int, list[int]] = {}
+        for r in rows[rng.permutation(len(rows))]:
+            by_prompt.setdefault(int(groups[r]), []).append(int(r))
+        if cfg.baseline == "mean":
+            base_of = dict.fromkeys(by_prompt, float(np.mean(rewards[rows])))
+        elif cfg.baseline == "prompt":
+            base_of = {p: float(np.mean(rewards[rs])) for p, rs in by_prompt.items()}
+        else:
+            base_of = dict.fromkeys(by_prompt, 0.0)
+        units: list[tuple[np.ndarray, float]] = []  # (rows of one group, its baseline)
+        for p, rs in by_prompt.items():
+            for g in np.array_split(np.asarray(rs), math.ceil(len(rs) / group_size)):
+                units.append((g, base_of[p]))
+        units = [units[i] for i in rng.permutation(len(units))]
+        order = np.concatenate([u[0] for u in units]) if units else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum([len(u[0]) for u in units])])
+        batches = []
+        for a, b in _pack([len(u[0]) for u in units], batch_rows):
+            s0 = int(starts[a])
+            idx = _padded([np.arange(starts[i], starts[i + 1]) - s0 for i in range(a, b)])  # [G, m]
+            rew = np.where(idx >= 0, rewards[order[s0 + np.maximum(idx, 0)]], 0.0)
+            base = np.array([units[i][1] for i in range(a, b)])
+            batches.append(_Batch(s0, int(starts[b]), rewards=t(rew, dtype=torch.float32),
+                                  index=t(idx), baseline=t(base, dtype=torch.float32)))
+        return order, batches
+    assert pairs is not None
+    keep = np.isin(pairs[:, 0], rows) & np.isin(pairs[:, 1], rows)
+    pr = pairs[keep][rng.permutation(int(keep.sum()))]  # [P, 2]
+    if obj == "bt":
+        order = pr.reshape(-1)  # chosen, rejected, chosen, rejected, ...
+        per = max(1, batch_rows // 2)
+        return order, [_Batch(2 * a, 2 * min(a + per, len(pr)))
+                       for a in range(0, len(pr), per)]
+    # dpo: whole prompts, each followed by nothing else; pairs index into their prompt's rows
+    by_prompt = {}
+    for r in rows[rng.permutation(len(rows))]:
+        by_prompt.setdefault(int(groups[r]), []).append(int(r))
+    pairs_of: dict[int, list[tuple[int, int]]] = {}
+    for c, r in pr:
+        pairs_of.setdefault(int(groups[c]), []).append((int(c), int(r)))
+    prompts = list(pairs_of)
+    prompts = [prompts[i] for i in rng.permutation(len(prompts))]
+    order = np.concatenate([by_prompt[p] for p in prompts]) if prompts else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum([len(by_prompt[p]) for p in prompts])])
+    batches = []
+    for a, b in _pack([len(by_prompt[p]) for p in prompts], batch_rows):
+        s0 = int(starts[a])
+        ch, rj, others = [], [], []
+        for i in range(a, b):
+            p = prompts[i]
+            local = {r: int(starts[i]) - s0 + j for j, r in enumerate(by_prompt[p])}
+            for c, r in pairs_of[p]:
+                ch.append(local[c])
+                rj.append(local[r])
+                others.append(np.array([v for k, v in local.items() if k != c and k != r]))
+        batches.append(_Batch(s0, int(starts[b]), chosen=t(np.array(ch)), rejected=t(np.array(rj)),
+                              index=t(_padded(others))))
+    return order, batches
+
+
+def _gather(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """scores [B] indexed by index [...] with -1 meaning 'absent' -> [...] with -inf there."""
+    ext = torch.cat([scores, scores.new_full((1,), -math.inf)])  # [B + 1]; -1 picks the -inf
+    return ext[index]
+
+
+def _batch_loss(cfg: TrainConfig, scores: torch.Tensor, b: _Batch) -> torch.Tensor:
+    """Loss of one batch given its scores [B] (rows in layout order)."""
+    obj = cfg.objective
+    if obj == "q":
+        return q_loss(scores, b.rewards)
+    if obj == "ce":
+        return ce_loss(scores, b.rewards)
+    if obj == "pg":
+        return pg_loss(_gather(scores, b.index), b.rewards, cfg.beta, b.baseline)
+    if obj == "bt":
+        s = scores.view(-1, 2)  # [P, 2]: chosen, rejected
+        return bt_loss(s[:, 0], s[:, 1])
+    return dpo_loss(scores[b.chosen], scores[b.rejected], _gather(scores, b.index), cfg.beta)
+
+
+def _standardised(features: np.ndarray, order: np.ndarray, mean: np.ndarray | None,
+                  std: np.ndarray | None, chunk: int = 4096) -> torch.Tensor:
+    """features[order] as one float32 tensor [L, D], standardised, built in chunks."""
+    out = torch.empty((len(order), features.shape[1]), dtype=torch.float32)  # [L, D]
+    for i in range(0, len(order), chunk):
+        x = torch.from_numpy(np.asarray(features[np.sort(order[i:i + chunk])], dtype=np.float32))
+        # rows come back sorted (fast on memory maps); put them in layout order
+        inv = np.argsort(np.argsort(order[i:i + chunk], kind="stable"), kind="stable")
+        x = x[torch.from_numpy(inv)]
+        if mean is not None:
+            x = (x - torch.from_numpy(mean)) / torch.from_numpy(std)
+        out[i:i + len(x)] = x
+    return out
+
+
+def _feature_stats(features: np.ndarray, rows: np.ndarray, chunk: int = 4096
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (float64 accumulation) over the given rows -> float32 [D] x2."""
+    rows = np.sort(rows)
+    s = np.zeros(features.shape[1])
+    s2 = np.zeros(features.shape[1])
+    for i in range(0, len(rows), chunk):
+        x = np.asarray(features[rows[i:i + chunk]], dtype=np.float64)
+        s += x.sum(0)
+        s2 += (x * x).sum(0)
+    mean = s / len(rows)
+    var = np.maximum(s2 / len(rows) - mean * mean, 0.0)
+    std = np.sqrt(var)
+    std = np.where(std > 1e-6 * max(1.0, float(np.abs(mean).max(initial=0.0))), std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+# --- validation -----------------------------------------------------------------------------
+@torch.no_grad()
+def _val_metric(cfg: TrainConfig, net: torch.nn.Module, x: torch.Tensor, b: _Batch
+                ) -> tuple[str, float, bool]:
+    """(name, value, higher_is_better) of the validation set laid out as one batch."""
+    scores = net(x[b.start:b.end]).squeeze(-1)  # [B]
+    if cfg.objective == "pg":  # expected reward of softmax(Q/beta) over ALL samples of a prompt
+        sel = -pg_loss(_gather(scores, b.index), b.rewards, cfg.beta)
+        return "val_sel_reward", float(sel), True
+    if cfg.objective == "bt":  # share of pairs ranked right
+        s = scores.view(-1, 2)
+        return "val_pair_acc", float((s[:, 0] > s[:, 1]).float().mean()), True
+    if cfg.objective == "dpo":
+        return "val_pair_acc", float((scores[b.chosen] > scores[b.rejected]).float().mean()), True
+    return "val_loss", float(_batch_loss(cfg, scores, b)), False
+
+
+# --- the trainer --------------------------------------------------------------------------------
+def train_probe(
+    features: np.ndarray,
+    rewards: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    pairs: np.ndarray | None = None,
+    config: TrainConfig | None = None,
+    *,
+    feature_spec: FeatureSpec | None = None,
+    prompt_ids: list[str] | np.ndarray | None = None,
+    log: Callable[[str], None] | None = None,
+    data_fingerprint: str | bool = True,
+) -> tuple[Probe, dict[str, Any]]:
+    """Train a probe. Returns (probe, history).
+
+    features: [N, D] float16/float32 (numpy or memory map); rewards: [N] float, NaN = unscored
+    (needed by q/ce/pg; those rows are dropped); groups: [N] int prompt index (pg/dpo and the
+    validation split; default: every row its own prompt); pairs: [P, 2] dataset rows
+    (chosen, rejected) of the same prompt (bt/dpo). `data_fingerprint`: True computes the sha256
+    of the training data for the probe's config, a string is stored as given, False skips it.
+    """
+    cfg = config or TrainConfig()
+    cfg.validate()
+    say = log or (lambda s: None)
+    t0 = time.perf_counter()
+    x_all = features
+    if getattr(x_all, "ndim", 0) != 2 or len(x_all) == 0:
+        raise QProbeError(f"train: features must be a non-empty [N, D] array, got "
+                          f"{getattr(x_all, 'shape', None)}")
+    n, dim = x_all.shape
+    if groups is None:
+        groups = np.arange(n)
+    groups = np.asarray(groups, dtype=np.int64)
+    if groups.shape != (n,):
+        raise QProbeError(f"train: groups must have shape [{n}], got {groups.shape}")
+    obj = cfg.objective
+    r = np.full(n, np.nan, np.float32) if rewards is None else np.asarray(rewards, np.float32)
+    if r.shape != (n,):
+        raise QProbeError(f"train: rewards must have shape [{n}], got {r.shape}")
+    dropped = 0
+    if obj in PAIR_OBJECTIVES:
+        if pairs is None or len(pairs) == 0:
+            raise QProbeError(f"train: objective {obj} needs preference pairs (pairs.parquet)")
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if pairs.min() < 0 or pairs.max() >= n:
+            raise QProbeError("train: pair row index out of range")
+        if (groups[pairs[:, 0]] != groups[pairs[:, 1]]).any():
+            raise QProbeError("train: a preference pair mixes two prompts")
+        usable = np.ones(n, dtype=bool)
+    else:
+        usable = np.isfinite(r)
+        dropped = int(n - usable.sum())
+        if dropped:
+            say(f"warning: dropped {dropped} of {n} rows with no reward")
+        if not usable.any():
+            raise QProbeError(f"train: no rows with a reward; {obj} needs rewards")
+        if obj == "ce" and ((r[usable] < 0) | (r[usable] > 1)).any():
+            raise QProbeError("train: ce needs rewards in [0, 1]; use --objective q or pg")
+    rows = np.flatnonzero(usable)
+
+    # validation split by prompt
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    prompts = np.unique(groups[rows])
+    n_val = int(round(cfg.val_fraction * len(prompts)))
+    if cfg.val_fraction > 0 and len(prompts) >= 2:
+        n_val = min(max(n_val, 1), len(prompts) - 1)
+    val_prompts = rng.permutation(prompts)[:n_val] if n_val else prompts[:0]
+    in_val = np.isin(groups[rows], val_prompts)
+    tr_rows, va_rows = rows[~in_val], rows[in_val]
+
+    mean = std = None
+    if cfg.standardize:
+        mean, std = _feature_stats(x_all, tr_rows)
+    order, batches = _layout(cfg, tr_rows, r, groups, pairs, rng, cfg.batch_size, cfg.group_size)
+    if not batches:
+        raise QProbeError(f"train: no training data left for {obj} (all pairs in validation?)")
+    if obj == "pg" and not any(b.index.shape[1] > 1 and (b.index[:, 1] >= 0).any()
+                               for b in batches):
+        raise QProbeError("train: pg needs at least 2 samples of a prompt (one group)")
+    if obj == "dpo":
+        lonely = sum(int((~torch.isfinite(_gather(torch.zeros(b.end - b.start), b.index))
+                          ).all(-1).sum()) for b in batches)
+        total = sum(len(b.chosen) for b in batches)
+        if lonely == total:
+            raise QProbeError("train: dpo needs samples of a prompt besides the pair (finite-k "
+                              "policy); with pairs only, use --objective bt")
+        if lonely:
+            say(f"warning: dpo: {lonely} of {total} pairs have no other sample of their prompt "
+                "and carry no signal")
+    x = _standardised(x_all, order, mean, std)  # [L, D] float32
+    val = None
+    if len(va_rows):
+        v_order, v_batches = _layout(cfg, va_rows, r, groups, pairs, np.random.default_rng(0),
+                                     10**12, 10**9)  # one batch; pg: a group is the whole prompt
+        if v_batches:
+            val = (_standardised(x_all, v_order, mean, std), v_batches[0])
+
+    probe = Probe(dim, cfg.hidden, beta=cfg.beta, objective=obj, feature_spec=feature_spec,
+                  mean=mean, std=std)
+    net = probe.net
+    out_layer = net[-1]
+    with torch.no_grad():  # q/ce: start at the loss-optimal constant
+        mr = float(np.mean(r[tr_rows])) if obj in ("q", "ce") else 0.0
+        if obj == "q":
+            out_layer.bias.fill_(mr)
+        elif obj == "ce":
+            out_layer.bias.fill_(math.log(min(max(mr, 1e-3), 1 - 1e-3) /
+                                          (1 - min(max(mr, 1e-3), 1 - 1e-3))))
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    steps_per_epoch = len(batches)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    say(f"train {obj}: {len(order)} rows ({len(np.unique(groups[tr_rows]))} prompts), "
+        f"{len(va_rows)} validation rows, dim {dim}, {steps_per_epoch} batches/epoch, "
+        f"{epochs} epochs" + (f" (raised from {cfg.epochs} by min_steps {cfg.min_steps})"
+                              if epochs > cfg.epochs else ""))
+    history: dict[str, Any] = {"epoch": [], "loss": [], "val": []}
+    best = (None, -math.inf, 0)  # (state, value with 'higher is better' sign, epoch)
+    bad = 0
+    every = max(1, epochs // 10)
+    val_name = ""
+    for ep in range(1, epochs + 1):
+        total = torch.zeros(())
+        for i in rng.permutation(steps_per_epoch):
+            b = batches[i]
+            scores = net(x[b.start:b.end]).squeeze(-1)  # [B]
+            loss = _batch_loss(cfg, scores, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        ep_loss = float(total) / steps_per_epoch
+        if not math.isfinite(ep_loss):
+            raise QProbeError(f"train: loss became {ep_loss} at epoch {ep}; lower --lr")
+        history["epoch"].append(ep)
+        history["loss"].append(ep_loss)
+        line = f"epoch {ep}/{epochs} loss {ep_loss:.4f}"
+        if val is not None:
+            val_name, v, higher = _val_metric(cfg, net, *val)
+            history["val"].append(v)
+            signed = v if higher else -v
+            if signed > best[1]:
+                best = ({k: t.detach().clone() for k, t in net.state_dict().items()}, signed, ep)
+                bad = 0
+            else:
+                bad += 1
+            line += f" {val_name} {v:.4f}" + (" *" if best[2] == ep else "")
+        stop = cfg.patience > 0 and bad >= cfg.patience
+        if ep % every == 0 or ep == epochs or ep == 1 or stop:
+            say(line)
+        if stop:
+            say(f"early stop: no {val_name} improvement for {cfg.patience} epochs")
+            break
+    if best[0] is not None:
+        net.load_state_dict(best[0])
+        say(f"kept epoch {best[2]} ({val_name} {abs(best[1]):.4f})")
+    seconds = time.perf_counter() - t0
+
+    if data_fingerprint is True:
+        data_fingerprint = fingerprint(x_all, r if obj not in PAIR_OBJECTIVES else None,
+                                       prompt_ids if prompt_ids is not None else groups, pairs)
+    probe.info = {
+        "training_data": {
+            "fingerprint": data_fingerprint or None,
+            "rows": int(len(rows)),
+            "prompts": int(len(prompts)),
+            "pairs": None if pairs is None else int(len(pairs)),
+            "dropped_unscored": dropped,
+            "validation_prompts": int(n_val),
+        },
+        "train_config": _jsonable(asdict(cfg)),
+        "metrics": {
+            "epochs": int(history["epoch"][-1]),
+            "steps": int(history["epoch"][-1] * steps_per_epoch),
+            "final_loss": history["loss"][-1],
+            "best_epoch": best[2] or None,
+            (val_name or "val"): (abs(best[1]) if best[0] is not None else None),
+            "seconds": round(seconds, 3),
+        },
+    }
+    probe.eval()
+    return probe, history
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# --- from a rollouts folder -------------------------------------------------------------------
+def arrays_from_rollouts(r: Any, objective: str) -> dict[str, Any]:
+    """Features, rewards, groups, pairs and prompt ids of a `qprobe.rollouts.Rollouts`."""
+    where = str(getattr(r, "path", getattr(r, "dir", "rollouts")))
+    if r.feature_spec is None:
+        raise QProbeError(f"{where}: rollouts carry no features (no feature_spec in meta.json); "
+                          "collect with features or embed them first")
+    features = r.features  # [N, D]
+    group, _ = r.groups()
+    pids = r.prompt_ids
+    out: dict[str, Any] = {"features": features, "rewards": r.rewards, "groups": group,
+                           "prompt_ids": pids, "pairs": None, "feature_spec": r.feature_spec}
+    if objective in PAIR_OBJECTIVES:
+        table = r.pairs
+        if table is None or table.num_rows == 0:
+            raise QProbeError(f"{where}: objective {objective} needs pairs.parquet "
+                              "(preference pairs)")
+        missing = {"prompt_id", "chosen", "rejected"} - set(table.column_names)
+        if missing:
+            raise QProbeError(f"{where}/pairs.parquet: missing column(s) {sorted(missing)}")
+        row_of = {(p, int(s)): i for i, (p, s) in enumerate(zip(pids.tolist(),
+                                                                r.sample_idx.tolist()))}
+        pairs = []
+        for p, c, j in zip(table.column("prompt_id").to_pylist(),
+                           table.column("chosen").to_pylist(),
+                           table.column("rejected").to_pylist()):
+            try:
+                pairs.append((row_of[(str(p), int(c))], row_of[(str(p), int(j))]))
+            except (KeyError, TypeError, ValueError):
+                raise QProbeError(f"{where}/pairs.parquet: pair ({p!r}, {c!r}, {j!r}) refers to "
+                                  "a sample that is not in the rollouts") from None
+        out["pairs"] = np.asarray(pairs, dtype=np.int64)
+    return out
+
+
+def config_fields() -> list[Any]:
+    """The TrainConfig dataclass fields (for generic CLI / YAML mapping)."""
+    return list(fields(TrainConfig))
