@@ -228,3 +228,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         t.score(["a", "b"], ["c"], prompt_id=["test/0", "test/1"])
     with pytest.raises(QProbeError, match="unknown prompt_id"):
         t.score(["a"], ["c"], prompt_id=["test/99999"])
+
+
+def test_download_only_when_asked(tmp_path, monkeypatch):
+    # A file:// URL stands in for the official location (tests never touch the network).
+    from qprobe.tasks import download as dl
+
+    src = DATA / "mbpp" / "mbpp.jsonl"
+    good = dl.SOURCES["mbpp"][0][2]
+    monkeypatch.setitem(dl.SOURCES, "mbpp", [(src.as_uri(), "mbpp/mbpp.jsonl", good)])
+    (path,) = dl.download("mbpp", tmp_path)
+    assert path == tmp_path / "mbpp" / "mbpp.jsonl" and path.read_bytes() == src.read_bytes()
+    assert get_task("mbpp", data=str(tmp_path)).splits()["test"] == 500
+    monkeypatch.setitem(dl.SOURCES, "mbpp", [(src.as_uri(), "mbpp/other.jsonl", "0" * 64)])
+    with pytest.raises(QProbeError, match="sha256"):
+        dl.download("mbpp", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "mbpp").iterdir()) == ["mbpp.jsonl"]
+    with pytest.raises(QProbeError, match="no download for 'humaneval'"):
+        dl.download("humaneval", tmp_path)
