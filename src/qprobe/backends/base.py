@@ -1,0 +1,102 @@
+"""The backend contract: sample k completions per prompt, each with its Q-probe feature.
+
+Every backend (local transformers model, OpenAI-compatible server) implements `LanguageModel`;
+anything that turns (prompt, completion) text into features implements `Embedder`. The rest of
+qprobe (collect, evaluate, generate) only talks to these two interfaces.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qprobe.errors import QProbeError
+from qprobe.features import FeatureSpec
+
+
+@dataclass
+class SamplingParams:
+    """How to sample completions (the paper's code experiments: temperature 0.8, top-p 0.95)."""
+
+    temperature: float = field(
+        default=0.8, metadata={"help": "Softmax temperature; 0 means greedy (argmax) decoding."}
+    )
+    top_p: float = field(
+        default=0.95, metadata={"help": "Nucleus sampling: keep the smallest top set with this mass."}
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Upper bound on generated tokens per completion."}
+    )
+    stop: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Stop strings: the completion is cut before the first occurrence."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Base seed; each (prompt, sample) draws from its own derived stream."},
+    )
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0):
+            raise QProbeError(f"sampling: temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise QProbeError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
+        if int(self.max_new_tokens) < 1:
+            raise QProbeError(f"sampling: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any((not isinstance(s, str)) or s == "" for s in self.stop):
+            raise QProbeError(f"sampling: stop strings must be non-empty strings, got {self.stop!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Sample:
+    """One completion.
+
+    text: the completion, cut before the first stop string (EOS never included).
+    token_ids: the completion tokens fully contained in `text` (a token straddling the stop
+               string is dropped; the feature belongs to the last token kept here).
+    finish_reason: "stop" (EOS or stop string) or "length" (max_new_tokens reached).
+    feature: the Q-probe feature [dim] (backend's FeatureSpec), or None if not computed.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    feature: np.ndarray | None = None
+
+
+class LanguageModel(ABC):
+    """A model that samples k completions per prompt, with features when it can."""
+
+    name: str = ""
+
+    @property
+    @abstractmethod
+    def feature_spec(self) -> FeatureSpec | None:
+        """What `Sample.feature` is (None when the backend produces no features)."""
+
+    @abstractmethod
+    def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
+        """Draw k completions for each prompt: result[i][j] is sample j of prompt i.
+
+        Local backends seed each (prompt text, sample index, params.seed) separately, so a
+        sample does not depend on which other prompts share its batch.
+        """
+
+
+class Embedder(ABC):
+    """Computes features phi(x, a) for given (prompt, completion) pairs."""
+
+    @property
+    @abstractmethod
+    def feature_spec(self) -> FeatureSpec:
+        """What the returned rows are."""
+
+    @abstractmethod
+    def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        """Features of each (prompt, completion) pair: float32 [N, dim]."""

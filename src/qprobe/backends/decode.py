@@ -1,0 +1,436 @@
+"""A fast k-sample decode loop for Llama-family decoders (Llama, Mistral, Qwen2), with features.
+
+Why not `model.generate`: for best-of-k sampling it prefills every prompt k times, grows its
+KV cache by concatenation, sorts the whole vocabulary for top-p at every step, and (with
+`output_hidden_states`) keeps every layer's hidden state at every step. Here instead:
+
+- each prompt is prefilled once; its KV cache is *shared* by its k rows (never copied k times):
+  decode attention scores the prompt part per prompt group and the generated part per row, and
+  joins them in one softmax;
+- the generated part lives in a preallocated KV buffer (no concatenation);
+- projections are fused (q|k|v, gate|up) so each step is a few large matmuls;
+- top-p takes the top 64 logits and checks their mass; only rows whose nucleus is wider than
+  that fall back to a full sort;
+- randomness is counter-based per (prompt, sample, step), so a sample does not depend on what
+  else shares its batch;
+- the Q-probe feature is the residual stream after block `layer` for the current step only,
+  copied into a [rows, steps, dim] buffer; the stop-string cut then picks the last kept token.
+  A completion that ran to max_new_tokens gets one extra partial forward (up to `layer`) for its
+  last token.
+
+Shapes: P prompts, k samples each, B = P * k rows, T0 padded prompt length, D hidden size,
+H query heads, Hkv key/value heads, G = H // Hkv, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+TOP_K_PREFILTER = 64
+
+
+def supports(hf_model) -> bool:
+    """True when `FastDecoder` can run this transformers model."""
+    cfg = hf_model.config
+    if getattr(cfg, "model_type", None) not in SUPPORTED:
+        return False
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return False
+    if getattr(cfg, "use_sliding_window", False) or (
+        cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)
+    ):
+        return False
+    inner = getattr(hf_model, "model", None)
+    return inner is not None and hasattr(inner, "layers") and hasattr(inner, "rotary_emb")
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor  # [D]
+    wqkv: torch.Tensor  # [(H + 2 Hkv) * hd, D]
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # [D, H * hd]
+    bo: torch.Tensor | None
+    ln2: torch.Tensor  # [D]
+    wgu: torch.Tensor  # [2 * F, D]
+    bgu: torch.Tensor | None
+    wd: torch.Tensor  # [D, F]
+    bd: torch.Tensor | None
+
+
+def _cat_bias(*mods) -> torch.Tensor | None:
+    if all(m.bias is None for m in mods):
+        return None
+    return torch.cat(
+        [m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in mods]
+    ).detach()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class FastDecoder:
+    """The weights of a transformers Llama-family model, re-laid out for batched decoding."""
+
+    def __init__(self, hf_model) -> None:
+        cfg = hf_model.config
+        inner = hf_model.model
+        a0 = inner.layers[0].self_attn
+        self.n_layers = len(inner.layers)
+        self.hd = int(getattr(a0, "head_dim", cfg.hidden_size // cfg.num_attention_heads))
+        self.h = int(cfg.num_attention_heads)
+        self.hkv = int(getattr(cfg, "num_key_value_heads", None) or self.h)
+        self.scale = float(getattr(a0, "scaling", self.hd**-0.5))
+        self.eps = float(cfg.rms_norm_eps)
+        self.dim = int(cfg.hidden_size)
+        self.rotary = inner.rotary_emb
+        self.embed = inner.embed_tokens.weight.detach()  # [V, D]
+        self.norm = inner.norm.weight.detach()
+        self.lm_head = hf_model.lm_head.weight.detach()  # [V, D] (tied or not)
+        self.layers: list[_Layer] = []
+        with torch.no_grad():
+            for blk in inner.layers:
+                at, mlp = blk.self_attn, blk.mlp
+                self.layers.append(
+                    _Layer(
+                        ln1=blk.input_layernorm.weight.detach(),
+                        wqkv=torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]).contiguous(),
+                        bqkv=_cat_bias(at.q_proj, at.k_proj, at.v_proj),
+                        wo=at.o_proj.weight.detach(),
+                        bo=None if at.o_proj.bias is None else at.o_proj.bias.detach(),
+                        ln2=blk.post_attention_layernorm.weight.detach(),
+                        wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+                        bgu=_cat_bias(mlp.gate_proj, mlp.up_proj),
+                        wd=mlp.down_proj.weight.detach(),
+                        bd=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
+                    )
+                )
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+
+    # -- pieces shared by prefill and decode ------------------------------------------------
+    def _qkv(self, lyr: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [N, T, D] -> q [N, H, T, hd], k/v [N, Hkv, T, hd] (rotary applied)."""
+        n, t, _ = x.shape
+        h = F.rms_norm(x, (self.dim,), lyr.ln1, self.eps)
+        qkv = F.linear(h, lyr.wqkv, lyr.bqkv)  # [N, T, (H + 2 Hkv) hd]
+        q, k, v = qkv.split([self.h * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
+        q = q.view(n, t, self.h, self.hd).transpose(1, 2)
+        k = k.view(n, t, self.hkv, self.hd).transpose(1, 2)
+        v = v.view(n, t, self.hkv, self.hd).transpose(1, 2)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _mlp(self, lyr: _Layer, x: torch.Tensor) -> torch.Tensor:
+        h = F.rms_norm(x, (self.dim,), lyr.ln2, self.eps)
+        gate, up = F.linear(h, lyr.wgu, lyr.bgu).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, lyr.wd, lyr.bd)
+
+    def _rope(self, pos: torch.Tensor):
+        """pos [N, T] -> cos, sin [N, 1, T, hd]."""
+        cos, sin = self.rotary(self.embed[:1], pos)
+        return cos.unsqueeze(1).to(self.dtype), sin.unsqueeze(1).to(self.dtype)
+
+    # -- prefill ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, layer: int):
+        """Run left-padded prompts once.
+
+        ids, valid: [P, T0] (valid False on left padding).
+        Returns logits of the last position [P, V], the residual after block `layer` at the last
+        position [P, D], and the per-layer prompt cache [(k, v) each [P, Hkv, T0, hd]].
+        """
+        p, t0 = ids.shape
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [P, T0]
+        cos, sin = self._rope(pos)
+        causal = torch.ones(t0, t0, dtype=torch.bool, device=ids.device).tril()
+        # Pad queries may see themselves, so no softmax row is empty (their output is unused).
+        mask = (causal & valid[:, None, :]) | torch.eye(t0, dtype=torch.bool, device=ids.device)
+        mask = mask[:, None]  # [P, 1, T0, T0]
+        x = F.embedding(ids, self.embed)  # [P, T0, D]
+        cache = []
+        feat = None
+        for i, lyr in enumerate(self.layers):
+            q, k, v = self._qkv(lyr, x, cos, sin)
+            cache.append((k, v))
+            att = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.h != self.hkv
+            )  # [P, H, T0, hd]
+            x = x + F.linear(att.transpose(1, 2).reshape(p, t0, -1), lyr.wo, lyr.bo)
+            x = self._mlp(lyr, x)
+            if i == layer:
+                feat = x[:, -1].float()
+        h = F.rms_norm(x[:, -1], (self.dim,), self.norm, self.eps)
+        return F.linear(h, self.lm_head).float(), feat, cache
+
+    # -- one decode step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor, pos: torch.Tensor, s: int, prompt_cache, prompt_bias,
+             gen_cache, k: int, layer: int, logits: bool = True):
+        """Feed token s of every row.
+
+        tok, pos: [B]; prompt_bias: [P, 1, 1, T0] (0 or -inf on padding); gen_cache: per layer
+        (k, v) buffers [B, Hkv, S, hd], this step writes index s. Stops after block `layer` when
+        `logits` is False. Returns (logits [B, V] or None, residual after `layer` [B, D]).
+        """
+        b = tok.shape[0]
+        p = b // k
+        g = self.h // self.hkv
+        cos, sin = self._rope(pos[:, None])
+        x = F.embedding(tok[:, None], self.embed)  # [B, 1, D]
+        feat = None
+        for i, lyr in enumerate(self.layers):
+            q, kk, vv = self._qkv(lyr, x, cos, sin)  # q [B, H, 1, hd], kk/vv [B, Hkv, 1, hd]
+            gk, gv = gen_cache[i]
+            gk[:, :, s] = kk[:, :, 0]
+            gv[:, :, s] = vv[:, :, 0]
+            pk, pv = prompt_cache[i]  # [P, Hkv, T0, hd]
+            t0 = pk.shape[2]
+            # Prompt part: all k rows of a prompt against its one cache.
+            qp = q.view(p, k, self.hkv, g, self.hd).transpose(1, 2).reshape(p, self.hkv, k * g, self.hd)
+            sp = torch.matmul(qp, pk.transpose(-1, -2)) * self.scale + prompt_bias  # [P, Hkv, kG, T0]
+            sp = sp.view(p, self.hkv, k, g, t0).transpose(1, 2).reshape(b, self.hkv, g, t0)
+            # Generated part: each row against its own tokens 0..s.
+            qg = q.view(b, self.hkv, g, self.hd)
+            sg = torch.matmul(qg, gk[:, :, : s + 1].transpose(-1, -2)) * self.scale  # [B, Hkv, G, s+1]
+            pr = torch.softmax(torch.cat([sp, sg], dim=-1), dim=-1)
+            pp, pg = pr.split([t0, s + 1], dim=-1)
+            pp = pp.reshape(p, k, self.hkv, g, t0).transpose(1, 2).reshape(p, self.hkv, k * g, t0)
+            op = torch.matmul(pp, pv)  # [P, Hkv, kG, hd]
+            op = op.view(p, self.hkv, k, g, self.hd).transpose(1, 2).reshape(b, self.h * self.hd)
+            og = torch.matmul(pg, gv[:, :, : s + 1]).reshape(b, self.h * self.hd)
+            x = x + F.linear((op + og)[:, None], lyr.wo, lyr.bo)
+            x = self._mlp(lyr, x)
+            if i == layer:
+                feat = x[:, 0]
+                if not logits:
+                    return None, feat
+        h = F.rms_norm(x[:, 0], (self.dim,), self.norm, self.eps)
+        return F.linear(h, self.lm_head).float(), feat
+
+
+# -- sampling ------------------------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def row_seeds(seed: int, prompts: list[str], k: int) -> np.ndarray:
+    """One 64-bit stream id per (prompt text, sample index): uint64 [P * k]."""
+    out = np.empty(len(prompts) * k, dtype=np.uint64)
+    for i, text in enumerate(prompts):
+        base = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
+        b = np.frombuffer(base, dtype=np.uint64)[0]
+        out[i * k : (i + 1) * k] = b + np.arange(k, dtype=np.uint64) * _GOLDEN
+    return out
+
+
+def uniforms(seeds: np.ndarray, step: int) -> np.ndarray:
+    """Counter-based U[0, 1) per row for this step (splitmix64 of seed + step): float64 [B]."""
+    with np.errstate(over="ignore"):
+        z = seeds + np.uint64(step + 1) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: np.ndarray) -> torch.Tensor:
+    """Temperature + nucleus sampling by inverse CDF with the given uniforms.
+
+    logits [B, V] float32, u [B] -> token ids [B]. temperature 0 is argmax.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    z = logits / temperature
+    uu = torch.from_numpy(u).to(z.device, torch.float64)
+    if top_p >= 1.0:  # plain sampling: order does not matter, no sort at all
+        cdf = torch.softmax(z, -1, dtype=torch.float64).cumsum(-1)  # [B, V]
+        idx = torch.searchsorted(cdf, (uu * cdf[:, -1])[:, None], right=True)[:, 0]
+        return idx.clamp(max=z.shape[-1] - 1)
+    kk = min(TOP_K_PREFILTER, z.shape[-1])
+    vals, ids = z.topk(kk, dim=-1)  # [B, kk], descending
+    probs = torch.exp(vals.double() - torch.logsumexp(z, -1, keepdim=True).double())
+    cum = probs.cumsum(-1)  # [B, kk]
+    wide = cum[:, -1] < top_p  # nucleus larger than the prefilter: sort these rows fully
+    if bool(wide.any()):
+        rows = wide.nonzero()[:, 0]
+        fv, fi = z[rows].sort(dim=-1, descending=True)
+        fp = torch.softmax(fv.double(), -1)
+        fc = fp.cumsum(-1)
+        out = ids[:, 0].clone()
+        out[rows] = fi.gather(1, _nucleus_pick(fc, top_p, uu[rows])[:, None])[:, 0]
+        keep = (~wide).nonzero()[:, 0]
+        if keep.numel():
+            out[keep] = ids[keep].gather(1, _nucleus_pick(cum[keep], top_p, uu[keep])[:, None])[:, 0]
+        return out
+    return ids.gather(1, _nucleus_pick(cum, top_p, uu)[:, None])[:, 0]
+
+
+def _nucleus_pick(cum: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """cum [R, n] descending-sorted cumulative probs -> chosen column [R] within the nucleus."""
+    # Keep column j while the mass before it is < top_p: the smallest set with mass >= top_p.
+    n_keep = (cum < top_p).sum(-1) + 1  # [R]
+    n_keep = n_keep.clamp(max=cum.shape[-1])
+    mass = cum.gather(1, (n_keep - 1)[:, None])[:, 0]
+    j = torch.searchsorted(cum, (u * mass)[:, None].to(cum.dtype), right=True)[:, 0]
+    return torch.minimum(j, n_keep - 1)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+@dataclass
+class RowResult:
+    """What the loop produced for one row (turned into `Sample` by the backend)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    feature: np.ndarray | None
+
+
+@torch.no_grad()
+def run_batch(
+    dec: FastDecoder,
+    prompt_tokens: list[list[int]],
+    seed_keys: list[str],
+    k: int,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop: list[str],
+    seed: int,
+    layer: int,
+    position: str,
+    features: bool,
+    eos_ids: set[int],
+    detok,
+) -> list[list[RowResult]]:
+    """Sample k completions for each tokenised prompt in one batch (P * k rows).
+
+    seed_keys name the prompts for seeding; detok(list of id lists) -> list of str.
+    """
+    dev = dec.device
+    p = len(prompt_tokens)
+    b = p * k
+    t0 = max(len(t) for t in prompt_tokens)
+    ids = torch.zeros(p, t0, dtype=torch.long)
+    valid = torch.zeros(p, t0, dtype=torch.bool)
+    for i, t in enumerate(prompt_tokens):  # left padding: every row's next slot is the same
+        ids[i, t0 - len(t) :] = torch.tensor(t, dtype=torch.long)
+        valid[i, t0 - len(t) :] = True
+    ids, valid = ids.to(dev), valid.to(dev)
+    logits_p, h_prompt, pcache = dec.prefill(ids, valid, layer)  # [P, V], [P, D]
+    prompt_bias = torch.zeros(p, 1, 1, t0, dtype=dec.dtype, device=dev)
+    prompt_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    pos0 = valid.sum(-1).repeat_interleave(k)  # [B] position of completion token 0
+    n_steps = int(max_new_tokens)
+    gen_cache = [
+        (
+            torch.empty(b, dec.hkv, n_steps, dec.hd, dtype=dec.dtype, device=dev),
+            torch.empty(b, dec.hkv, n_steps, dec.hd, dtype=dec.dtype, device=dev),
+        )
+        for _ in range(dec.n_layers)
+    ]
+    feats = torch.zeros(b, n_steps, dec.dim, dtype=torch.float32) if features else None
+    tokens = np.zeros((b, n_steps), dtype=np.int64)
+    seeds = row_seeds(seed, seed_keys, k)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
+    window = max((len(s.encode()) for s in stop), default=0) + 1
+
+    live = np.arange(b)  # original row index of each batch row (whole groups of k)
+    logits = logits_p.repeat_interleave(k, 0)  # [B, V]
+    active = np.ones(b, dtype=bool)  # indexed by original row
+    finish = [""] * b
+    by_eos = np.zeros(b, dtype=bool)
+    end_step = np.full(b, n_steps, dtype=np.int64)  # EOS / stop step, or n_steps for length
+    for s in range(n_steps):
+        tok = sample_tokens(logits, temperature, top_p, uniforms(seeds[live], s))
+        tok_np = tok.cpu().numpy()
+        tokens[live, s] = tok_np
+        act = active[live]
+        is_eos = torch.isin(tok, eos).cpu().numpy() & act if eos.numel() else np.zeros_like(act)
+        for r in live[is_eos]:
+            active[r], finish[r], end_step[r], by_eos[r] = False, "stop", s, True
+        if stop:
+            rows = live[act & ~is_eos]
+            texts = detok([tokens[r, max(0, s - window + 1) : s + 1].tolist() for r in rows])
+            for r, t in zip(rows, texts):
+                if any(st in t for st in stop):
+                    active[r], finish[r], end_step[r] = False, "stop", s
+        last = s == n_steps - 1
+        if last:
+            for r in live[active[live]]:
+                active[r], finish[r] = False, "length"
+        if last or not active.any():
+            if features and last and any(finish[r] == "length" for r in live):
+                _, h = dec.step(tok, pos0 + s, s, pcache, prompt_bias, gen_cache, k, layer, logits=False)
+                feats[torch.from_numpy(live), s] = h.float().cpu()
+            break
+        # Drop prompt groups whose k rows are all finished (their cache is never read again).
+        group_live = active[live].reshape(-1, k).any(-1)  # [P_live]
+        if not group_live.all():
+            keep_g = torch.from_numpy(np.nonzero(group_live)[0]).to(dev)
+            keep_r = torch.from_numpy(np.nonzero(np.repeat(group_live, k))[0]).to(dev)
+            pcache = [(pk.index_select(0, keep_g), pv.index_select(0, keep_g)) for pk, pv in pcache]
+            prompt_bias = prompt_bias.index_select(0, keep_g)
+            new_cache = []
+            for gk, gv in gen_cache:
+                nk = torch.empty(len(keep_r), dec.hkv, n_steps, dec.hd, dtype=dec.dtype, device=dev)
+                nv = torch.empty_like(nk)
+                nk[:, :, : s] = gk.index_select(0, keep_r)[:, :, : s]
+                nv[:, :, : s] = gv.index_select(0, keep_r)[:, :, : s]
+                new_cache.append((nk, nv))
+            gen_cache = new_cache
+            pos0 = pos0.index_select(0, keep_r)
+            tok = tok.index_select(0, keep_r)
+            live = live[keep_r.cpu().numpy()]
+        logits, h = dec.step(tok, pos0 + s, s, pcache, prompt_bias, gen_cache, k, layer)
+        if features:
+            feats[torch.from_numpy(live), s] = h.float().cpu()
+
+    h_prompt = h_prompt.cpu() if features else None
+    out: list[list[RowResult]] = []
+    for i in range(p):
+        group = []
+        for j in range(k):
+            r = i * k + j
+            e = int(end_step[r])
+            if finish[r] == "length":
+                n, text = n_steps, None
+            elif by_eos[r]:  # EOS sampled at step e: tokens 0..e-1 kept
+                n, text = e, None
+            else:  # a stop string ends in token e
+                n, text = _cut_at_stop(tokens[r, : e + 1].tolist(), stop, detok)
+            ids_r = tokens[r, :n].tolist()
+            if text is None:
+                text = detok([ids_r])[0]
+            feat = None
+            if features:
+                if n == 0:
+                    feat = h_prompt[i]
+                elif position == "mean":
+                    feat = feats[r, :n].mean(0)
+                else:
+                    feat = feats[r, n - 1]
+                feat = feat.numpy().copy()
+            group.append(RowResult(text, ids_r, finish[r], feat))
+        out.append(group)
+    return out
+
+
+def _cut_at_stop(ids: list[int], stop: list[str], detok) -> tuple[int, str]:
+    """Cut before the first stop string: (number of tokens fully kept, kept text)."""
+    full = detok([ids])[0]
+    cut = min(i for i in (full.find(st) for st in stop) if i >= 0)
+    text = full[:cut]
+    n = len(ids) - 1  # the last token holds the end of the stop string
+    while n > 0 and len(detok([ids[:n]])[0]) > cut:
+        n -= 1
+    return n, text

@@ -1,0 +1,243 @@
+"""The local backend: a Hugging Face transformers causal LM (hub id, folder or GGUF file).
+
+`HFLanguageModel.sample` runs qprobe's own decode loop (`decode.py`: shared prompt cache,
+preallocated KV buffers, cheap top-p, features captured in flight). `HFEmbedder` computes the
+same features for given (prompt, completion) pairs with one batched transformers forward pass
+that stops after the feature layer, which is also how the decode loop is checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qprobe import models
+from qprobe.backends import decode
+from qprobe.backends.base import Embedder, LanguageModel, Sample, SamplingParams
+from qprobe.errors import QProbeError
+from qprobe.features import FeatureSpec
+
+PAPER_DEPTH = 26 / 32  # the paper read block 26 of Code-Llama-7B's 32
+
+
+def default_layer(n_layers: int) -> int:
+    """0-based index of the block at about 80% depth (the paper's 26 of 32 -> index 25)."""
+    return max(0, round(n_layers * PAPER_DEPTH) - 1)
+
+
+def resolve_layer(layer: int | None, n_layers: int) -> int:
+    """None -> default depth; negative counts from the top (-1 = last block)."""
+    if layer is None:
+        return default_layer(n_layers)
+    idx = layer + n_layers if layer < 0 else layer
+    if not 0 <= idx < n_layers:
+        raise QProbeError(f"layer {layer} is out of range for a model with {n_layers} blocks")
+    return idx
+
+
+def load_hf(name_or_path: str | None, device: str | None = None, dtype: str | torch.dtype | None = None):
+    """Load (model, tokenizer, identity). GGUF files go through the conversion cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = models.resolve(name_or_path)
+    identity = models.model_identity(name_or_path, resolved)
+    if isinstance(resolved, Path) and resolved.is_file():
+        if resolved.suffix != ".gguf":
+            raise QProbeError(f"model: {resolved} is a file but not a .gguf file")
+        source = str(models.gguf_cache_dir(resolved))
+    else:
+        source = str(resolved)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    elif isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        raise QProbeError(f"model: cannot load {name_or_path!r}: {e}".splitlines()[0]) from None
+    model.to(device).eval()
+    return model, tok, identity
+
+
+class _Tok:
+    """Prompt formatting and fast detokenisation shared by the sampler and the embedder."""
+
+    def __init__(self, tokenizer, chat: bool | None) -> None:
+        self.tokenizer = tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat and not has_template:
+            raise QProbeError("--chat: this model's tokenizer has no chat template")
+        self.chat = has_template if chat is None else bool(chat)
+        self.backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if self.chat:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def completion_ids(self, completion: str) -> list[int]:
+        return list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+
+    def decode(self, batch: list[list[int]]) -> list[str]:
+        if self.backend is not None:
+            return self.backend.decode_batch(batch, skip_special_tokens=False)
+        return [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in batch]
+
+    def eos_ids(self, model) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(model, "generation_config", None), model.config):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            ids.update([e] if isinstance(e, int) else (e or []))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+
+def _spec(identity: str, chat: bool, layer: int, position: str, dim: int, dtype: str) -> FeatureSpec:
+    # The chat template changes the context the feature is read in, so it is part of the identity.
+    return FeatureSpec(model=identity + ("+chat" if chat else ""), layer=layer, position=position,
+                       dim=dim, dtype=dtype)
+
+
+class HFLanguageModel(LanguageModel):
+    """k samples per prompt from a local transformers model, with in-generation features."""
+
+    def __init__(self, model, tokenizer, *, identity: str, layer: int | None = None,
+                 position: str = "last", chat: bool | None = None, features: bool = True,
+                 feature_dtype: str = "float16", max_batch_rows: int = 64) -> None:
+        if not decode.supports(model):
+            raise QProbeError(
+                f"model: architecture {getattr(model.config, 'model_type', '?')!r} is not supported "
+                f"by qprobe's decoder (supported: {', '.join(decode.SUPPORTED)})"
+            )
+        self.model = model
+        self.tok = _Tok(tokenizer, chat)
+        self.name = identity
+        self.n_layers = len(model.model.layers)
+        self.layer = resolve_layer(layer, self.n_layers)
+        self.position = position
+        self.features = features
+        self.max_batch_rows = int(max_batch_rows)
+        self._spec = _spec(identity, self.tok.chat, self.layer, position,
+                           int(model.config.hidden_size), feature_dtype)
+        self._dec = decode.FastDecoder(model)
+        self._eos = self.tok.eos_ids(model)
+
+    @property
+    def chat(self) -> bool:
+        return self.tok.chat
+
+    @property
+    def feature_spec(self) -> FeatureSpec | None:
+        return self._spec if self.features else None
+
+    def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
+        if k < 1:
+            raise QProbeError(f"k must be >= 1, got {k}")
+        per_batch = max(1, self.max_batch_rows // k)
+        out: list[list[Sample]] = []
+        for i in range(0, len(prompts), per_batch):
+            chunk = prompts[i : i + per_batch]
+            rows = decode.run_batch(
+                self._dec, [self.tok.prompt_ids(p) for p in chunk], chunk, k,
+                temperature=params.temperature, top_p=params.top_p,
+                max_new_tokens=params.max_new_tokens, stop=list(params.stop), seed=params.seed,
+                layer=self.layer, position=self.position, features=self.features,
+                eos_ids=self._eos, detok=self.tok.decode,
+            )
+            out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature) for r in g] for g in rows)
+        return out
+
+    def embedder(self) -> HFEmbedder:
+        """An embedder computing the same features from text, sharing this model's weights."""
+        return HFEmbedder(self.model, self.tok.tokenizer, identity=self.name, layer=self.layer,
+                          position=self.position, chat=self.tok.chat, feature_dtype=self._spec.dtype)
+
+
+class _Stop(Exception):
+    pass
+
+
+class HFEmbedder(Embedder):
+    """Features of (prompt, completion) pairs in batched forward passes that stop at `layer`."""
+
+    def __init__(self, model, tokenizer, *, identity: str, layer: int | None = None,
+                 position: str = "last", chat: bool | None = None, feature_dtype: str = "float16",
+                 max_batch_tokens: int = 8192) -> None:
+        self.model = model
+        self.tok = _Tok(tokenizer, chat)
+        self.n_layers = len(model.model.layers)
+        self.layer = resolve_layer(layer, self.n_layers)
+        self.position = position
+        self.max_batch_tokens = int(max_batch_tokens)
+        self._spec = _spec(identity, self.tok.chat, self.layer, position,
+                           int(model.config.hidden_size), feature_dtype)
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return self._spec
+
+    def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        if len(prompts) != len(completions):
+            raise QProbeError(f"embed: {len(prompts)} prompts but {len(completions)} completions")
+        cache: dict[str, list[int]] = {}
+        for p in prompts:
+            if p not in cache:
+                cache[p] = self.tok.prompt_ids(p)
+        p_ids = [cache[p] for p in prompts]
+        return self.embed_tokens(p_ids, [self.tok.completion_ids(c) for c in completions])
+
+    @torch.no_grad()
+    def embed_tokens(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> np.ndarray:
+        """Features for already tokenised pairs: float32 [N, dim]."""
+        n = len(prompt_ids)
+        out = np.zeros((n, self._spec.dim), dtype=np.float32)
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        order = sorted(range(n), key=lambda i: len(seqs[i]))
+        dev = next(self.model.parameters()).device
+        captured: list[torch.Tensor] = []
+
+        def hook(_mod, _inp, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _Stop
+
+        handle = self.model.model.layers[self.layer].register_forward_hook(hook)
+        try:
+            i = 0
+            while i < n:
+                longest = len(seqs[order[i]])
+                j = i + 1
+                while j < n and len(seqs[order[j]]) * (j - i + 1) <= max(self.max_batch_tokens, longest):
+                    longest = len(seqs[order[j]])
+                    j += 1
+                idx = order[i:j]
+                t = max(len(seqs[r]) for r in idx)
+                ids = torch.zeros(len(idx), t, dtype=torch.long)
+                mask = torch.zeros(len(idx), t, dtype=torch.long)
+                for a, r in enumerate(idx):  # right padding: real tokens at positions 0..len-1
+                    ids[a, : len(seqs[r])] = torch.tensor(seqs[r])
+                    mask[a, : len(seqs[r])] = 1
+                captured.clear()
+                try:
+                    self.model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+                except _Stop:
+                    pass
+                h = captured[0].float().cpu()  # [b, t, D]
+                for a, r in enumerate(idx):
+                    lp, lt = len(prompt_ids[r]), len(seqs[r])
+                    if self.position == "mean" and lt > lp:
+                        out[r] = h[a, lp:lt].mean(0).numpy()
+                    else:
+                        out[r] = h[a, lt - 1].numpy()
+                i = j
+        finally:
+            handle.remove()
+        return out

@@ -1,0 +1,149 @@
+"""The local backend and its decode loop, on tiny random models built in code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qprobe.backends import SamplingParams
+from qprobe.backends.decode import sample_tokens, uniforms
+from qprobe.backends.hf import HFLanguageModel, default_layer, resolve_layer
+from qprobe.errors import QProbeError
+from tiny_lm import build_model, build_tokenizer
+
+PROMPTS = ["def add(a, b):", "hello there, how", "x"]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def lm(request):
+    torch.set_num_threads(1)
+    return HFLanguageModel(build_model(request.param), build_tokenizer(), identity="tiny",
+                           layer=-2, chat=False, feature_dtype="float32")
+
+
+def test_shapes_and_spec(lm):
+    out = lm.sample(PROMPTS, 3, SamplingParams(max_new_tokens=10, seed=1))
+    assert len(out) == len(PROMPTS) and all(len(g) == 3 for g in out)
+    spec = lm.feature_spec
+    assert spec.layer == 1 and spec.dim == 64 and spec.model == "tiny"
+    for g in out:
+        for s in g:
+            assert s.feature.shape == (64,) and s.feature.dtype == np.float32
+            assert np.isfinite(s.feature).all()
+            assert s.finish_reason in ("stop", "length")
+            assert len(s.token_ids) <= 10
+            assert lm.tok.decode([s.token_ids])[0] == s.text  # char tokens: text and ids agree
+
+
+def test_greedy_matches_transformers_generate(lm):
+    """Our decode loop (shared prompt cache, left padding) reproduces HF greedy decoding."""
+    out = lm.sample(PROMPTS, 2, SamplingParams(temperature=0, max_new_tokens=12))
+    tok = lm.tok.tokenizer
+    for prompt, group in zip(PROMPTS, out):
+        ids = torch.tensor([lm.tok.prompt_ids(prompt)])
+        ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                do_sample=False, pad_token_id=tok.eos_token_id)
+        ref_ids = ref[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in ref_ids:
+            ref_ids = ref_ids[: ref_ids.index(tok.eos_token_id)]
+        for s in group:
+            assert s.token_ids == ref_ids
+
+
+@pytest.mark.parametrize("position", ["last", "mean"])
+def test_generation_features_equal_reencoded(position):
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model("llama", seed=3), build_tokenizer(), identity="tiny",
+                         layer=1, position=position, chat=False, feature_dtype="float32")
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, stop=["e", "\n"], seed=5)
+    out = lm.sample(PROMPTS, 4, params)
+    reasons = {s.finish_reason for g in out for s in g}
+    assert reasons == {"stop", "length"}  # both the stop-string cut and full-length rows
+    prompts = [p for p, g in zip(PROMPTS, out) for _ in g]
+    texts = [s.text for g in out for s in g]
+    gen = np.stack([s.feature for g in out for s in g])
+    ref = lm.embedder().embed(prompts, texts)
+    np.testing.assert_allclose(gen, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_determinism_and_batch_independence(lm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=7)
+    a = lm.sample(PROMPTS, 4, params)
+    b = lm.sample(PROMPTS, 4, params)
+    assert [[s.token_ids for s in g] for g in a] == [[s.token_ids for s in g] for g in b]
+    # The k samples of one prompt differ from each other, and another seed changes them.
+    assert len({tuple(s.token_ids) for s in a[0]}) > 1
+    c = lm.sample(PROMPTS, 4, SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=8))
+    assert [[s.token_ids for s in g] for g in a] != [[s.token_ids for s in g] for g in c]
+    # A prompt's samples do not depend on the other prompts in its batch.
+    alone = lm.sample(PROMPTS[1:2], 4, params)
+    assert [s.token_ids for s in alone[0]] == [s.token_ids for s in a[1]]
+
+
+def test_stop_strings_cut_text_and_tokens(lm):
+    base = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=20, seed=3)
+    free = lm.sample(PROMPTS, 3, base)
+    # Choose a stop string from the middle of a real completion; with the same seed the
+    # stopped run is the free run cut before the first occurrence.
+    text = max((s.text for g in free for s in g), key=len)
+    stop = text[8:10]
+    assert len(stop) == 2
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=20, seed=3, stop=[stop])
+    cut = lm.sample(PROMPTS, 3, params)
+    n_stopped = 0
+    for gf, gc in zip(free, cut):
+        for f, c in zip(gf, gc):
+            assert stop not in c.text
+            i = f.text.find(stop)
+            if i >= 0:
+                n_stopped += 1
+                assert c.text == f.text[:i] and c.finish_reason == "stop"
+                # Kept tokens: a prefix of the free run whose text lies inside the cut text.
+                n = len(c.token_ids)
+                assert c.token_ids == f.token_ids[:n]
+                kept = lm.tok.decode([c.token_ids])[0]
+                assert c.text.startswith(kept)
+                assert len(lm.tok.decode([f.token_ids[: n + 1]])[0]) > len(c.text)
+            else:
+                assert c.text == f.text
+    assert n_stopped >= 1
+
+
+def test_eos_ends_a_completion():
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    lm = HFLanguageModel(build_model("llama"), tok, identity="tiny", chat=False)
+    probe = lm.sample(["abc"], 1, SamplingParams(temperature=0, max_new_tokens=6))[0][0]
+    # Declare the first greedy token to be EOS: generation must end before it, empty text.
+    lm._eos = {probe.token_ids[0]}
+    s = lm.sample(["abc"], 2, SamplingParams(temperature=0, max_new_tokens=6))[0][0]
+    assert s.text == "" and s.token_ids == [] and s.finish_reason == "stop"
+    emb = lm.embedder().embed(["abc"], [""])
+    np.testing.assert_allclose(s.feature.astype(np.float32), emb[0], rtol=1e-2, atol=1e-2)
+
+
+def test_sample_tokens_matches_nucleus_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 300) * 2.0
+    for top_p in (0.5, 0.999):  # 0.999 needs more than the 64-token prefilter: full-sort path
+        n = 20000
+        u = uniforms(np.arange(n, dtype=np.uint64) * np.uint64(7919), 0)
+        toks = sample_tokens(logits.expand(n, -1).contiguous(), 1.0, top_p, u).numpy()
+        probs = torch.softmax(logits[0].double(), -1).numpy()
+        order = np.argsort(-probs)
+        keep = order[: int((np.cumsum(probs[order]) < top_p).sum()) + 1]
+        assert set(np.unique(toks)) <= set(keep.tolist())
+        expect = probs[keep] / probs[keep].sum()
+        freq = np.bincount(toks, minlength=300)[keep] / n
+        assert np.abs(freq - expect).max() < 0.02
+    assert (sample_tokens(logits, 0.0, 0.9, np.zeros(1)) == logits.argmax(-1)).all()
+
+
+def test_layer_resolution():
+    assert default_layer(32) == 25  # the paper's block 26 of 32
+    assert resolve_layer(-1, 30) == 29 and resolve_layer(3, 30) == 3
+    with pytest.raises(QProbeError):
+        resolve_layer(30, 30)
+    with pytest.raises(QProbeError):
+        SamplingParams(top_p=0)
