@@ -135,6 +135,7 @@ def enter_namespaces(cfg: dict) -> dict:
         "tmpfs": False,
         "uid_drop": False,
         "no_new_privs": False,
+        "readonly_fs": False,
         "errors": [],
     }
     if cfg.get("isolation") == "none":
@@ -167,6 +168,12 @@ def enter_namespaces(cfg: dict) -> dict:
             rep["hidden"] = expose_python()
         except OSError as e:
             rep["errors"].append(f"exposing the interpreter: {e}")
+    if rep["mountns"]:
+        try:
+            readonly_root()
+            rep["readonly_fs"] = True
+        except OSError as e:
+            rep["errors"].append(f"read-only filesystem: {e}")
     # Probe the per-program namespaces once, in a throwaway child.
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -246,6 +253,25 @@ def expose_python() -> list:
             os.close(fd)
         mount("none", top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
     return sorted(hide)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+def readonly_root() -> None:
+    """Make every mount read-only in this mount namespace (mount_setattr, Linux >= 5.12).
+
+    Programs then write only to the fresh tmpfs mounted per program (/tmp, /dev/shm, ...). This
+    matters most without root: there the program's uid is the user's own uid, so without it a
+    program could modify the user's files.
+    """
+    attr = _MountAttr(attr_set=0x1)  # MOUNT_ATTR_RDONLY
+    at_fdcwd, at_recursive, sys_mount_setattr = -100, 0x8000, 442
+    ret = libc.syscall(
+        sys_mount_setattr, at_fdcwd, b"/", at_recursive, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    _check(ret, "mount_setattr /")
 
 
 def preload(modules: list) -> None:
