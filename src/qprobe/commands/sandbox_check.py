@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                           "ok": ok}, indent=2))  # fmt: skip
         return 0 if ok else 1
     features = ["root", "userns", "netns", "pidns", "mountns", "procfs", "tmpfs", "uid_drop",
-                "no_new_privs", "ipcns", "utsns"]  # fmt: skip
+                "no_new_privs", "readonly_fs", "ipcns", "utsns"]  # fmt: skip
     print("isolation: " + ", ".join(f"{k} {'yes' if rep.get(k) else 'no'}" for k in features))
     if rep.get("hidden"):
         print(f"hidden from programs: {', '.join(rep['hidden'])}")
