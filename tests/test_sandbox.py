@@ -348,3 +348,11 @@ def test_generated_code_never_runs_in_this_process(sb):
     run(sb, "import builtins\nbuiltins.QPROBE_PWNED = True\n")
     assert not hasattr(__import__("builtins"), "QPROBE_PWNED")
     assert "QPROBE_PWNED" not in sys.modules
+
+
+def test_sysv_shared_memory_does_not_outlive_the_program(sb):
+    shm = "import ctypes\nlibc = ctypes.CDLL(None)\n"
+    key = 0x5150 + os.getpid() % 1000
+    assert run(sb, shm + f"assert libc.shmget({key}, 4096, 0o1666) >= 0\n").passed  # IPC_CREAT
+    for _ in range(3):  # whichever worker runs it, the segment is gone
+        assert run(sb, shm + f"assert libc.shmget({key}, 4096, 0o666) == -1\n").passed

@@ -462,6 +462,7 @@ def supervise(job: dict, rep: dict) -> dict:
     t0 = time.monotonic()
     workdir = None
     flags = (CLONE_NEWPID if rep["pidns"] else 0) | (CLONE_NEWNS if rep["mountns"] else 0)
+    flags |= CLONE_NEWIPC if rep["ipcns"] else 0  # SysV shm/semaphores die with the program
     if not (rep["mountns"] and rep["tmpfs"]):
         workdir = tempfile.mkdtemp(prefix="qprobe-sandbox-")
         if os.geteuid() == 0 and not rep["userns"]:
