@@ -174,6 +174,9 @@ class EvalResult:
     gain: dict[tuple[int, float], Estimate] = field(default_factory=dict)  # probe - pass@1, paired
     greedy: Estimate | None = None
     notes: list[str] = field(default_factory=list)
+    # per-prompt probe rewards [P_k] for each (k, beta) when asked (keep_values); not in to_dict
+    values: dict[tuple[int, float], np.ndarray] = field(default_factory=dict, repr=False)
+    base_values: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # pass@1 [P_k]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -203,6 +206,7 @@ def evaluate_groups(
     seed: int = 0,
     exact_limit: int = 5000,
     mc_subsets: int = 4000,
+    keep_values: bool = False,
 ) -> EvalResult:
     """Evaluate per-sample `rewards` [N] (and probe `scores` [N]) grouped by prompt `group` [N].
 
@@ -259,6 +263,9 @@ def evaluate_groups(
             )  # [P_k]
             res.probe[(k, beta)] = Estimate.of(vals, n_boot, seed)
             res.gain[(k, beta)] = Estimate.of(vals - base, n_boot, seed)
+            if keep_values:
+                res.values[(k, beta)] = vals
+                res.base_values[k] = base
     if greedy_rewards is not None:
         g = np.asarray(greedy_rewards, dtype=np.float64)
         g = g[~np.isnan(g)]

@@ -1,0 +1,258 @@
+"""The report folder of an experiment: results.md, results.json and PNG plots.
+
+- reward_vs_k.png        reward of each objective's probe vs k (mean over seeds, band = min..max
+                         over seeds), with pass@1, pass@k (skyline), greedy and few-shot (paper fig. 3)
+- reward_vs_train_prompts.png  reward vs number of training prompts, mean and min..max band over
+                         the random subsets (paper fig. 2)
+- score_vs_reward.png    mean reward of test samples binned by probe score (deciles), one line per
+                         seed (calibration: does a higher score mean a higher reward?)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BASELINE_COLORS = {"pass@1": "0.4", "pass@k": "0.0", "greedy": "tab:brown", "few_shot": "tab:pink"}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _public(obj: Any) -> Any:
+    """Drop private keys (arrays kept for plotting) and make numpy values JSON-friendly."""
+    if isinstance(obj, dict):
+        return {k: _public(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, list | tuple):
+        return [_public(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _ci(e: dict[str, Any]) -> str:
+    if not e or e.get("n_prompts", 0) == 0:
+        return "-"
+    return f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+
+
+def results_markdown(res: dict[str, Any]) -> str:
+    """The headline tables: every baseline and probe on every test set, with CIs."""
+    cfg = res["config"]
+    k, beta = max(cfg["eval"]["ks"]), cfg["eval"]["beta"]
+    s = cfg["sampling"]
+    lines = [
+        f"# {res['name']}",
+        "",
+        f"Model `{res['feature_spec']['model']}`, features at layer {res['feature_spec']['layer']} "
+        f"({res['feature_spec']['position']} token, dim {res['feature_spec']['dim']}). "
+        f"Train: `{cfg['train']['task']}` / {cfg['train']['split']}, {res['train']['n_prompts']} "
+        f"prompts x {s['k']} samples. Sampling: temperature {s['temperature']}, top-p {s['top_p']}, "
+        f"max {s['max_new_tokens']} new tokens. Probes: {', '.join(cfg['probes']['objectives'])} x "
+        f"seeds {cfg['probes']['seeds']}.",
+        "",
+        f"Rewards are means over test prompts with a 95% bootstrap CI over prompts. Probe rows: the "
+        f"analytic expected reward of choosing among k = {k} samples with softmax(Q/beta), "
+        f"beta = {beta}, averaged over random k-subsets and over the training seeds; "
+        f"'gain' is probe minus pass@1 (paired bootstrap CI); 'headroom' = gain / (pass@{k} - pass@1).",
+        "",
+    ]
+    for label, t in res["test"].items():
+        p1 = t["pass@1"]["mean"]
+        pk = t["pass@k"][str(k)]["mean"]
+        lines += [
+            f"## {label} ({t['n_prompts']} prompts x {s['k']} samples)",
+            "",
+            "| method | reward [95% CI] | gain over pass@1 | headroom | seed spread |",
+            "|---|---|---|---|---|",
+            f"| base pass@1 | {_ci(t['pass@1'])} | | | |",
+        ]
+        if "greedy" in t:
+            lines.append(f"| greedy | {_ci(t['greedy'])} | {t['greedy']['mean'] - p1:+.3f} | | |")
+        if "few_shot" in t:
+            lines.append(
+                f"| {t['few_shot'].get('shots', '?')}-shot on successes (greedy) | "
+                f"{_ci(t['few_shot'])} | {t['few_shot']['mean'] - p1:+.3f} | | |"
+            )
+        for obj, pr in t["probes"].items():
+            g = pr["gain_over_pass@1"]
+            head = g["mean"] / (pk - p1) if pk > p1 else float("nan")
+            sm = pr["seed_means"]
+            lines.append(
+                f"| probe `{obj}` (k={k}, beta={beta}) | {_ci(pr['mean_over_seeds'])} | "
+                f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head:.0%} | "
+                f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seeds) |"
+            )
+        lines.append(
+            f"| pass@{k} (skyline) | {_ci(t['pass@k'][str(k)])} | {pk - p1:+.3f} | 100% | |"
+        )
+        lines.append("")
+        for n in t.get("notes", []):
+            lines.append(f"note: {n}  ")
+    if "curve" in res:
+        c = res["curve"]
+        lines += [
+            "## Reward vs number of training prompts",
+            "",
+            f"`{c['objective']}` probes, k = {c['k']}, beta = {c['beta']}, on "
+            f"{next(iter(res['test']))}; {cfg['curve']['subsets']} random prompt subsets "
+            "per size.",
+            "",
+            "| train prompts | mean | min | max |",
+            "|---|---|---|---|",
+        ]
+        for size, vals in c["sizes"].items():
+            lines.append(f"| {size} | {np.mean(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
+        lines.append("")
+    tm = res.get("timings", {})
+    if tm:
+        lines += ["## Wall time", "", ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in tm.items()), ""]
+    lines += [
+        "Plots: `reward_vs_k.png`, `reward_vs_train_prompts.png`, `score_vs_reward.png`; "
+        "all numbers: `results.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_reward_vs_k(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = res["test"]
+    beta = res["config"]["eval"]["beta"]
+    fig, axes = plt.subplots(1, len(tests), figsize=(5.5 * len(tests), 4), squeeze=False)
+    for ax, (label, t) in zip(axes[0], tests.items()):
+        ks = [int(k) for k in t["pass@k"]]
+        ax.plot(ks, [t["pass@k"][str(k)]["mean"] for k in ks], "k--", label="pass@k (skyline)")
+        ax.axhline(t["pass@1"]["mean"], color="0.4", ls=":", label="pass@1")
+        for name in ("greedy", "few_shot"):
+            if name in t:
+                ax.axhline(
+                    t[name]["mean"],
+                    color=BASELINE_COLORS[name],
+                    ls="-.",
+                    label=name.replace("_", "-"),
+                )
+        for obj, pr in t["probes"].items():
+            per_seed = np.array(
+                [[_probe_at(run, k, beta) for k in ks] for run in pr["runs"].values()]
+            )  # [seeds, len(ks)]
+            line = ax.plot(ks, per_seed.mean(0), marker="o", label=f"probe {obj}")[0]
+            ax.fill_between(ks, per_seed.min(0), per_seed.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k (samples to choose from)")
+        ax.set_ylabel("expected reward")
+        ax.set_title(f"{label} (beta={beta}; band: min..max over seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _probe_at(run: dict[str, Any], k: int, beta: float) -> float:
+    for row in run["probe"]:
+        if row["k"] == k and abs(row["beta"] - beta) < 1e-12:
+            return row["mean"]
+    return float("nan")
+
+
+def plot_curve(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = res["curve"]
+    t = next(iter(res["test"].values()))
+    sizes = [int(s) for s in c["sizes"]]
+    vals = [np.asarray(c["sizes"][str(s)]) for s in sizes]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(sizes, [v.mean() for v in vals], "o-", label=f"probe {c['objective']} (mean)")
+    ax.fill_between(
+        sizes,
+        [v.min() for v in vals],
+        [v.max() for v in vals],
+        alpha=0.25,
+        label="min..max over subsets",
+    )
+    ax.axhline(t["pass@1"]["mean"], color="0.4", ls=":", label="pass@1")
+    ax.axhline(t["pass@k"][str(c["k"])]["mean"], color="k", ls="--", label=f"pass@{c['k']}")
+    if "greedy" in t:
+        ax.axhline(t["greedy"]["mean"], color=BASELINE_COLORS["greedy"], ls="-.", label="greedy")
+    ax.set_xlabel("training prompts")
+    ax.set_ylabel(f"expected reward (k={c['k']}, beta={c['beta']})")
+    ax.set_title(f"{next(iter(res['test']))}: reward vs training prompts", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_score_vs_reward(res: dict[str, Any], path: Path, bins: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label, t = next(iter(res["test"].items()))
+    scores_by, rewards = t.get("_scores", {}), np.asarray(t.get("_rewards", []), dtype=float)
+    objs = list(scores_by)
+    fig, axes = plt.subplots(
+        1, max(1, len(objs)), figsize=(4.2 * max(1, len(objs)), 3.6), squeeze=False
+    )
+    keep = ~np.isnan(rewards)
+    for ax, obj in zip(axes[0], objs):
+        for i, sc in enumerate(scores_by[obj]):
+            s, r = np.asarray(sc)[keep], rewards[keep]
+            edges = np.unique(np.quantile(s, np.linspace(0, 1, bins + 1)))
+            idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, len(edges) - 2)
+            xs = [s[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
+            ys = [r[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
+            ax.plot(xs, ys, "o-", ms=3, alpha=0.8, label=f"seed {i}")
+        ax.axhline(rewards[keep].mean(), color="0.4", ls=":", label="mean reward")
+        ax.set_xlabel(f"probe score ({obj})")
+        ax.set_ylabel("mean reward in score decile")
+        ax.set_title(f"{label}: {obj}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(res: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write results.md, results.json and the plots into out_dir (each file atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    public = _public(res)
+    _atomic_text(out / "results.json", json.dumps(public, indent=2) + "\n")
+    _atomic_text(out / "results.md", results_markdown(public))
+    for name, fn, needed in (
+        ("reward_vs_k.png", plot_reward_vs_k, True),
+        ("reward_vs_train_prompts.png", plot_curve, "curve" in res and res["curve"]["sizes"]),
+        ("score_vs_reward.png", plot_score_vs_reward, True),
+    ):
+        if not needed:
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=out)
+        os.close(fd)
+        fn(res if name == "score_vs_reward.png" else public, Path(tmp))
+        os.replace(tmp, out / name)
+    return out

@@ -1,0 +1,147 @@
+"""`run`: a whole experiment end to end on a tiny random model and a toy task; config parsing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qprobe import tasks
+from qprobe.cli import main
+from qprobe.errors import QProbeError
+from qprobe.experiment import config_from_dict, load_config, run_experiment
+from qprobe.rollouts import Rollouts
+from qprobe.tasks.base import Score, Task
+from tiny_lm import save_tiny
+
+
+class VowelTask(Task):
+    """Toy task with a real verifier: reward 1 when the completion contains a lowercase vowel."""
+
+    name = "test-vowels"
+    stop: list[str] = []
+
+    def splits(self) -> dict[str, int]:
+        return {"train": 12, "test": 6}
+
+    def _load(self, split: str) -> list[dict]:
+        n, off = (12, 0) if split == "train" else (6, 100)
+        return [{"id": f"{split}{i}", "prompt": f"word {i + off}:", "n": i} for i in range(n)]
+
+    def score(self, prompts, completions, **columns):
+        assert len(columns["n"]) == len(prompts)  # task columns reach the reward
+        return [Score(float(any(v in c for v in "aeiou")), "ok") for c in completions]
+
+
+tasks.register("test-vowels", VowelTask, "toy task for tests")
+
+
+def _config(tmp_path, model_dir, **over):
+    d = {
+        "name": "tiny",
+        "out": str(tmp_path / "run"),
+        "seed": 0,
+        "model": {"name": str(model_dir), "layer": 1},
+        "sampling": {"k": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6},
+        "train": {"task": "test-vowels", "split": "train"},
+        "test": [{"task": "test-vowels", "split": "test", "name": "vowels"}],
+        "probes": {
+            "objectives": ["q", "ce", "pg"],
+            "seeds": [0, 1],
+            "train": {"epochs": 5, "min_steps": 20, "batch_size": 16},
+        },
+        "eval": {"ks": [1, 2, 4], "betas": [0.0, 0.1], "beta": 0.1, "n_boot": 100},
+        "baselines": {"greedy": True, "few_shot": 2},
+        "curve": {"sizes": [4, 8], "subsets": 2, "objective": "pg"},
+    }
+    d.update(over)
+    return config_from_dict(d)
+
+
+def test_run_end_to_end_and_resume(tmp_path) -> None:
+    model_dir = save_tiny(tmp_path / "model")
+    cfg = _config(tmp_path, model_dir)
+    lines: list[str] = []
+    res = run_experiment(cfg, log=lines.append)
+    rep = tmp_path / "run" / "report"
+    for f in (
+        "results.md",
+        "results.json",
+        "reward_vs_k.png",
+        "reward_vs_train_prompts.png",
+        "score_vs_reward.png",
+    ):
+        assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
+    saved = json.loads((rep / "results.json").read_text())
+    t = saved["test"]["vowels"]
+    assert t["n_prompts"] == 6 and t["n_samples"] == 24
+    assert t["pass@k"]["4"]["mean"] >= t["pass@1"]["mean"]
+    assert set(t["probes"]) == {"q", "ce", "pg"}
+    for pr in t["probes"].values():
+        assert len(pr["seed_means"]) == 2
+        # choosing among 4 samples never beats the best of them (the skyline)
+        assert 0.0 <= pr["mean_over_seeds"]["mean"] <= t["pass@k"]["4"]["mean"] + 1e-9
+    # the baselines decode greedily once per test prompt; few-shot prompts carry the shots
+    greedy = Rollouts(tmp_path / "run" / "rollouts" / "greedy-vowels")
+    assert len(greedy) == 6 and greedy.meta["sampling"]["temperature"] == 0.0
+    assert saved["test"]["vowels"]["greedy"]["mean"] == pytest.approx(
+        float(np.mean(greedy.rewards))
+    )
+    few = Rollouts(tmp_path / "run" / "rollouts" / "fewshot-vowels")
+    assert few.meta["prefix"].count("word") == 2 and len(few) == 6
+    assert sorted(saved["curve"]["sizes"]) == ["4", "8"]
+    assert all(len(v) == 2 for v in saved["curve"]["sizes"].values())
+    assert (tmp_path / "run" / "probes" / "pg-seed1" / "config.json").is_file()
+    md = (rep / "results.md").read_text()
+    assert "pass@4 (skyline)" in md and "probe `pg`" in md and "greedy" in md
+    # a second run resumes: nothing is sampled again and the numbers are the same
+    lines2: list[str] = []
+    res2 = run_experiment(cfg, log=lines2.append)
+    assert sum("already collected" in s for s in lines2) == 4  # train, test, greedy, few-shot
+    assert (
+        res2["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
+        == res["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
+    )
+
+
+def test_config_errors(tmp_path) -> None:
+    with pytest.raises(QProbeError, match="unknown key"):
+        config_from_dict({"train": {"task": "x"}, "test": [{"task": "x"}], "sampling": {"kk": 1}})
+    with pytest.raises(QProbeError, match="test set"):
+        config_from_dict({"train": {"task": "x"}})
+    with pytest.raises(QProbeError, match="eval.ks"):
+        config_from_dict(
+            {
+                "train": {"task": "x"},
+                "test": [{"task": "x"}],
+                "sampling": {"k": 4},
+                "eval": {"ks": [8]},
+            }
+        )
+    with pytest.raises(QProbeError, match="probes.train"):
+        config_from_dict(
+            {
+                "train": {"task": "x"},
+                "test": [{"task": "x"}],
+                "probes": {"train": {"learning_rate": 1}},
+            }
+        )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    assert main(["run", str(bad)]) == 2
+    with pytest.raises(QProbeError, match="invalid YAML"):
+        load_config(bad)
+
+
+def test_shipped_experiment_files_parse(capsys) -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "experiments/*.yaml missing"
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.test and cfg.train.task in tasks.list_tasks()
+        assert main(["run", str(f), "--check"]) == 0
+        assert json.loads(capsys.readouterr().out)["name"] == cfg.name
