@@ -356,3 +356,14 @@ def test_sysv_shared_memory_does_not_outlive_the_program(sb):
     assert run(sb, shm + f"assert libc.shmget({key}, 4096, 0o1666) >= 0\n").passed  # IPC_CREAT
     for _ in range(3):  # whichever worker runs it, the segment is gone
         assert run(sb, shm + f"assert libc.shmget({key}, 4096, 0o666) == -1\n").passed
+
+
+def test_config_validation_and_require_mode():
+    from qprobe.errors import QProbeError
+
+    for bad in ({"isolation": "max"}, {"timeout": 0}, {"memory_mb": 0}, {"workers": -1}):
+        with pytest.raises(QProbeError, match="sandbox: "):
+            SandboxConfig(**bad)
+    if os.geteuid() == 0:
+        with Sandbox(SandboxConfig(isolation="require", workers=1)) as box:
+            assert box.run("assert True\n").passed

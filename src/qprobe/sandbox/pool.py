@@ -56,6 +56,21 @@ class SandboxConfig:
                   "without user/pid/net namespaces or root), or 'none' (rlimits only; tests)"},
     )  # fmt: skip
 
+    def __post_init__(self) -> None:
+        if self.isolation not in ("strongest", "require", "none"):
+            raise QProbeError(
+                f"sandbox: isolation must be strongest, require or none, not {self.isolation!r}"
+            )
+        if not self.timeout > 0:
+            raise QProbeError(f"sandbox: timeout must be > 0 seconds, got {self.timeout}")
+        for name in ("memory_mb", "file_size_mb", "tmpfs_mb", "max_processes", "max_open_files"):
+            if getattr(self, name) < 1:
+                raise QProbeError(f"sandbox: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_open_files < 32:
+            raise QProbeError("sandbox: max_open_files must be >= 32 (Python needs a few)")
+        if self.workers < 0:
+            raise QProbeError(f"sandbox: workers must be >= 0, got {self.workers}")
+
 
 @dataclass
 class Verdict:
