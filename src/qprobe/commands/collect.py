@@ -1,0 +1,60 @@
+"""`qprobe collect`: sample k completions per prompt with features into a rollouts folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from qprobe.collect import CollectConfig
+
+_HELP = {f.name: f.metadata.get("help", "") for f in fields(CollectConfig)}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "collect",
+        help="sample k completions per prompt, with features and rewards, into a rollouts folder",
+        description="Draw K completions per prompt of TASK/SPLIT from MODEL, capture each one's "
+        "Q-probe feature during generation, score it with the task's reward, and append it to "
+        "the rollouts folder OUT (one shard per batch). Re-running the same command resumes; "
+        "other settings on an existing OUT are refused.",
+    )
+    p.add_argument("--out", required=True, help=_HELP["out"])
+    p.add_argument("--model", default=None, help=_HELP["model"] + " A .gguf file, a transformers "
+                   "folder, a hub id, or qwen2.5-coder-0.5b.")
+    p.add_argument("--task", required=True, help=_HELP["task"])
+    p.add_argument("--split", default=None, help=_HELP["split"])
+    p.add_argument("--k", type=int, default=16, help=_HELP["k"] + " (16)")
+    p.add_argument("--layer", type=int, default=None, help=_HELP["layer"] + " (default ~80%% depth)")
+    p.add_argument("--position", choices=["last", "mean"], default="last", help=_HELP["position"])
+    p.add_argument("--feature-dtype", choices=["float16", "float32"], default="float16",
+                   help=_HELP["feature_dtype"])
+    p.add_argument("--limit", type=int, default=None, help=_HELP["limit"])
+    p.add_argument("--max-new-tokens", type=int, default=256, help=_HELP["max_new_tokens"] + " (256)")
+    p.add_argument("--temperature", type=float, default=0.8, help=_HELP["temperature"] + " (0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help=_HELP["top_p"] + " (0.95)")
+    p.add_argument("--seed", type=int, default=0, help=_HELP["seed"] + " (0)")
+    p.add_argument("--batch-prompts", type=int, default=None, help=_HELP["batch_prompts"])
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=_HELP["chat"])
+    p.add_argument("--data", default=None, help=_HELP["data"])
+    p.add_argument("--device", default=None, help=_HELP["device"])
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qprobe.collect import collect
+
+    cfg = CollectConfig(**{f.name: getattr(args, f.name) for f in fields(CollectConfig)})
+    s = collect(cfg)
+    mean = "n/a" if s["mean_reward"] is None else f"{s['mean_reward']:.4f}"
+    print(
+        f"collect: {s['rows']} rows ({s['new_rows']} new) for {s['prompts']} prompts in {cfg.out}; "
+        f"scored {s['scored']}, mean reward {mean}; {s['seconds']:.1f} s, "
+        f"{s['tokens_per_s'] or 0:.0f} tok/s",
+        file=sys.stderr,
+    )
+    print(json.dumps({k: v for k, v in s.items() if k != "config"}))
+    return 0

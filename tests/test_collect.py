@@ -1,0 +1,136 @@
+"""`qprobe collect` end to end on a tiny random model: store, rewards, resume, crash, refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qprobe.cli import main
+from qprobe.rollouts import Rollouts
+from tiny_lm import save_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _prompts(path: Path, n: int, answer: bool = False) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            row = {"id": f"p{i}", "prompt": f"question {i}: {'ab' * (i % 4)}="}
+            if answer:
+                row["answer"] = "7"
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _args(model: Path, task: Path, out: Path, *extra: str) -> list[str]:
+    return ["collect", "--model", str(model), "--task", str(task), "--out", str(out), "--k", "3",
+            "--max-new-tokens", "12", "--seed", "4", "--no-progress", *extra]
+
+
+def _table(out: Path) -> dict:
+    r = Rollouts(out)
+    keys = list(zip(r.prompt_ids.tolist(), r.sample_idx.tolist()))
+    return {"keys": keys, "completion": r.column("completion"), "features": np.asarray(r.features)}
+
+
+def _by_key(t: dict) -> dict:
+    return {k: (c, f.tobytes()) for k, c, f in zip(t["keys"], t["completion"], t["features"])}
+
+
+def test_collect_writes_rollouts_with_features(tiny, tmp_path, capsys):
+    task = _prompts(tmp_path / "p.jsonl", 5)
+    out = tmp_path / "out"
+    assert main(_args(tiny, task, out, "--batch-prompts", "2")) == 0
+    assert "collect: 15 rows (15 new) for 5 prompts" in capsys.readouterr().err
+    r = Rollouts(out)
+    assert len(r) == 15 and r.features.shape == (15, 64) and r.features.dtype == np.float16
+    assert r.feature_spec.dim == 64 and r.meta["k"] == 3 and r.meta["chat"] is False
+    assert r.meta["sampling"]["seed"] == 4 and r.meta["split"] == "all"
+    group, prompts = r.groups()
+    assert prompts == [f"p{i}" for i in range(5)] and np.bincount(group).tolist() == [3] * 5
+    assert np.isnan(r.rewards).all()  # a plain prompts file has no reward
+    assert sorted(p.name for p in out.glob("samples-*.parquet")) == [
+        "samples-00000.parquet", "samples-00001.parquet", "samples-00002.parquet"]
+    # Features stored in the rollouts are the ones the embedder computes from the text.
+    from qprobe.backends import load_embedder
+
+    emb = load_embedder(str(tiny), chat=False)
+    assert emb.feature_spec == r.feature_spec
+    ref = emb.embed(r.column("prompt"), r.column("completion"))
+    np.testing.assert_allclose(r.features.astype(np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_collect_scores_rewards(tiny, tmp_path):
+    task = _prompts(tmp_path / "answers.jsonl", 3, answer=True)
+    out = tmp_path / "out"
+    assert main(_args(tiny, task, out)) == 0
+    r = Rollouts(out)
+    assert np.isfinite(r.rewards).all() and set(np.unique(r.rewards)) <= {0.0, 1.0}
+
+
+def test_same_command_reproduces_and_resume_extends(tiny, tmp_path):
+    task = _prompts(tmp_path / "p.jsonl", 4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_args(tiny, task, a, "--batch-prompts", "2")) == 0
+    # b: first two prompts, then resumed for all four (another batch composition).
+    assert main(_args(tiny, task, b, "--limit", "2", "--batch-prompts", "1")) == 0
+    assert len(Rollouts(b)) == 6
+    assert main(_args(tiny, task, b, "--batch-prompts", "3")) == 0
+    ta, tb = _table(a), _table(b)
+    assert len(tb["keys"]) == len(set(tb["keys"])) == 12
+    assert _by_key(ta) == _by_key(tb)
+
+
+def test_mismatched_resume_is_refused(tiny, tmp_path, capsys):
+    task = _prompts(tmp_path / "p.jsonl", 2)
+    out = tmp_path / "out"
+    assert main(_args(tiny, task, out)) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    for extra in (["--k", "4"], ["--temperature", "0.5"], ["--layer", "0"], ["--seed", "5"]):
+        args = _args(tiny, task, out)
+        if extra[0] in args:
+            i = args.index(extra[0])
+            args[i : i + 2] = extra
+        else:
+            args += extra
+        assert main(args) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("qprobe: error:") and "cannot resume" in last
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_kill_mid_collect_then_resume(tiny, tmp_path):
+    """SIGKILL the collect process while it writes; rerun; nothing lost, nothing duplicated."""
+    task = _prompts(tmp_path / "p.jsonl", 30)
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args = _args(tiny, task, out, "--batch-prompts", "1", "--max-new-tokens", "24")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    cmd = [sys.executable, "-m", "qprobe", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "samples-00002.parquet").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = len(list(out.glob("samples-*.parquet")))
+    assert 3 <= shards < 30, "the kill did not land mid-run"
+    assert len(Rollouts(out)) == 3 * shards  # the store is readable as it was left
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    t = _table(out)
+    assert len(t["keys"]) == len(set(t["keys"])) == 90
+    assert main(_args(tiny, task, ref, "--batch-prompts", "1", "--max-new-tokens", "24")) == 0
+    assert _by_key(_table(ref)) == _by_key(t)
