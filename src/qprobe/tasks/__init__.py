@@ -82,6 +82,10 @@ def _builtin() -> None:
     )
     register("hh-harmless", HHHarmless, "Anthropic HH-RLHF harmless-base test: preference pairs")
 
+    from qprobe.tasks.arith import TimesTables  # the demo task (issue 5)
+
+    register("times-tables", TimesTables, TimesTables.description)
+
 
 _builtin()
 
