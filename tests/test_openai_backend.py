@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from llama_server import EMBED_ALIAS, MODEL_ALIAS, FaultProxy, LlamaServer, free_port
-from qprobe.backends.base import Embedder, SamplingParams
+from qprobe.backends.base import SamplingParams
 from qprobe.backends.openai import (
     APIStatusError,
     OpenAIBackend,
@@ -254,26 +254,23 @@ def test_features_from_server_embeddings(server):
     assert not np.allclose(mean.embed(["2 + 2 ="], [out[1][0].text])[0], feats[2], atol=1e-3)
 
 
-class _CountingEmbedder(Embedder):
-    """Each row encodes its pair's lengths, so a test can trace which (prompt, completion) a
-    feature was computed for: checks the plumbing (order, alignment, spec)."""
+def test_features_from_a_local_embedder(server):
+    """API generations embedded by a local transformers model (the paper's API setup): here the
+    tiny random model of tiny_lm.py through the real HFEmbedder."""
+    from qprobe.backends.hf import HFEmbedder
+    from tiny_lm import build_model, build_tokenizer
 
-    @property
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(model="len-embedder", layer=0, position="last", dim=2, dtype="float32")
-
-    def embed(self, prompts, completions):
-        return np.array([[len(p), len(c)] for p, c in zip(prompts, completions)], np.float32)
-
-
-def test_features_from_a_local_embedder_follow_their_samples(server):
-    be = backend(server.url, embedder=_CountingEmbedder())
-    assert be.feature_spec.model == "len-embedder"
-    prompts = ["A", "Bee bee"]
-    out = be.sample(prompts, k=2, params=params(max_new_tokens=4))
-    for p, row in zip(prompts, out):
-        for s in row:
-            np.testing.assert_array_equal(s.feature, [len(p), len(s.text)])
+    emb = HFEmbedder(build_model(seed=3), build_tokenizer(), identity="tiny-llama", layer=1,
+                     position="last")
+    be = backend(server.url, embedder=emb)
+    assert be.feature_spec == emb.feature_spec
+    prompts = ["Say A", "Bee bee"]
+    out = be.sample(prompts, k=2, params=params(max_new_tokens=4, seed=11))
+    feats = np.stack([s.feature for row in out for s in row])  # [4, 64]
+    assert feats.shape == (4, 64) and np.isfinite(feats).all()
+    # each sample carries the feature of its own (prompt, completion) pair
+    direct = emb.embed([p for p in prompts for _ in range(2)], [s.text for row in out for s in row])
+    np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- pure helpers
