@@ -63,7 +63,7 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     model_dir = save_tiny(tmp_path / "model")
     cfg = _config(tmp_path, model_dir)
     lines: list[str] = []
-    res = run_experiment(cfg, log=lines.append)
+    res = run_experiment(cfg, log=lines.append, progress=False)
     rep = tmp_path / "run" / "report"
     for f in (
         "results.md",
@@ -97,7 +97,7 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     assert "pass@4 (skyline)" in md and "probe `pg`" in md and "greedy" in md
     # a second run resumes: nothing is sampled again and the numbers are the same
     lines2: list[str] = []
-    res2 = run_experiment(cfg, log=lines2.append)
+    res2 = run_experiment(cfg, log=lines2.append, progress=False)
     assert sum("already collected" in s for s in lines2) == 4  # train, test, greedy, few-shot
     assert (
         res2["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]

@@ -67,9 +67,6 @@ class SamplingConfig:
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
     max_new_tokens: int = field(default=256, metadata={"help": "tokens per completion"})
-    stop: list[str] | None = field(
-        default=None, metadata={"help": "stop strings (null: the task's own)"}
-    )
 
 
 @dataclass
@@ -311,12 +308,16 @@ class Log:
 
 
 def run_experiment(
-    cfg: ExperimentConfig, limit: int | None = None, log: Any = None, model: Any = None
+    cfg: ExperimentConfig,
+    limit: int | None = None,
+    log: Any = None,
+    model: Any = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) an experiment; returns the results dict also written to results.json.
 
     limit: cap every prompt set at this many prompts (smoke runs). model: an already loaded
-    `LanguageModel` (tests); otherwise `cfg.model` is loaded.
+    `LanguageModel` (tests); otherwise `cfg.model` is loaded. progress: tqdm bars on stderr.
     """
     from qprobe.backends import SamplingParams, load_model
     from qprobe.tasks import get_task
@@ -354,46 +355,33 @@ def run_experiment(
 
     s = cfg.sampling
 
-    def params(task: Any, greedy: bool = False) -> SamplingParams:
-        stop = list(task.stop) if s.stop is None else list(s.stop)
-        if greedy:
-            return SamplingParams(
-                temperature=0.0,
-                top_p=1.0,
-                max_new_tokens=s.max_new_tokens,
-                stop=stop,
-                seed=cfg.seed,
-            )
-        return SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_new_tokens=s.max_new_tokens,
-            stop=stop,
-            seed=cfg.seed,
-        )
+    def collect_set(d: DataConfig, out_dir: Path, k: int, temperature: float, top_p: float) -> None:
+        """k samples per prompt of one prompt set, through `qprobe.collect` (resumable)."""
+        from qprobe.collect import CollectConfig, collect
+
+        say(f"collect {out_dir.name}: {d.task}/{d.split}, k={k}, temperature={temperature}")
+        ccfg = CollectConfig(
+            out=str(out_dir), task=d.task, split=d.split, k=k, limit=lim(d),
+            max_new_tokens=s.max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=cfg.seed, layer=spec.layer, position=spec.position, chat=cfg.model.chat,
+            feature_dtype=spec.dtype, progress=progress,
+        )  # fmt: skip
+        summary = collect(ccfg, lm=model)
+        if summary["new_rows"] == 0:
+            say(f"{out_dir.name}: {summary['prompts']} prompts x {k} already collected")
+        else:
+            say(f"{out_dir.name}: {summary['new_rows']} new samples in "
+                f"{summary['seconds']:.0f}s, mean reward {summary['mean_reward']}")  # fmt: skip
 
     try:
         # 1. collect ---------------------------------------------------------------------
         t = time.perf_counter()
-        train_task = task_of(cfg.train.task)
         train_dir = out / "rollouts" / "train"
-        collect_rollouts(
-            model,
-            train_task,
-            cfg.train.split,
-            train_dir,
-            s.k,
-            params(train_task),
-            lim(cfg.train),
-            say,
-        )
+        collect_set(cfg.train, train_dir, s.k, s.temperature, s.top_p)
         test_dirs = {}
         for ts in cfg.test:
-            task = task_of(ts.task)
             test_dirs[ts.label] = out / "rollouts" / ts.label
-            collect_rollouts(
-                model, task, ts.split, test_dirs[ts.label], s.k, params(task), lim(ts), say
-            )
+            collect_set(ts, test_dirs[ts.label], s.k, s.temperature, s.top_p)
         timings["collect_s"] = time.perf_counter() - t
 
         # 2. baselines -------------------------------------------------------------------
@@ -405,32 +393,17 @@ def run_experiment(
             if len(shots) < cfg.baselines.few_shot:
                 say(f"few-shot: only {len(shots)} successful train completions available")
         for ts in cfg.test:
-            task = task_of(ts.task)
             if cfg.baselines.greedy:
                 greedy_dirs[ts.label] = out / "rollouts" / f"greedy-{ts.label}"
-                collect_rollouts(
-                    model,
-                    task,
-                    ts.split,
-                    greedy_dirs[ts.label],
-                    1,
-                    params(task, greedy=True),
-                    lim(ts),
-                    say,
-                )
+                collect_set(ts, greedy_dirs[ts.label], 1, 0.0, 1.0)
             if shots:
+                task = task_of(ts.task)
                 fewshot_dirs[ts.label] = out / "rollouts" / f"fewshot-{ts.label}"
-                collect_rollouts(
-                    model,
-                    task,
-                    ts.split,
-                    fewshot_dirs[ts.label],
-                    1,
-                    params(task, greedy=True),
-                    lim(ts),
-                    say,
-                    prefix=few_shot_prefix(shots),
-                )
+                greedy = SamplingParams(temperature=0.0, top_p=1.0,
+                                        max_new_tokens=s.max_new_tokens, stop=list(task.stop),
+                                        seed=cfg.seed)  # fmt: skip
+                collect_with_prefix(model, task, ts.split, fewshot_dirs[ts.label], greedy,
+                                    lim(ts), few_shot_prefix(shots), say)  # fmt: skip
         timings["baselines_s"] = time.perf_counter() - t
     finally:
         for task in tasks.values():
@@ -646,81 +619,45 @@ def few_shot_prefix(shots: list[tuple[str, str]]) -> str:
     return "".join(f"{p.rstrip()}\n{c.strip()}\n\n" for p, c in shots)
 
 
-def collect_rollouts(
+def collect_with_prefix(
     model: Any,
     task: Any,
     split: str,
     out_dir: Path,
-    k: int,
     params: Any,
     limit: int | None,
+    prefix: str,
     say: Any,
-    prefix: str = "",
-    chunk_prompts: int = 0,
 ) -> None:
-    """Sample k completions per prompt into a resumable rollouts folder, scored by the task."""
+    """One completion per prompt with `prefix` put before the prompt (the few-shot baseline).
+
+    `qprobe.collect` samples a task's own prompts; this is the same loop (resumable, one shard
+    per batch, scored by the task against the original prompt) for prompts with a prefix.
+    """
     from qprobe.rollouts import RolloutWriter
 
     rows = task.prompts(split, limit=limit)
-    meta = {
-        "task": task.name,
-        "split": split,
-        "k": k,
-        "sampling": params.to_dict(),
-        "prefix": prefix,
-        "_limit": limit,
-    }
+    meta = {"task": task.name, "split": split, "k": 1, "sampling": params.to_dict(),
+            "prefix": prefix, "model": getattr(model, "name", "")}  # fmt: skip
     w = RolloutWriter(out_dir, meta=meta, feature_spec=model.feature_spec)
-    todo = [r for r in rows if any((str(r["id"]), j) not in w.done for j in range(k))]
+    todo = [r for r in rows if (str(r["id"]), 0) not in w.done]
     if not todo:
-        say(f"{out_dir.name}: {len(rows)} prompts x {k} already collected")
+        say(f"{out_dir.name}: {len(rows)} prompts x 1 already collected")
         return
-    per = chunk_prompts or max(1, 64 // k)
-    t0, done = time.perf_counter(), 0
-    for i in range(0, len(todo), per):
-        chunk = todo[i : i + per]
-        samples = model.sample([prefix + r["prompt"] for r in chunk], k, params)
-        out_rows, feats = [], []
-        for r, group in zip(chunk, samples):
-            for j, smp in enumerate(group):
-                if (str(r["id"]), j) in w.done:
-                    continue
-                extra = {c: v for c, v in r.items() if c not in ("id", "prompt")}
-                out_rows.append(
-                    {
-                        "prompt_id": str(r["id"]),
-                        "sample_idx": j,
-                        "prompt": r["prompt"],
-                        "completion": smp.text,
-                        "finish_reason": smp.finish_reason,
-                        **{c: _plain(v) for c, v in extra.items()},
-                    }
-                )
-                feats.append(smp.feature)
-        cols = {
-            c: [row[c] for row in out_rows]
-            for c in out_rows[0]
-            if c not in ("prompt_id", "prompt", "completion", "sample_idx", "finish_reason")
-        }
-        rewards = task.reward(
-            [row["prompt"] for row in out_rows],
-            [row["completion"] for row in out_rows],
-            prompt_id=[row["prompt_id"] for row in out_rows],
-            **cols,
-        )
-        for row, rew in zip(out_rows, rewards):
-            row["reward"] = None if rew is None else float(rew)
-        w.append(out_rows, np.stack(feats) if model.feature_spec is not None else None)
-        done += len(chunk)
-        rate = done / (time.perf_counter() - t0)
-        say(
-            f"{out_dir.name}: {done}/{len(todo)} prompts x {k} ({rate:.2f} prompts/s, "
-            f"ETA {(len(todo) - done) / rate:.0f}s)"
-        )
-
-
-def _plain(v: Any) -> Any:
-    """Task columns as parquet-friendly values (nested structures as JSON text)."""
-    if isinstance(v, str | int | float | bool) or v is None:
-        return v
-    return json.dumps(v)
+    t0 = time.perf_counter()
+    for i in range(0, len(todo), 16):
+        chunk = todo[i : i + 16]
+        samples = model.sample([prefix + r["prompt"] for r in chunk], 1, params)
+        out_rows = [
+            {"prompt_id": str(r["id"]), "sample_idx": 0, "prompt": r["prompt"],
+             "completion": g[0].text, "finish_reason": g[0].finish_reason}
+            for r, g in zip(chunk, samples)
+        ]  # fmt: skip
+        columns = {c: [r.get(c) for r in chunk] for c in chunk[0] if c not in ("id", "prompt")}
+        rewards = task.reward([r["prompt"] for r in chunk], [o["completion"] for o in out_rows],
+                              prompt_id=[o["prompt_id"] for o in out_rows], **columns)  # fmt: skip
+        for o, rew in zip(out_rows, rewards):
+            o["reward"] = None if rew is None else float(rew)
+        feats = None if model.feature_spec is None else np.stack([g[0].feature for g in samples])
+        w.append(out_rows, feats)
+    say(f"{out_dir.name}: {len(todo)} prompts in {time.perf_counter() - t0:.0f}s")
