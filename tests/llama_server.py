@@ -121,15 +121,21 @@ class FaultProxy:
       "drop"  close the connection without answering;   (429, "7")  that status + Retry-After.
     reject_n: answer 400 to any request with n > 1 (a server that does not support n).
     delay_s: hold each forwarded request this long first (makes overlap observable).
+    gate: hold forwarded requests until `gate` of them are in flight at once (at most gate_s),
+      so a client that can run that many concurrently is seen doing so on a busy machine too.
     """
 
     def __init__(self, upstream: str, script: list | None = None, reject_n: bool = False,
-                 delay_s: float = 0.0, hang_s: float = 3.0) -> None:
+                 delay_s: float = 0.0, hang_s: float = 3.0, gate: int | None = None,
+                 gate_s: float = 10.0) -> None:
         self.upstream = upstream.rstrip("/")
         self.script = list(script or [])
         self.reject_n = reject_n
         self.delay_s = delay_s
         self.hang_s = hang_s
+        self.gate = gate
+        self.gate_s = gate_s
+        self.gate_open = threading.Event()
         self.lock = threading.Lock()
         self.seen: list[dict] = []  # {"path", "body", "auth", "action"} per request
         self.inflight = 0
@@ -142,7 +148,16 @@ class FaultProxy:
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
 
+            def _leave(self) -> None:
+                # Counted out *before* the answer is written: once the client has the answer it
+                # may send its next request, which must not overlap this one in the count.
+                if self._counted:
+                    self._counted = False
+                    with proxy.lock:
+                        proxy.inflight -= 1
+
             def _answer(self, status: int, payload: bytes, extra: dict | None = None) -> None:
+                self._leave()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -163,12 +178,17 @@ class FaultProxy:
                                        "auth": self.headers.get("Authorization")})
                     proxy.inflight += 1
                     proxy.max_inflight = max(proxy.max_inflight, proxy.inflight)
+                    if proxy.gate and proxy.inflight >= proxy.gate:
+                        proxy.gate_open.set()
+                self._counted = True
                 try:
                     if action == "hang":
                         time.sleep(proxy.hang_s)
+                        self._leave()
                         self.close_connection = True
                         return
                     if action == "drop":
+                        self._leave()
                         self.close_connection = True
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return
@@ -184,6 +204,8 @@ class FaultProxy:
                         self._answer(action, json.dumps({"error": f"injected {action}"}).encode(), extra)
                         return
                     time.sleep(proxy.delay_s)
+                    if proxy.gate:
+                        proxy.gate_open.wait(proxy.gate_s)
                     headers = {"Content-Type": "application/json"}
                     if self.headers.get("Authorization"):
                         headers["Authorization"] = self.headers["Authorization"]
@@ -196,8 +218,7 @@ class FaultProxy:
                         status, payload = e.code, e.read()
                     self._answer(status, payload)
                 finally:
-                    with proxy.lock:
-                        proxy.inflight -= 1
+                    self._leave()
 
             def do_GET(self) -> None:  # noqa: N802
                 self._handle("GET")

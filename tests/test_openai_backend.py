@@ -143,13 +143,15 @@ def test_stop_sequences_cut_the_text(proxy_factory):
     assert proxy.posts("/v1/completions")[-1]["body"]["stop"] == many[:4]
 
 
-@pytest.mark.parametrize("concurrency", [1, 2])
+@pytest.mark.parametrize("concurrency", [1, 3])
 def test_concurrency_is_bounded(proxy_factory, concurrency):
-    proxy = proxy_factory(delay_s=0.3)  # each request held 0.3 s so overlaps are seen
+    # concurrency 1: each request is held 0.3 s, a second one sent meanwhile would be counted;
+    # concurrency 3: requests are held until 3 are in flight, so the bound is also reached.
+    proxy = proxy_factory(delay_s=0.3) if concurrency == 1 else proxy_factory(gate=concurrency)
     be = backend(proxy.url, concurrency=concurrency, max_n=1)
-    out = be.sample(["a", "b", "c"], k=2, params=params(max_new_tokens=2))
-    assert [len(r) for r in out] == [2, 2, 2]
-    assert len(proxy.posts("/v1/completions")) == 6
+    out = be.sample(["a", "b", "c", "d"], k=2, params=params(max_new_tokens=2))
+    assert [len(r) for r in out] == [2, 2, 2, 2]
+    assert len(proxy.posts("/v1/completions")) == 8
     assert proxy.max_inflight == concurrency
 
 
@@ -271,6 +273,32 @@ def test_features_from_a_local_embedder(server):
     # each sample carries the feature of its own (prompt, completion) pair
     direct = emb.embed([p for p in prompts for _ in range(2)], [s.text for row in out for s in row])
     np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_collect_into_a_rollout_store_and_resume(server, proxy_factory, tmp_path):
+    """`collect` with the API backend writes a valid rollouts folder; a rerun sends nothing."""
+    import json
+
+    from qprobe.collect import CollectConfig, collect
+    from qprobe.rollouts import Rollouts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
+                               for i, p in enumerate(["Hello,", "One, two,", "Red, green,"])))
+    cfg = CollectConfig(out=str(tmp_path / "rollouts"), task=str(prompts), model=server.url,
+                        k=2, max_new_tokens=4, batch_prompts=2, progress=False)
+    proxy = proxy_factory()
+    be = backend(proxy.url, embedder="server", embedding_model=EMBED_ALIAS)
+    summary = collect(cfg, lm=be)
+    assert summary["rows"] == 6 and summary["new_rows"] == 6
+    r = Rollouts(cfg.out)
+    assert r.feature_spec.layer == -1 and r.features.shape == (6, 576)
+    assert sorted(zip(r.column("prompt_id"), r.column("sample_idx"))) == [
+        (f"p{i}", j) for i in range(3) for j in range(2)]
+    assert r.meta["model"] == MODEL_ALIAS and KEY not in json.dumps(r.meta)
+    sent = len(proxy.posts("/v1/completions"))
+    again = collect(cfg, lm=be)
+    assert again["new_rows"] == 0 and len(proxy.posts("/v1/completions")) == sent
 
 
 # ----------------------------------------------------------------------------- pure helpers

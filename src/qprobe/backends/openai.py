@@ -394,6 +394,11 @@ class OpenAIBackend(LanguageModel):
     def name(self) -> str:  # type: ignore[override]
         return self.model
 
+    @property
+    def chat(self) -> bool:
+        """True when prompts go to /v1/chat/completions as user messages (recorded in meta)."""
+        return self.config.endpoint == "chat"
+
     def describe(self) -> dict[str, Any]:
         """What to record in rollout meta: no key, only the name of its variable."""
         return {"backend": "openai", "base_url": self.base_url, "model": self.model,
