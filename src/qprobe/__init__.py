@@ -5,4 +5,12 @@ from qprobe.features import FeatureSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["FeatureSpec", "FeatureSpecMismatch", "QProbeError", "__version__"]
+__all__ = ["FeatureSpec", "FeatureSpecMismatch", "Probe", "QProbeError", "__version__"]
+
+
+def __getattr__(name: str):  # `from qprobe import Probe` without importing torch for `qprobe --help`
+    if name == "Probe":
+        from qprobe.probe import Probe
+
+        return Probe
+    raise AttributeError(f"module 'qprobe' has no attribute {name!r}")

@@ -26,8 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("q", "ce", "pg", "bt", "dpo")
-BASELINES = ("none", "mean", "prompt")
+from qprobe.train_config import BASELINES, OBJECTIVES
+
+__all__ = ["BASELINES", "OBJECTIVES", "bt_loss", "ce_loss", "dpo_loss", "dpo_margin", "pg_loss",
+           "q_loss"]
 
 
 def q_loss(scores: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:

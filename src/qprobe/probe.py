@@ -209,14 +209,16 @@ class Probe(nn.Module):
             raise QProbeError(f"{w_path}: standardisation statistics missing")
         known = {"format", "objective", "beta", "architecture", "feature_spec", "qprobe_version"}
         info = {k: v for k, v in cfg.items() if k not in known}
-        probe = cls(
-            dim, hidden, beta=beta, objective=objective, feature_spec=spec,
-            mean=tensors.get("mean") if std_on else None,
-            std=tensors.get("std") if std_on else None, info=info,
-        )
         try:
+            probe = cls(
+                dim, hidden, beta=beta, objective=objective, feature_spec=spec,
+                mean=tensors.get("mean") if std_on else None,
+                std=tensors.get("std") if std_on else None, info=info,
+            )
             probe.load_state_dict(tensors, strict=True)
-        except RuntimeError as e:
+        except QProbeError as e:
+            raise type(e)(f"{d}: {e}") from None
+        except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()
             raise QProbeError(f"{w_path}: weights do not match config.json ({first[-1].strip()})"
                               ) from None

@@ -15,16 +15,17 @@ rows, i.e. ~14,000 optimiser steps. On 100 prompts x 16 samples the same 150 epo
 - the output layer starts at zero (the policy starts as the base model's own sampling) and for
   q/ce the bias starts at the loss-optimal constant (mean reward / its logit), so no steps are
   spent learning the average;
-- `min_steps` (default 2000) raises the number of epochs until at least that many optimiser
+- `min_steps` (default 10,000) raises the number of epochs until at least that many optimiser
   steps are taken. With a validation split, early stopping keeps the best epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,6 @@ import torch
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
 from qprobe.objectives import (
-    BASELINES,
-    OBJECTIVES,
     bt_loss,
     ce_loss,
     dpo_loss,
@@ -42,70 +41,11 @@ from qprobe.objectives import (
     q_loss,
 )
 from qprobe.probe import Probe, fingerprint
+from qprobe.train_config import PAIR_OBJECTIVES, TrainConfig
 
-PAIR_OBJECTIVES = ("bt", "dpo")
+SMALL_PROBLEM = 1 << 23  # training matrix elements (x MLP width) below which one thread is used
 
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of probe training (paper defaults; see module docstring for small data)."""
-
-    objective: str = field(default="q", metadata={
-        "help": "training objective: q (MSE to reward), ce (BCE, reward in [0,1]), pg (policy "
-                "gradient in groups of one prompt), bt (Bradley-Terry on pairs), dpo (DPO on the "
-                "best-of-k policy, pairs + the prompt's other samples)",
-        "choices": OBJECTIVES})
-    beta: float = field(default=0.1, metadata={
-        "help": "selection temperature stored with the probe; pg and dpo also train with it"})
-    lr: float = field(default=5e-5, metadata={"help": "learning rate"})
-    batch_size: int = field(default=1000, metadata={
-        "help": "rows per batch (pg: batch_size // group_size whole groups; bt/dpo: "
-                "batch_size // 2 pairs / whole prompts of about batch_size rows)"})
-    epochs: int = field(default=150, metadata={"help": "passes over the training rows"})
-    min_steps: int = field(default=2000, metadata={
-        "help": "raise epochs until at least this many optimiser steps are taken (small data)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
-    optimizer: str = field(default="adam", metadata={
-        "help": "optimizer", "choices": ("adam", "adamw")})
-    group_size: int = field(default=10, metadata={
-        "help": "pg: samples of one prompt per softmax group (m; paper: 10)"})
-    baseline: str = field(default="none", metadata={
-        "help": "pg: reward baseline; constant per group, changes the loss value, not the "
-                "gradient", "choices": BASELINES})
-    hidden: tuple[int, ...] = field(default=(), metadata={
-        "help": "hidden layer sizes of an MLP probe, comma separated (empty: linear probe)"})
-    standardize: bool = field(default=True, metadata={
-        "help": "standardise features with mean/std of the training rows (stored in the probe)"})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation, split and order"})
-    val_fraction: float = field(default=0.0, metadata={
-        "help": "fraction of prompts held out for validation (0: none)"})
-    patience: int = field(default=0, metadata={
-        "help": "early stopping: epochs without validation improvement (0: never stop early; "
-                "the best validation epoch is kept whenever there is a validation split)"})
-
-    def validate(self) -> None:
-        """Raise QProbeError on a value the user must fix."""
-        checks = [
-            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
-            (self.optimizer in ("adam", "adamw"), "optimizer must be adam or adamw"),
-            (self.baseline in BASELINES, f"baseline must be one of {BASELINES}"),
-            (math.isfinite(self.beta) and self.beta >= 0, "beta must be >= 0"),
-            (self.beta > 0 or self.objective not in ("pg", "dpo"),
-             f"beta must be > 0 to train {self.objective} (softmax(Q/beta))"),
-            (math.isfinite(self.lr) and self.lr > 0, "lr must be > 0"),
-            (self.batch_size >= 2, "batch_size must be >= 2"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.min_steps >= 0, "min_steps must be >= 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.group_size >= 2, "group_size must be >= 2"),
-            (all(int(h) > 0 for h in self.hidden), "hidden sizes must be positive"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (self.patience >= 0, "patience must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise QProbeError(f"train config: {msg}")
-
+__all__ = ["PAIR_OBJECTIVES", "TrainConfig", "arrays_from_rollouts", "train_probe"]
 
 # --- batches ------------------------------------------------------------------------------------
 @dataclass
@@ -303,7 +243,69 @@ def _val_metric(cfg: TrainConfig, net: torch.nn.Module, x: torch.Tensor, b: _Bat
     return "val_loss", float(_batch_loss(cfg, scores, b)), False
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """Run with n torch threads. Small problems train faster on one: per-op thread
+    synchronisation costs more than the arithmetic, badly so on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- the trainer --------------------------------------------------------------------------------
+def _fit(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+         batches: list[_Batch], val: tuple[torch.Tensor, _Batch] | None,
+         rng: np.random.Generator, epochs: int, say: Callable[[str], None]
+         ) -> tuple[dict[str, Any], tuple[Any, float, int]]:
+    """The optimisation loop: epochs of shuffled batches, validation, early stopping."""
+    steps_per_epoch = len(batches)
+    history: dict[str, Any] = {"epoch": [], "loss": [], "val": [], "val_name": ""}
+    best = (None, -math.inf, 0)  # (state, value with 'higher is better' sign, epoch)
+    bad = 0
+    every = max(1, epochs // 10)
+    val_name = ""
+    for ep in range(1, epochs + 1):
+        total = torch.zeros(())
+        for i in rng.permutation(steps_per_epoch):
+            b = batches[i]
+            scores = net(x[b.start:b.end]).squeeze(-1)  # [B]
+            loss = _batch_loss(cfg, scores, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        ep_loss = float(total) / steps_per_epoch
+        if not math.isfinite(ep_loss):
+            raise QProbeError(f"train: loss became {ep_loss} at epoch {ep}; lower --lr")
+        history["epoch"].append(ep)
+        history["loss"].append(ep_loss)
+        line = f"epoch {ep}/{epochs} loss {ep_loss:.4f}"
+        if val is not None:
+            val_name, v, higher = _val_metric(cfg, net, *val)
+            history["val"].append(v)
+            signed = v if higher else -v
+            if signed > best[1]:
+                best = ({k: t.detach().clone() for k, t in net.state_dict().items()}, signed, ep)
+                bad = 0
+            else:
+                bad += 1
+            line += f" {val_name} {v:.4f}" + (" *" if best[2] == ep else "")
+        stop = cfg.patience > 0 and bad >= cfg.patience
+        if ep % every == 0 or ep == epochs or ep == 1 or stop:
+            say(line)
+        if stop:
+            say(f"early stop: no {val_name} improvement for {cfg.patience} epochs")
+            break
+    if best[0] is not None:
+        net.load_state_dict(best[0])
+        say(f"kept epoch {best[2]} ({val_name} {abs(best[1]):.4f})")
+    history["val_name"] = val_name
+    return history, best
+
+
 def train_probe(
     features: np.ndarray,
     rewards: np.ndarray | None = None,
@@ -421,47 +423,12 @@ def train_probe(
         f"{len(va_rows)} validation rows, dim {dim}, {steps_per_epoch} batches/epoch, "
         f"{epochs} epochs" + (f" (raised from {cfg.epochs} by min_steps {cfg.min_steps})"
                               if epochs > cfg.epochs else ""))
-    history: dict[str, Any] = {"epoch": [], "loss": [], "val": []}
-    best = (None, -math.inf, 0)  # (state, value with 'higher is better' sign, epoch)
-    bad = 0
-    every = max(1, epochs // 10)
-    val_name = ""
-    for ep in range(1, epochs + 1):
-        total = torch.zeros(())
-        for i in rng.permutation(steps_per_epoch):
-            b = batches[i]
-            scores = net(x[b.start:b.end]).squeeze(-1)  # [B]
-            loss = _batch_loss(cfg, scores, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
-        ep_loss = float(total) / steps_per_epoch
-        if not math.isfinite(ep_loss):
-            raise QProbeError(f"train: loss became {ep_loss} at epoch {ep}; lower --lr")
-        history["epoch"].append(ep)
-        history["loss"].append(ep_loss)
-        line = f"epoch {ep}/{epochs} loss {ep_loss:.4f}"
-        if val is not None:
-            val_name, v, higher = _val_metric(cfg, net, *val)
-            history["val"].append(v)
-            signed = v if higher else -v
-            if signed > best[1]:
-                best = ({k: t.detach().clone() for k, t in net.state_dict().items()}, signed, ep)
-                bad = 0
-            else:
-                bad += 1
-            line += f" {val_name} {v:.4f}" + (" *" if best[2] == ep else "")
-        stop = cfg.patience > 0 and bad >= cfg.patience
-        if ep % every == 0 or ep == epochs or ep == 1 or stop:
-            say(line)
-        if stop:
-            say(f"early stop: no {val_name} improvement for {cfg.patience} epochs")
-            break
-    if best[0] is not None:
-        net.load_state_dict(best[0])
-        say(f"kept epoch {best[2]} ({val_name} {abs(best[1]):.4f})")
+    small = x.numel() * (1 + sum(cfg.hidden)) < SMALL_PROBLEM
+    with _threads(1 if small else torch.get_num_threads()):
+        history, best = _fit(cfg, net, opt, x, batches, val, rng, epochs, say)
     seconds = time.perf_counter() - t0
+    steps_per_epoch = len(batches)
+
 
     if data_fingerprint is True:
         data_fingerprint = fingerprint(x_all, r if obj not in PAIR_OBJECTIVES else None,
@@ -481,7 +448,7 @@ def train_probe(
             "steps": int(history["epoch"][-1] * steps_per_epoch),
             "final_loss": history["loss"][-1],
             "best_epoch": best[2] or None,
-            (val_name or "val"): (abs(best[1]) if best[0] is not None else None),
+            (history["val_name"] or "val"): (abs(best[1]) if best[0] is not None else None),
             "seconds": round(seconds, 3),
         },
     }

@@ -1,0 +1,101 @@
+"""`qprobe train ROLLOUTS_DIR --objective {q,ce,pg,bt,dpo} --out PROBE_DIR [trainer flags]`.
+
+Reads a rollouts folder, trains a probe on its features and rewards (bt/dpo: its pairs.parquet)
+and writes the probe folder atomically. Every field of `qprobe.train.TrainConfig` is a flag
+(`--batch-size`, `--hidden 256,64`, `--no-standardize`, ...), generated from the dataclass so the
+CLI, the library and `qprobe run` YAML share one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    """'256,64' -> (256, 64); '' or 'none' -> () (linear probe)."""
+    text = text.strip()
+    if text.lower() in ("", "none", "linear"):
+        return ()
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
+                    ) -> None:
+    """Add one `--flag` per dataclass field of `cls`, with its help text, type and choices."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"dest": f.name, "default": default,
+                              "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
+        hint = hints[f.name]
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is tuple:
+            kw["type"], kw["metavar"] = _parse_ints, "N,N,..."
+        else:
+            kw["type"] = hint
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Build the dataclass `cls` from parsed arguments (fields missing from args keep defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def register(subparsers: Any) -> None:
+    from qprobe.train_config import TrainConfig  # torch-free: keeps `qprobe --help` fast
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a probe on a rollouts folder",
+        description="Train a Q-probe on the features and rewards (bt/dpo: preference pairs) of a "
+        "rollouts folder and write PROBE_DIR (probe.safetensors + config.json).",
+    )
+    p.add_argument("rollouts", metavar="ROLLOUTS_DIR", help="rollouts folder (qprobe-rollouts/1)")
+    p.add_argument("--out", required=True, metavar="PROBE_DIR", help="probe folder to write")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    add_config_args(p, TrainConfig)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qprobe.probe import fingerprint
+    from qprobe.rollouts import Rollouts
+    from qprobe.train import PAIR_OBJECTIVES, TrainConfig, arrays_from_rollouts, train_probe
+
+    cfg = config_from_args(TrainConfig, args)
+    cfg.validate()
+    r = Rollouts(args.rollouts)  # one-line QProbeError on a bad folder
+    data = arrays_from_rollouts(r, cfg.objective)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    fp = fingerprint(data["features"],
+                     None if cfg.objective in PAIR_OBJECTIVES else data["rewards"],
+                     data["prompt_ids"], data["pairs"])
+    probe, _ = train_probe(
+        data["features"], data["rewards"], data["groups"], data["pairs"], cfg,
+        feature_spec=data["feature_spec"], prompt_ids=data["prompt_ids"], log=log,
+        data_fingerprint=fp,
+    )
+    probe.info["training_data"]["rollouts"] = str(r.path)
+    out = probe.save(args.out)
+    m = probe.info["metrics"]
+    extra = "".join(f", {k} {v:.4f}" for k, v in m.items()
+                    if k.startswith("val") and isinstance(v, float))
+    print(f"wrote {out} (objective {cfg.objective}, {probe.info['training_data']['rows']} rows, "
+          f"{m['steps']} steps, loss {m['final_loss']:.4f}{extra}, {m['seconds']:.1f}s)",
+          file=sys.stdout, flush=True)
+    return 0

@@ -1,0 +1,78 @@
+"""The trainer's configuration, kept free of torch so that `qprobe --help` stays fast.
+
+`qprobe train` turns every field into a flag and `qprobe run` YAML uses the same names; the
+`help` metadata is the one description of each hyper-parameter. Defaults are the paper's; see
+`qprobe.train` for why they also work on small data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qprobe.errors import QProbeError
+
+OBJECTIVES = ("q", "ce", "pg", "bt", "dpo")
+BASELINES = ("none", "mean", "prompt")
+PAIR_OBJECTIVES = ("bt", "dpo")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of probe training (paper defaults; see module docstring for small data)."""
+
+    objective: str = field(default="q", metadata={
+        "help": "training objective: q (MSE to reward), ce (BCE, reward in [0,1]), pg (policy "
+                "gradient in groups of one prompt), bt (Bradley-Terry on pairs), dpo (DPO on the "
+                "best-of-k policy, pairs + the prompt's other samples)",
+        "choices": OBJECTIVES})
+    beta: float = field(default=0.1, metadata={
+        "help": "selection temperature stored with the probe; pg and dpo also train with it"})
+    lr: float = field(default=5e-5, metadata={"help": "learning rate"})
+    batch_size: int = field(default=1000, metadata={
+        "help": "rows per batch (pg: batch_size // group_size whole groups; bt/dpo: "
+                "batch_size // 2 pairs / whole prompts of about batch_size rows)"})
+    epochs: int = field(default=150, metadata={"help": "passes over the training rows"})
+    min_steps: int = field(default=10000, metadata={
+        "help": "raise epochs until at least this many optimiser steps are taken (small data)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
+    optimizer: str = field(default="adam", metadata={
+        "help": "optimizer", "choices": ("adam", "adamw")})
+    group_size: int = field(default=10, metadata={
+        "help": "pg: samples of one prompt per softmax group (m; paper: 10)"})
+    baseline: str = field(default="none", metadata={
+        "help": "pg: reward baseline; constant per group, changes the loss value, not the "
+                "gradient", "choices": BASELINES})
+    hidden: tuple[int, ...] = field(default=(), metadata={
+        "help": "hidden layer sizes of an MLP probe, comma separated (empty: linear probe)"})
+    standardize: bool = field(default=True, metadata={
+        "help": "standardise features with mean/std of the training rows (stored in the probe)"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, split and order"})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "fraction of prompts held out for validation (0: none)"})
+    patience: int = field(default=0, metadata={
+        "help": "early stopping: epochs without validation improvement (0: never stop early; "
+                "the best validation epoch is kept whenever there is a validation split)"})
+
+    def validate(self) -> None:
+        """Raise QProbeError on a value the user must fix."""
+        checks = [
+            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
+            (self.optimizer in ("adam", "adamw"), "optimizer must be adam or adamw"),
+            (self.baseline in BASELINES, f"baseline must be one of {BASELINES}"),
+            (math.isfinite(self.beta) and self.beta >= 0, "beta must be >= 0"),
+            (self.beta > 0 or self.objective not in ("pg", "dpo"),
+             f"beta must be > 0 to train {self.objective} (softmax(Q/beta))"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr must be > 0"),
+            (self.batch_size >= 2, "batch_size must be >= 2"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.min_steps >= 0, "min_steps must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.group_size >= 2, "group_size must be >= 2"),
+            (all(int(h) > 0 for h in self.hidden), "hidden sizes must be positive"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (self.patience >= 0, "patience must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise QProbeError(f"train config: {msg}")
