@@ -247,6 +247,7 @@ def test_features_from_server_embeddings(server):
     # the feature is the embedding of prompt + completion: recomputing it gives the same vector
     again = be.embed(["2 + 2 ="], [out[1][0].text])  # [1, 576]
     np.testing.assert_allclose(again[0], feats[2], rtol=1e-4, atol=1e-4)
+    assert be.embed([], []).shape == (0, 576) and be.sample([], k=2, params=params()) == []
     other = be.embed(["2 + 2 ="], [out[1][0].text + " and more words"])
     assert not np.allclose(other[0], feats[2], atol=1e-3)
     # mean pooling of the same per-token vectors is a different feature (and spec)

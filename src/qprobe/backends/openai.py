@@ -485,6 +485,8 @@ class OpenAIBackend(LanguageModel):
         """k completions for each prompt (result[i][j] = sample j of prompt i), with features."""
         if int(k) < 1:
             raise QProbeError(f"openai backend: k must be >= 1, got {k}")
+        if not prompts:
+            return []
         _ = self.model  # resolve the model name once, before the pool starts
         got: list[dict[int, Sample]] = [{} for _ in prompts]
         empty = [0] * len(prompts)
@@ -536,6 +538,8 @@ class OpenAIBackend(LanguageModel):
         if self.embedder is None:
             raise QProbeError("openai backend: no embedder configured (pass embedder=an Embedder "
                               "or 'server')")
+        if not prompts:
+            return np.zeros((0, self.feature_spec.dim), dtype=np.float32)
         if isinstance(self.embedder, Embedder):
             feats = np.asarray(self.embedder.embed(prompts, completions), dtype=np.float32)
         else:
