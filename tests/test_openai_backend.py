@@ -97,6 +97,11 @@ def test_completions_k_per_prompt_with_n_fallback(proxy_factory):
     assert len({p["body"]["seed"] for p in posts}) == 6
 
 
+def test_model_name_defaults_to_the_servers_first_model(server):
+    be = OpenAIBackend(server.url, api_key_env=KEY_ENV)
+    assert be.name == MODEL_ALIAS and be.describe()["model"] == MODEL_ALIAS
+
+
 def test_seeded_samples_reproduce(server):
     be = backend(server.url)
     prompts = ["Once upon a time"]
