@@ -7,13 +7,16 @@ Data are SYNTHETIC (random features with a planted reward direction, float16 as 
 rollouts): speed does not depend on what the numbers mean. Each run is one `train_probe` call with
 the paper's settings (Adam, lr 5e-5, batch 1000 rows / pg 100 prompts x 10 samples, 150 epochs,
 min_steps 0 so exactly 150 epochs run), timed end to end: layout + standardisation + training.
-The data fingerprint (sha256) is switched off; it is not training. The machine is shared, so run
-it more than once and quote the range; ratios within one run are the comparable numbers.
+Each cell runs in float32 (default) and with `precision="float16"` (half-precision features,
+float32 accumulation and optimiser). The data fingerprint (sha256) is switched off; it is not
+training. The machine is shared, so run it more than once and quote the range; ratios within one
+run are the comparable numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -49,22 +52,30 @@ def main() -> None:
     rows = args.prompts * args.samples
     print(f"# {args.prompts} prompts x {args.samples} samples = {rows} rows, {args.epochs} epochs,"
           f" synthetic float16 features; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'dim':>5} {'objective':>9} {'seconds':>8} {'rows*epochs/s':>14} {'x q':>6}")
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+    print(f"{'dim':>5} {'objective':>9} {'fp32 s':>7} {'rows*ep/s':>10} {'fp16 s':>7} "
+          f"{'rows*ep/s':>10} {'fp32/fp16':>9} {'fp32 / q fp32':>13}")
+    warm = synthetic(8, 4, 16)  # first optimiser/autograd use loads lazy modules: not training
+    train_probe(*warm[:3], None, TrainConfig(epochs=1, min_steps=0), data_fingerprint=False)
     for dim in args.dims:
         x, r, g, pairs = synthetic(args.prompts, args.samples, dim)
         base = None
         for obj in args.objectives:
-            cfg = TrainConfig(objective=obj, epochs=args.epochs, min_steps=0)
-            best = float("inf")
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                train_probe(x, r, g, pairs if obj in ("bt", "dpo") else None, cfg,
-                            data_fingerprint=False)
-                best = min(best, time.perf_counter() - t)
-            base = best if base is None else base
-            print(f"{dim:>5} {obj:>9} {best:>8.2f} {rows * args.epochs / best:>14,.0f} "
-                  f"{best / base:>6.2f}", flush=True)
+            sec = {}
+            for precision in ("float32", "float16"):
+                cfg = TrainConfig(objective=obj, epochs=args.epochs, min_steps=0,
+                                  precision=precision)
+                best = float("inf")
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    train_probe(x, r, g, pairs if obj in ("bt", "dpo") else None, cfg,
+                                data_fingerprint=False)
+                    best = min(best, time.perf_counter() - t)
+                sec[precision] = best
+            base = sec["float32"] if base is None else base
+            a, b = sec["float32"], sec["float16"]
+            print(f"{dim:>5} {obj:>9} {a:>7.2f} {rows * args.epochs / a:>10,.0f} {b:>7.2f} "
+                  f"{rows * args.epochs / b:>10,.0f} {a / b:>9.2f} {a / base:>13.2f}", flush=True)
 
 
 if __name__ == "__main__":

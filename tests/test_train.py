@@ -140,3 +140,18 @@ def test_user_errors_are_one_line_qprobe_errors(planted):
     with pytest.raises(QProbeError, match="use --objective bt"):
         train_probe(tr.features[two], None, tr.groups[two], pairs,
                     TrainConfig(objective="dpo"), data_fingerprint=False)
+
+
+@pytest.mark.parametrize("objective", ["q", "pg", "dpo"])
+def test_float16_precision_trains_the_same_probe_up_to_rounding(planted, objective):
+    tr, te = planted
+    pairs = tr.pairs(4, np.random.default_rng(0)) if objective == "dpo" else None
+    probes = {}
+    for precision in ("float32", "float16"):
+        probes[precision], _ = train_probe(
+            tr.features, tr.rewards, tr.groups, pairs,
+            TrainConfig(objective=objective, precision=precision, **FAST), data_fingerprint=False)
+    w32, w16 = (probes[p].net[0].weight.detach().numpy()[0] for p in ("float32", "float16"))
+    assert np.linalg.norm(w16 - w32) < 0.05 * np.linalg.norm(w32)
+    s32 = selection_reward(probes["float32"].score(te.features), te)
+    assert abs(selection_reward(probes["float16"].score(te.features), te) - s32) < 0.02

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
@@ -58,6 +59,7 @@ class _Batch:
     index: torch.Tensor | None = None  # pg: [G, m] local rows (-1 pad); dpo: [P, n] others
     baseline: torch.Tensor | None = None  # pg: [G]
     chosen: torch.Tensor | None = None  # dpo: [P] local rows
+    xt: torch.Tensor | None = None  # precision float16: the batch's features transposed [D, B]
     rejected: torch.Tensor | None = None  # dpo: [P] local rows
 
 
@@ -195,16 +197,20 @@ def _batch_loss(cfg: TrainConfig, scores: torch.Tensor, b: _Batch) -> torch.Tens
 
 
 def _standardised(features: np.ndarray, order: np.ndarray, mean: np.ndarray | None,
-                  std: np.ndarray | None, chunk: int = 256) -> torch.Tensor:
-    """features[order] as one float32 tensor [L, D], standardised; built in cache-sized chunks."""
-    out = torch.empty((len(order), features.shape[1]), dtype=torch.float32)  # [L, D]
+                  std: np.ndarray | None, dtype: torch.dtype = torch.float32, chunk: int = 256
+                  ) -> torch.Tensor:
+    """features[order] as one tensor [L, D] of `dtype`, standardised in float32, built in
+    cache-sized chunks."""
+    out = torch.empty((len(order), features.shape[1]), dtype=dtype)  # [L, D]
+    buf = torch.empty((chunk, features.shape[1]), dtype=torch.float32)
     mu = None if mean is None else torch.from_numpy(mean)
     inv_sd = None if std is None else torch.from_numpy(1.0 / std)
     for i in range(0, len(order), chunk):
-        part = out[i:i + chunk]
+        part = buf[: len(order[i:i + chunk])]
         part.copy_(torch.from_numpy(np.ascontiguousarray(features[order[i:i + chunk]])))
         if mu is not None:
             part.sub_(mu).mul_(inv_sd)
+        out[i:i + len(part)] = part
     return out
 
 
@@ -262,14 +268,26 @@ def _linear_step(cfg: TrainConfig, layer: torch.nn.Linear, xb: torch.Tensor, b: 
     Autograd only runs on the score vector; the gradient of the weights is X^T dL/ds. Same maths
     as `loss.backward()`, but reads the batch twice instead of going through a general matmul
     (a [B, D] x [D, 1] GEMM is several times slower than a GEMV on CPU).
+    float16 (`precision`): xb is half precision and b.xt its transposed copy; the products run
+    as half-precision GEMVs with float32 accumulation, on vectors scaled to their max so that
+    small weights and gradients do not underflow.
     """
     w, bias = layer.weight, layer.bias  # [1, D], [1]
+    half = xb.dtype == torch.float16
     with torch.no_grad():
-        scores = torch.mv(xb, w[0]) + bias  # [B]
+        if half:
+            ws = w.abs().max().clamp_min(1e-30)
+            scores = F.linear(xb, (w / ws).half()).squeeze(-1).float() * ws + bias  # [B]
+        else:
+            scores = torch.mv(xb, w[0]) + bias  # [B]
     scores.requires_grad_(True)
     loss = _batch_loss(cfg, scores, b)
     (ds,) = torch.autograd.grad(loss, scores)  # [B]
-    w.grad = torch.mv(xb.t(), ds).unsqueeze(0)  # [1, D]
+    if half:
+        gs = ds.abs().max().clamp_min(1e-30)
+        w.grad = F.linear((ds / gs).half()[None], b.xt).float() * gs  # [1, D]
+    else:
+        w.grad = torch.mv(xb.t(), ds).unsqueeze(0)  # [1, D]
     bias.grad = ds.sum().reshape(1)
     return loss
 
@@ -417,7 +435,11 @@ def train_probe(
         if lonely:
             say(f"warning: dpo: {lonely} of {total} pairs have no other sample of their prompt "
                 "and carry no signal")
-    x = _standardised(x_all, order, mean, std)  # [L, D] float32
+    half = cfg.precision == "float16" and not cfg.hidden
+    x = _standardised(x_all, order, mean, std, torch.float16 if half else torch.float32)  # [L, D]
+    if half:
+        for b in batches:
+            b.xt = x[b.start:b.end].t().contiguous()  # [D, B]
     val = None
     if len(va_rows):
         v_order, v_batches = _layout(cfg, va_rows, r, groups, pairs, np.random.default_rng(0),

@@ -47,6 +47,12 @@ class TrainConfig:
         "help": "hidden layer sizes of an MLP probe, comma separated (empty: linear probe)"})
     standardize: bool = field(default=True, metadata={
         "help": "standardise features with mean/std of the training rows (stored in the probe)"})
+    precision: str = field(default="float32", metadata={
+        "help": "linear probes: float16 keeps the standardised training features in half "
+                "precision (float32 accumulation, float32 weights and optimiser): half the memory "
+                "traffic, about 2x faster on CPU, ~3e-4 relative rounding in scores and "
+                "gradients. MLP probes always train in float32",
+        "choices": ("float32", "float16")})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, split and order"})
     val_fraction: float = field(default=0.0, metadata={
         "help": "fraction of prompts held out for validation (0: none)"})
@@ -59,6 +65,7 @@ class TrainConfig:
         checks = [
             (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
             (self.optimizer in ("adam", "adamw"), "optimizer must be adam or adamw"),
+            (self.precision in ("float32", "float16"), "precision must be float32 or float16"),
             (self.baseline in BASELINES, f"baseline must be one of {BASELINES}"),
             (math.isfinite(self.beta) and self.beta >= 0, "beta must be >= 0"),
             (self.beta > 0 or self.objective not in ("pg", "dpo"),
