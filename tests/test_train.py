@@ -133,6 +133,13 @@ def test_user_errors_are_one_line_qprobe_errors(planted):
         with pytest.raises(QProbeError, match=msg) as e:
             train_probe(**args, **kw, data_fingerprint=False)
         assert "\n" not in str(e.value)
+    same = np.array([[0, 0]])
+    with pytest.raises(QProbeError, match="same sample"):
+        train_probe(tr.features, None, tr.groups, same, TrainConfig(objective="bt"),
+                    data_fingerprint=False)
+    with pytest.raises(QProbeError, match="mixes two prompts"):
+        train_probe(tr.features, None, tr.groups, np.array([[0, 16]]),
+                    TrainConfig(objective="bt"), data_fingerprint=False)
     # dpo on pairs only (no other sample of the prompt) has no signal: say so
     two = np.flatnonzero(tr.groups < 10)
     two = two[np.isin(two % 16, [0, 1])]  # 2 samples per prompt

@@ -393,6 +393,8 @@ def train_probe(
             raise QProbeError("train: pair row index out of range")
         if (groups[pairs[:, 0]] != groups[pairs[:, 1]]).any():
             raise QProbeError("train: a preference pair mixes two prompts")
+        if (pairs[:, 0] == pairs[:, 1]).any():
+            raise QProbeError("train: a preference pair has the same sample as chosen and rejected")
         usable = np.ones(n, dtype=bool)
     else:
         usable = np.isfinite(r)
