@@ -132,6 +132,13 @@ def test_config_errors(tmp_path) -> None:
     assert main(["run", str(bad)]) == 2
     with pytest.raises(QProbeError, match="invalid YAML"):
         load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("train: {task: mbpp}\ntest: [{task: mbpp, split: test}]\n")
+    cfg = load_config(good, ["sampling.k=4", "eval.ks=[1, 2]", "probes.seeds=[5]"])
+    assert cfg.name == "good" and cfg.sampling.k == 4 and cfg.probes.seeds == [5]
+    assert cfg.eval.ks == [1, 2, 4]  # the headline k = sampling.k is always evaluated
+    with pytest.raises(QProbeError, match="KEY=VALUE"):
+        load_config(good, ["sampling.k"])
 
 
 def test_shipped_experiment_files_parse(capsys) -> None:

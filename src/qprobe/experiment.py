@@ -257,8 +257,30 @@ def config_from_dict(d: dict[str, Any], where: str = "experiment") -> Experiment
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> ExperimentConfig:
-    """Read an experiment YAML file."""
+def apply_overrides(d: dict[str, Any], sets: list[str], where: str = "--set") -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to a config dict, in place."""
+    import yaml
+
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise QProbeError(f"{where}: expected KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise QProbeError(f"{where}: cannot parse the value of {item!r}") from None
+        node = d
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise QProbeError(f"{where}: {key!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return d
+
+
+def load_config(path: str | os.PathLike, sets: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML file; `sets` are `dotted.key=value` overrides."""
     import yaml
 
     p = Path(path)
@@ -271,6 +293,7 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
     if not isinstance(d, dict):
         raise QProbeError(f"{p}: expected a mapping at the top level")
     d.setdefault("name", p.stem)
+    apply_overrides(d, sets or [])
     return config_from_dict(d, str(p))
 
 

@@ -22,6 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cap every prompt set at N prompts (a quick smoke run)",
     )
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set sampling.k=4 --set eval.ks=[1,2,4]",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="only parse and validate the file, print the resolved config",
@@ -35,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from qprobe.errors import QProbeError
     from qprobe.experiment import load_config, run_experiment
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     if args.out:
         cfg.out = args.out
     if args.limit is not None and args.limit < 1:
