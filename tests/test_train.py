@@ -133,6 +133,10 @@ def test_user_errors_are_one_line_qprobe_errors(planted):
         with pytest.raises(QProbeError, match=msg) as e:
             train_probe(**args, **kw, data_fingerprint=False)
         assert "\n" not in str(e.value)
+    nan = tr.features.copy()
+    nan[7, 3] = np.nan
+    with pytest.raises(QProbeError, match="NaN"):
+        train_probe(nan, tr.rewards, tr.groups, config=TrainConfig(**FAST), data_fingerprint=False)
     same = np.array([[0, 0]])
     with pytest.raises(QProbeError, match="same sample"):
         train_probe(tr.features, None, tr.groups, same, TrainConfig(objective="bt"),

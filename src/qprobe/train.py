@@ -208,6 +208,8 @@ def _standardised(features: np.ndarray, order: np.ndarray, mean: np.ndarray | No
     for i in range(0, len(order), chunk):
         part = buf[: len(order[i:i + chunk])]
         part.copy_(torch.from_numpy(np.ascontiguousarray(features[order[i:i + chunk]])))
+        if not torch.isfinite(part).all():
+            raise QProbeError("train: features contain NaN or inf")
         if mu is not None:
             part.sub_(mu).mul_(inv_sd)
         out[i:i + len(part)] = part
@@ -476,8 +478,6 @@ def train_probe(
     with _threads(1 if small else torch.get_num_threads()):
         history, best = _fit(cfg, net, opt, x, batches, val, rng, epochs, say)
     seconds = time.perf_counter() - t0
-    steps_per_epoch = len(batches)
-
 
     if data_fingerprint is True:
         data_fingerprint = fingerprint(x_all, r if obj not in PAIR_OBJECTIVES else None,
