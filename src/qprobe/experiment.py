@@ -18,9 +18,7 @@ refused with the key's path. See experiments/*.yaml and docs/evaluation.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,24 +297,6 @@ def load_config(path: str | os.PathLike, sets: list[str] | None = None) -> Exper
 
 # --------------------------------------------------------------------------------------------
 # running
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)  # type: ignore[arg-type]
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 class Log:
