@@ -367,6 +367,9 @@ class OpenAIBackend(LanguageModel):
         self._spec: FeatureSpec | None = None
         self._lock = threading.Lock()
         self.requests_sent = 0  # completion requests (for progress reports and tests)
+        # Tokens generated, as the server's `usage` reports them (Sample.token_ids stays empty:
+        # APIs return text, not token ids), for tokens/s in progress reports.
+        self.completion_tokens = 0
 
     def __repr__(self) -> str:
         emb = self.embedder if isinstance(self.embedder, (str, type(None))) else type(self.embedder).__name__
@@ -458,6 +461,10 @@ class OpenAIBackend(LanguageModel):
         choices = out.get("choices") if isinstance(out, dict) else None
         if not isinstance(choices, list):
             raise QProbeError(f"POST {self.base_url}{path}: answer has no 'choices' list")
+        usage = out.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            with self._lock:
+                self.completion_tokens += usage["completion_tokens"]
         choices = sorted(choices, key=lambda ch: ch.get("index", 0) if isinstance(ch, dict) else 0)
         samples = []
         for ch in choices[:n]:
