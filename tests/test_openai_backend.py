@@ -91,7 +91,7 @@ def test_completions_k_per_prompt_with_n_fallback(proxy_factory):
     # cap and asks for the remaining 2 samples of each prompt one request at a time.
     assert sorted(p["body"]["n"] for p in posts) == [1, 1, 1, 1, 3, 3]
     assert be.requests_sent == 6
-    assert 6 <= be.completion_tokens <= 6 * 6  # the server's usage counts, max_tokens=6 each
+    assert 0 < be.completion_tokens <= 6 * 6  # the server's usage counts, max_tokens=6 each
     assert all(p["auth"] == f"Bearer {KEY}" for p in proxy.seen)
     assert {p["body"]["max_tokens"] for p in posts} == {6}
     # every sample of a prompt came from its own seed
