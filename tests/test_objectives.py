@@ -41,7 +41,7 @@ def test_pg_loss_is_negative_expected_reward_of_the_group_softmax():
         ok = torch.isfinite(s[gi])
         p = torch.softmax(s[gi][ok].detach() / beta, 0)
         want -= float((p * r[gi][ok]).sum())
-    assert math.isclose(float(pg_loss(s, r, beta)), want / s.shape[0], rel_tol=1e-12)
+    assert math.isclose(float(pg_loss(s.detach(), r, beta)), want / s.shape[0], rel_tol=1e-12)
 
 
 def test_pg_gradient_matches_finite_differences():
@@ -75,7 +75,7 @@ def test_pg_baseline_constant_in_group_changes_loss_not_gradient():
         loss = pg_loss(s, r, beta, baseline=b)
         (g,) = torch.autograd.grad(loss, s)
         grads.append(g)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-15)
     torch.testing.assert_close(grads[0], grads[2], rtol=0, atol=1e-15)
     # the loss value shifts by exactly the mean baseline
@@ -147,7 +147,7 @@ def test_dpo_tends_to_bt_when_the_other_samples_dominate():
         others = torch.full((len(c), 8), shift, dtype=torch.float64)
         d = dpo_loss(c, r, others, beta)
         (g_d,) = torch.autograd.grad(d, c)
-        gaps.append((abs(float(d) - float(bt)), float((g_d - g_bt).abs().max())))
+        gaps.append((abs(float(d.detach()) - float(bt.detach())), float((g_d - g_bt).abs().max())))
     assert all(a[0] > b[0] and a[1] > b[1] for a, b in zip(gaps, gaps[1:]))
     assert gaps[-1][0] < 1e-6 and gaps[-1][1] < 1e-6
 

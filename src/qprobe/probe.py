@@ -124,7 +124,8 @@ class Probe(nn.Module):
         self.eval()
         out = np.empty(len(x), dtype=np.float32)  # [N]
         for i in range(0, len(x), SCORE_CHUNK):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[i : i + SCORE_CHUNK])).float()
+            chunk = torch.tensor(x[i : i + SCORE_CHUNK], dtype=torch.float32)  # copy: x may be
+            # a read-only memory map
             out[i : i + len(chunk)] = self(chunk).numpy()
         self.train(was_training)
         if not np.isfinite(out).all():
