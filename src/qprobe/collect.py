@@ -36,7 +36,7 @@ class CollectConfig:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     seed: int = field(default=0, metadata={"help": "Seed; each (prompt, sample) is seeded."})
     batch_prompts: int | None = field(
-        default=None, metadata={"help": "Prompts per batch and shard (default: 64 // k, >= 1)."}
+        default=None, metadata={"help": "Prompts per batch and shard (default: 128 // k, >= 1)."}
     )
     chat: bool | None = field(
         default=None, metadata={"help": "Wrap prompts in the chat template (default: if the model has one)."}
@@ -120,7 +120,7 @@ def collect(cfg: CollectConfig, lm=None) -> dict[str, Any]:
         rows = task.prompts(split, limit=cfg.limit)
         if not rows:
             raise QProbeError(f"collect: task {cfg.task} split {split} has no prompts")
-        per_batch = cfg.batch_prompts or max(1, 64 // cfg.k)
+        per_batch = cfg.batch_prompts or max(1, 128 // cfg.k)
         if lm is None:
             lm = load_model(cfg.model, layer=cfg.layer, position=cfg.position, device=cfg.device,
                             chat=cfg.chat, feature_dtype=cfg.feature_dtype,

@@ -112,7 +112,7 @@ class HFLanguageModel(LanguageModel):
 
     def __init__(self, model, tokenizer, *, identity: str, layer: int | None = None,
                  position: str = "last", chat: bool | None = None, features: bool = True,
-                 feature_dtype: str = "float16", max_batch_rows: int = 64) -> None:
+                 feature_dtype: str = "float16", max_batch_rows: int = 128) -> None:
         if not decode.supports(model):
             raise QProbeError(
                 f"model: architecture {getattr(model.config, 'model_type', '?')!r} is not supported "
