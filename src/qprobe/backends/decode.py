@@ -123,11 +123,10 @@ class FastDecoder:
         n, t, _ = x.shape
         h = F.rms_norm(x, (self.dim,), lyr.ln1, self.eps)
         qkv = F.linear(h, lyr.wqkv, lyr.bqkv)  # [N, T, (H + 2 Hkv) hd]
-        q, k, v = qkv.split([self.h * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
-        q = q.view(n, t, self.h, self.hd).transpose(1, 2)
-        k = k.view(n, t, self.hkv, self.hd).transpose(1, 2)
-        v = v.view(n, t, self.hkv, self.hd).transpose(1, 2)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        qk, v = qkv.split([(self.h + self.hkv) * self.hd, self.hkv * self.hd], dim=-1)
+        qk = _rotate(qk.view(n, t, self.h + self.hkv, self.hd).transpose(1, 2), cos, sin)
+        q, k = qk.split([self.h, self.hkv], dim=1)  # one rotary pass for q and k
+        return q, k, v.view(n, t, self.hkv, self.hd).transpose(1, 2)
 
     def _mlp(self, lyr: _Layer, x: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(x, (self.dim,), lyr.ln2, self.eps)
@@ -194,13 +193,14 @@ class FastDecoder:
             gv[:, :, s] = vv[:, :, 0]
             pk, pv = prompt_cache[i]  # [P, Hkv, T0, hd]
             t0 = pk.shape[2]
+            q = q * self.scale
             # Prompt part: all k rows of a prompt against its one cache.
             qp = q.view(p, k, self.hkv, g, self.hd).transpose(1, 2).reshape(p, self.hkv, k * g, self.hd)
-            sp = torch.matmul(qp, pk.transpose(-1, -2)) * self.scale + prompt_bias  # [P, Hkv, kG, T0]
+            sp = torch.matmul(qp, pk.transpose(-1, -2)) + prompt_bias  # [P, Hkv, kG, T0]
             sp = sp.view(p, self.hkv, k, g, t0).transpose(1, 2).reshape(b, self.hkv, g, t0)
             # Generated part: each row against its own tokens 0..s.
             qg = q.view(b, self.hkv, g, self.hd)
-            sg = torch.matmul(qg, gk[:, :, : s + 1].transpose(-1, -2)) * self.scale  # [B, Hkv, G, s+1]
+            sg = torch.matmul(qg, gk[:, :, : s + 1].transpose(-1, -2))  # [B, Hkv, G, s+1]
             pr = torch.softmax(torch.cat([sp, sg], dim=-1), dim=-1)
             pp, pg = pr.split([t0, s + 1], dim=-1)
             pp = pp.reshape(p, k, self.hkv, g, t0).transpose(1, 2).reshape(p, self.hkv, k * g, t0)
