@@ -118,7 +118,7 @@ def test_kill_mid_collect_then_resume(tiny, tmp_path):
     task = _prompts(tmp_path / "p.jsonl", 30)
     out, ref = tmp_path / "out", tmp_path / "ref"
     args = _args(tiny, task, out, "--batch-prompts", "1", "--max-new-tokens", "24")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "qprobe", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
