@@ -134,3 +134,23 @@ def test_kill_mid_collect_then_resume(tiny, tmp_path):
     assert len(t["keys"]) == len(set(t["keys"])) == 90
     assert main(_args(tiny, task, ref, "--batch-prompts", "1", "--max-new-tokens", "24")) == 0
     assert _by_key(_table(ref)) == _by_key(t)
+
+
+@pytest.mark.slow
+def test_collect_from_openai_compatible_server(tmp_path, monkeypatch):
+    """--model http://... samples on a real llama.cpp server; features from a local embedder."""
+    from llama_server import LlamaServer  # llama-cpp-python: requirements-test.txt
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-collect")
+    server = LlamaServer(tmp_path / "llama", api_key="sk-test-collect")
+    try:
+        task = _prompts(tmp_path / "p.jsonl", 2)
+        out = tmp_path / "out"
+        assert main(["collect", "--model", server.url, "--embedder", "default", "--task", str(task),
+                     "--out", str(out), "--k", "2", "--max-new-tokens", "8", "--no-progress"]) == 0
+    finally:
+        server.stop()
+    r = Rollouts(out)
+    assert len(r) == 4 and r.features.shape == (4, 576)
+    assert r.feature_spec.model == "SmolLM2-135M-Instruct.Q4_1.gguf"  # no chat template
+    assert r.meta["backend"] == "OpenAIBackend"

@@ -43,6 +43,11 @@ class CollectConfig:
     )
     data: str | None = field(default=None, metadata={"help": "Local data folder for the task."})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if any)."})
+    embedder: str | None = field(
+        default=None,
+        metadata={"help": "For an http(s):// --model: local model computing the features, or "
+                  "'server' for the server's /v1/embeddings (default: no features)."},
+    )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
 
 
@@ -121,7 +126,19 @@ def collect(cfg: CollectConfig, lm=None) -> dict[str, Any]:
         if not rows:
             raise QProbeError(f"collect: task {cfg.task} split {split} has no prompts")
         per_batch = cfg.batch_prompts or max(1, 128 // cfg.k)
-        if lm is None:
+        if lm is None and str(cfg.model).startswith(("http://", "https://")):
+            emb = cfg.embedder
+            if emb and emb != "server":
+                from qprobe.backends import load_embedder
+
+                # The server gets the raw prompt (/v1/completions): no chat template by default.
+                emb = load_embedder(emb, layer=cfg.layer, position=cfg.position, device=cfg.device,
+                                    chat=bool(cfg.chat), feature_dtype=cfg.feature_dtype)
+            lm = load_model(cfg.model, embedder=emb)
+        elif lm is None:
+            if cfg.embedder:
+                raise QProbeError("collect: --embedder is for http(s):// models; a local model "
+                                  "computes its own features")
             lm = load_model(cfg.model, layer=cfg.layer, position=cfg.position, device=cfg.device,
                             chat=cfg.chat, feature_dtype=cfg.feature_dtype,
                             max_batch_rows=per_batch * cfg.k)

@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=_HELP["chat"])
     p.add_argument("--data", default=None, help=_HELP["data"])
     p.add_argument("--device", default=None, help=_HELP["device"])
+    p.add_argument("--embedder", default=None, help=_HELP["embedder"])
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     p.set_defaults(func=run)
 
