@@ -15,7 +15,7 @@ from tiny_lm import build_model, build_tokenizer
 PROMPTS = ["def add(a, b):", "hello there, how", "x"]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])  # gpt2: GenericDecoder
 def lm(request):
     torch.set_num_threads(1)
     return HFLanguageModel(build_model(request.param), build_tokenizer(), identity="tiny",
@@ -121,6 +121,23 @@ def test_eos_ends_a_completion():
     assert s.text == "" and s.token_ids == [] and s.finish_reason == "stop"
     emb = lm.embedder().embed(["abc"], [""])
     np.testing.assert_allclose(s.feature.astype(np.float32), emb[0], rtol=1e-2, atol=1e-2)
+
+
+def test_generic_decoder_matches_fast_decoder():
+    """The transformers-forward fallback and qprobe's own forward give the same samples."""
+    from qprobe.backends.decode import FastDecoder, GenericDecoder
+
+    torch.set_num_threads(1)
+    model, tok = build_model("llama", seed=2), build_tokenizer()
+    fast = HFLanguageModel(model, tok, identity="t", layer=1, chat=False, feature_dtype="float32")
+    slow = HFLanguageModel(model, tok, identity="t", layer=1, chat=False, feature_dtype="float32")
+    slow._dec = GenericDecoder(model)
+    assert isinstance(fast._dec, FastDecoder)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3, stop=["e"])
+    a, b = fast.sample(PROMPTS, 4, params), slow.sample(PROMPTS, 4, params)
+    assert [s.token_ids for g in a for s in g] == [s.token_ids for g in b for s in g]
+    np.testing.assert_allclose(np.stack([s.feature for g in a for s in g]),
+                               np.stack([s.feature for g in b for s in g]), rtol=1e-4, atol=1e-4)
 
 
 def test_sample_tokens_matches_nucleus_distribution():

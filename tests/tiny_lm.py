@@ -40,6 +40,16 @@ def build_model(kind: str = "llama", seed: int = 0, vocab: int | None = None, la
     )
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif kind == "gpt2":  # not Llama-family: runs through GenericDecoder
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=n_vocab, n_embd=64, n_layer=layers, n_head=4, n_positions=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False))
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(10.0)
+            model.lm_head.weight.mul_(10.0)
+        return model.eval()
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     # Random init gives near-uniform next-token distributions; sharpen them (x10) so that

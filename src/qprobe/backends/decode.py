@@ -1,5 +1,7 @@
 """A fast k-sample decode loop for Llama-family decoders (Llama, Mistral, Qwen2), with features.
 
+(Other transformers architectures run the same loop through `GenericDecoder`, slower.)
+
 Why not `model.generate`: for best-of-k sampling it prefills every prompt k times, grows its
 KV cache by concatenation, sorts the whole vocabulary for top-p at every step, and (with
 `output_hidden_states`) keeps every layer's hidden state at every step. Here instead:
@@ -168,19 +170,46 @@ class FastDecoder:
             if i == layer:
                 feat = x[:, -1].float()
         h = F.rms_norm(x[:, -1], (self.dim,), self.norm, self.eps)
-        return F.linear(h, self.lm_head).float(), feat, cache
+        bias = torch.zeros(p, 1, 1, t0, dtype=self.dtype, device=ids.device)
+        bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        state = {"prompt": cache, "bias": bias, "gen": None}
+        return F.linear(h, self.lm_head).float(), feat, state
+
+    def select(self, state: dict, keep_g: torch.Tensor, keep_r: torch.Tensor, s: int) -> dict:
+        """Keep prompt groups keep_g (rows keep_r) of the state; steps 0..s-1 are filled."""
+        gen = None if state["gen"] is None else []
+        for gk, gv in state["gen"] or []:
+            nk = torch.empty(len(keep_r), *gk.shape[1:], dtype=gk.dtype, device=gk.device)
+            nv = torch.empty_like(nk)
+            nk[:, :, :s] = gk.index_select(0, keep_r)[:, :, :s]
+            nv[:, :, :s] = gv.index_select(0, keep_r)[:, :, :s]
+            gen.append((nk, nv))
+        return {
+            "prompt": [(pk.index_select(0, keep_g), pv.index_select(0, keep_g))
+                       for pk, pv in state["prompt"]],
+            "bias": state["bias"].index_select(0, keep_g),
+            "gen": gen,
+        }
 
     # -- one decode step ----------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, tok: torch.Tensor, pos: torch.Tensor, s: int, prompt_cache, prompt_bias,
-             gen_cache, k: int, layer: int, logits: bool = True):
+    def step(self, state: dict, tok: torch.Tensor, pos: torch.Tensor, s: int, k: int, layer: int,
+             n_steps: int, logits: bool = True):
         """Feed token s of every row.
 
-        tok, pos: [B]; prompt_bias: [P, 1, 1, T0] (0 or -inf on padding); gen_cache: per layer
-        (k, v) buffers [B, Hkv, S, hd], this step writes index s. Stops after block `layer` when
-        `logits` is False. Returns (logits [B, V] or None, residual after `layer` [B, D]).
+        tok, pos: [B]; state["bias"]: [P, 1, 1, T0] (0 or -inf on padding); state["gen"]: per
+        layer (k, v) buffers [B, Hkv, n_steps, hd] (allocated at s = 0), this step writes index s.
+        Stops after block `layer` when `logits` is False.
+        Returns (logits [B, V] or None, residual after `layer` [B, D]).
         """
         b = tok.shape[0]
+        if state["gen"] is None:
+            state["gen"] = [
+                (torch.empty(b, self.hkv, n_steps, self.hd, dtype=self.dtype, device=tok.device),
+                 torch.empty(b, self.hkv, n_steps, self.hd, dtype=self.dtype, device=tok.device))
+                for _ in range(self.n_layers)
+            ]
+        prompt_cache, prompt_bias, gen_cache = state["prompt"], state["bias"], state["gen"]
         p = b // k
         g = self.h // self.hkv
         cos, sin = self._rope(pos[:, None])
@@ -215,6 +244,86 @@ class FastDecoder:
                     return None, feat
         h = F.rms_norm(x[:, 0], (self.dim,), self.norm, self.eps)
         return F.linear(h, self.lm_head).float(), feat
+
+
+def decoder_blocks(hf_model) -> torch.nn.ModuleList:
+    """The list of decoder blocks of a transformers causal LM (model.layers, transformer.h, ...)."""
+    owners = [getattr(hf_model, "model", None), getattr(hf_model, "transformer", None)]
+    if hasattr(hf_model, "get_decoder"):
+        owners.insert(0, hf_model.get_decoder())
+    for owner in owners:
+        for name in ("layers", "h", "blocks"):
+            blocks = getattr(owner, name, None) if owner is not None else None
+            if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+                return blocks
+    raise TypeError(f"cannot find the decoder blocks of {type(hf_model).__name__}")
+
+
+class _StopForward(Exception):
+    pass
+
+
+class GenericDecoder:
+    """Any transformers causal LM through its own forward and DynamicCache.
+
+    The fallback for architectures `FastDecoder` does not know: same loop, sampling, stop
+    handling and features (a hook on the feature block), but the prompt cache is copied to the
+    k rows after the prefill and each step pays transformers' per-call overhead.
+    """
+
+    def __init__(self, hf_model) -> None:
+        self.model = hf_model
+        self.blocks = decoder_blocks(hf_model)
+        self.n_layers = len(self.blocks)
+        param = next(hf_model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.dim = int(hf_model.config.hidden_size)
+
+    def _forward(self, layer: int, stop: bool, **kw):
+        captured: list[torch.Tensor] = []
+
+        def hook(_mod, _inp, out):
+            captured.append(out[0] if isinstance(out, tuple) else out)
+            if stop:
+                raise _StopForward
+
+        handle = self.blocks[layer].register_forward_hook(hook)
+        try:
+            out = self.model(**kw, use_cache=True, logits_to_keep=1)
+        except _StopForward:
+            out = None
+        finally:
+            handle.remove()
+        return out, captured[0][:, -1]  # residual after `layer` at the last position [N, D]
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, layer: int):
+        from transformers import DynamicCache
+
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        out, feat = self._forward(layer, False, input_ids=ids, attention_mask=valid.long(),
+                                  position_ids=pos, past_key_values=DynamicCache(config=self.model.config))
+        state = {"cache": out.past_key_values, "mask": valid.long(), "expanded": False}
+        return out.logits[:, -1].float(), feat.float(), state
+
+    @torch.no_grad()
+    def step(self, state: dict, tok: torch.Tensor, pos: torch.Tensor, s: int, k: int, layer: int,
+             n_steps: int, logits: bool = True):
+        if not state["expanded"]:  # one cache row per sample from here on
+            state["cache"].batch_repeat_interleave(k)
+            state["mask"] = state["mask"].repeat_interleave(k, 0)
+            state["expanded"] = True
+        b = tok.shape[0]
+        mask = torch.cat([state["mask"], state["mask"].new_ones(b, s + 1)], dim=1)
+        out, feat = self._forward(layer, not logits, input_ids=tok[:, None], attention_mask=mask,
+                                  position_ids=pos[:, None], past_key_values=state["cache"])
+        return (None if out is None else out.logits[:, -1].float()), feat
+
+    def select(self, state: dict, keep_g: torch.Tensor, keep_r: torch.Tensor, s: int) -> dict:
+        keep = keep_r if state["expanded"] else keep_g
+        state["cache"].batch_select_indices(keep)
+        state["mask"] = state["mask"].index_select(0, keep)
+        return state
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -326,18 +435,9 @@ def run_batch(
         ids[i, t0 - len(t) :] = torch.tensor(t, dtype=torch.long)
         valid[i, t0 - len(t) :] = True
     ids, valid = ids.to(dev), valid.to(dev)
-    logits_p, h_prompt, pcache = dec.prefill(ids, valid, layer)  # [P, V], [P, D]
-    prompt_bias = torch.zeros(p, 1, 1, t0, dtype=dec.dtype, device=dev)
-    prompt_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    logits_p, h_prompt, state = dec.prefill(ids, valid, layer)  # [P, V], [P, D]
     pos0 = valid.sum(-1).repeat_interleave(k)  # [B] position of completion token 0
     n_steps = int(max_new_tokens)
-    gen_cache = [
-        (
-            torch.empty(b, dec.hkv, n_steps, dec.hd, dtype=dec.dtype, device=dev),
-            torch.empty(b, dec.hkv, n_steps, dec.hd, dtype=dec.dtype, device=dev),
-        )
-        for _ in range(dec.n_layers)
-    ]
     feats = torch.zeros(b, n_steps, dec.dim, dtype=torch.float32) if features else None
     tokens = np.zeros((b, n_steps), dtype=np.int64)
     seeds = row_seeds(seed, seed_keys, k)
@@ -370,7 +470,7 @@ def run_batch(
                 active[r], finish[r] = False, "length"
         if last or not active.any():
             if features and last and any(finish[r] == "length" for r in live):
-                _, h = dec.step(tok, pos0 + s, s, pcache, prompt_bias, gen_cache, k, layer, logits=False)
+                _, h = dec.step(state, tok, pos0 + s, s, k, layer, n_steps, logits=False)
                 feats[torch.from_numpy(live), s] = h.float().cpu()
             break
         # Drop prompt groups whose k rows are all finished (their cache is never read again).
@@ -378,20 +478,11 @@ def run_batch(
         if not group_live.all():
             keep_g = torch.from_numpy(np.nonzero(group_live)[0]).to(dev)
             keep_r = torch.from_numpy(np.nonzero(np.repeat(group_live, k))[0]).to(dev)
-            pcache = [(pk.index_select(0, keep_g), pv.index_select(0, keep_g)) for pk, pv in pcache]
-            prompt_bias = prompt_bias.index_select(0, keep_g)
-            new_cache = []
-            for gk, gv in gen_cache:
-                nk = torch.empty(len(keep_r), dec.hkv, n_steps, dec.hd, dtype=dec.dtype, device=dev)
-                nv = torch.empty_like(nk)
-                nk[:, :, : s] = gk.index_select(0, keep_r)[:, :, : s]
-                nv[:, :, : s] = gv.index_select(0, keep_r)[:, :, : s]
-                new_cache.append((nk, nv))
-            gen_cache = new_cache
+            state = dec.select(state, keep_g, keep_r, s)
             pos0 = pos0.index_select(0, keep_r)
             tok = tok.index_select(0, keep_r)
             live = live[keep_r.cpu().numpy()]
-        logits, h = dec.step(tok, pos0 + s, s, pcache, prompt_bias, gen_cache, k, layer)
+        logits, h = dec.step(state, tok, pos0 + s, s, k, layer, n_steps)
         if features:
             feats[torch.from_numpy(live), s] = h.float().cpu()
 

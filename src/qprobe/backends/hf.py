@@ -113,22 +113,18 @@ class HFLanguageModel(LanguageModel):
     def __init__(self, model, tokenizer, *, identity: str, layer: int | None = None,
                  position: str = "last", chat: bool | None = None, features: bool = True,
                  feature_dtype: str = "float16", max_batch_rows: int = 128) -> None:
-        if not decode.supports(model):
-            raise QProbeError(
-                f"model: architecture {getattr(model.config, 'model_type', '?')!r} is not supported "
-                f"by qprobe's decoder (supported: {', '.join(decode.SUPPORTED)})"
-            )
         self.model = model
         self.tok = _Tok(tokenizer, chat)
         self.name = identity
-        self.n_layers = len(model.model.layers)
+        self.n_layers = len(decode.decoder_blocks(model))
         self.layer = resolve_layer(layer, self.n_layers)
         self.position = position
         self.features = features
         self.max_batch_rows = int(max_batch_rows)
         self._spec = _spec(identity, self.tok.chat, self.layer, position,
                            int(model.config.hidden_size), feature_dtype)
-        self._dec = decode.FastDecoder(model)
+        # Llama-family models run qprobe's own forward; anything else transformers' forward.
+        self._dec = decode.FastDecoder(model) if decode.supports(model) else decode.GenericDecoder(model)
         self.eos_ids = self.tok.eos_ids(model)  # set() makes every row run to max_new_tokens
 
     @property
@@ -174,7 +170,8 @@ class HFEmbedder(Embedder):
                  max_batch_tokens: int = 8192) -> None:
         self.model = model
         self.tok = _Tok(tokenizer, chat)
-        self.n_layers = len(model.model.layers)
+        self.blocks = decode.decoder_blocks(model)
+        self.n_layers = len(self.blocks)
         self.layer = resolve_layer(layer, self.n_layers)
         self.position = position
         self.max_batch_tokens = int(max_batch_tokens)
@@ -209,7 +206,7 @@ class HFEmbedder(Embedder):
             captured.append(output[0] if isinstance(output, tuple) else output)
             raise _Stop
 
-        handle = self.model.model.layers[self.layer].register_forward_hook(hook)
+        handle = self.blocks[self.layer].register_forward_hook(hook)
         try:
             i = 0
             while i < n:
@@ -227,7 +224,8 @@ class HFEmbedder(Embedder):
                     mask[a, : len(seqs[r])] = 1
                 captured.clear()
                 try:
-                    self.model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+                    # The hook stops the forward after block `layer` (no logits computed).
+                    self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
                 except _Stop:
                     pass
                 h = captured[0].float().cpu()  # [b, t, D]
