@@ -21,7 +21,12 @@ DEMO: dict[str, Any] = {
     "sampling": {"k": 8, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 16},
     "train": {"task": "times-tables", "split": "train"},
     "test": [{"task": "times-tables", "split": "test", "name": "times-tables-test"}],
-    "probes": {"objectives": ["q", "ce", "pg"], "seeds": [0, 1, 2], "train": {}},
+    "probes": {
+        "objectives": ["q", "ce", "pg"],
+        "seeds": [0, 1, 2],
+        # small data: batches of 256 rows (so the seed changes the batches), 1000 Adam steps
+        "train": {"batch_size": 256, "min_steps": 1000},
+    },
     "eval": {"ks": [1, 2, 4, 8], "betas": [0.0, 0.1], "beta": 0.1, "n_boot": 1000},
     "baselines": {"greedy": True, "few_shot": 5},
     "curve": {"sizes": [10, 20, 40, 81], "subsets": 10, "objective": "pg"},

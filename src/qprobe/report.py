@@ -117,7 +117,13 @@ def results_markdown(res: dict[str, Any]) -> str:
         lines.append("")
     tm = res.get("timings", {})
     if tm:
-        lines += ["## Wall time", "", ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in tm.items()), ""]
+        lines += [
+            "## Wall time of this invocation",
+            "",
+            ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in tm.items())
+            + " (stages found on disk from an earlier run are not redone and take ~0 s)",
+            "",
+        ]
     lines += [
         "Plots: `reward_vs_k.png`, `reward_vs_train_prompts.png`, `score_vs_reward.png`; "
         "all numbers: `results.json`.",
