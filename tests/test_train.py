@@ -166,3 +166,68 @@ def test_float16_precision_trains_the_same_probe_up_to_rounding(planted, objecti
     assert np.linalg.norm(w16 - w32) < 0.05 * np.linalg.norm(w32)
     s32 = selection_reward(probes["float32"].score(te.features), te)
     assert abs(selection_reward(probes["float16"].score(te.features), te) - s32) < 0.02
+
+
+def _ragged(seed: int = 0):
+    """300 rows of 40 prompts of unequal size, 7 dims, rewards in [0, 1], pairs in most prompts
+    (some prompts with only the pair, so dpo sees pairs without other samples)."""
+    rng = np.random.default_rng(seed)
+    groups = np.sort(rng.integers(0, 40, 300))
+    pairs = [(rs[i], rs[i + 1]) for p in np.unique(groups)
+             for rs in [np.flatnonzero(groups == p)] for i in range(0, len(rs) - 1, 2)
+             if rng.random() < 0.7]
+    return (rng.standard_normal((300, 7)), rng.random(300).astype(np.float32), groups,
+            np.array(pairs))
+
+
+@pytest.mark.parametrize("objective", ["q", "ce", "pg", "bt", "dpo"])
+def test_fused_block_gradients_equal_autograd_of_the_batch_loss(objective):
+    """Float64: the fused step's closed-form dL/ds per block gives the gradient autograd gives
+    for objectives.py's batch loss, for block sizes from one row (or unit) to the whole batch."""
+    import qprobe.train as T
+
+    x, r, groups, pairs = _ragged()
+    cfg = TrainConfig(objective=objective, beta=0.3, group_size=4)
+    order, batches = T._layout(cfg, np.arange(300), r, groups,
+                               pairs if objective in ("bt", "dpo") else None,
+                               np.random.default_rng(1), 100, 4)
+    xl = torch.from_numpy(x[order])  # [L, 7] float64
+    for b in batches:
+        for f in ("rewards", "baseline"):
+            if getattr(b, f) is not None:
+                setattr(b, f, getattr(b, f).double())
+    for rows in (1, 7, 30, 1000):
+        fused = T._FusedLinear(cfg, 7, batches, block_rows=rows)
+        fused.s, fused.g = fused.s.double(), fused.g.double()
+        for b in batches:
+            layer = torch.nn.Linear(7, 1).double()
+            torch.nn.init.normal_(layer.weight)
+            loss = fused.step(layer, xl, b)
+            got = layer.weight.grad.clone(), layer.bias.grad.clone()
+            layer.zero_grad()
+            want = T._batch_loss(cfg, layer(xl[b.start:b.end]).squeeze(-1), b)
+            want.backward()
+            assert torch.allclose(loss, want, rtol=1e-12)
+            assert torch.allclose(got[0], layer.weight.grad, rtol=1e-10, atol=1e-14), rows
+            if objective in ("q", "ce"):  # else exactly 0, autograd's is rounding noise
+                assert torch.allclose(got[1], layer.bias.grad, rtol=1e-10, atol=1e-14), rows
+
+
+@pytest.mark.parametrize("objective", ["q", "ce", "pg", "bt", "dpo"])
+def test_fused_step_trains_the_same_probe_as_the_autograd_step(planted, objective, monkeypatch):
+    """Float32 end to end: 20 epochs with the fused step and with the previous two-pass autograd
+    step give the same parameters up to float32 rounding."""
+    import qprobe.train as T
+
+    tr, _ = planted
+    pairs = tr.pairs(4, np.random.default_rng(0)) if objective in ("bt", "dpo") else None
+    cfg = TrainConfig(objective=objective, lr=3e-3, min_steps=0, epochs=20, batch_size=200)
+    got, _ = train_probe(tr.features, tr.rewards, tr.groups, pairs, cfg, data_fingerprint=False)
+    monkeypatch.setattr(T, "LEGACY_STEP", True)
+    want, _ = train_probe(tr.features, tr.rewards, tr.groups, pairs, cfg, data_fingerprint=False)
+    w_got, w_want = got.net[0].weight, want.net[0].weight
+    assert torch.allclose(w_got, w_want, rtol=1e-4, atol=1e-5)
+    if objective in ("q", "ce"):  # pg/bt/dpo: the bias has gradient 0 (the fused step keeps it)
+        assert torch.allclose(got.net[0].bias, want.net[0].bias, rtol=1e-4, atol=1e-5)
+    else:
+        assert float(got.net[0].bias.detach()) == 0.0

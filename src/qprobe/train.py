@@ -59,8 +59,10 @@ class _Batch:
     index: torch.Tensor | None = None  # pg: [G, m] local rows (-1 pad); dpo: [P, n] others
     baseline: torch.Tensor | None = None  # pg: [G]
     chosen: torch.Tensor | None = None  # dpo: [P] local rows
-    xt: torch.Tensor | None = None  # precision float16: the batch's features transposed [D, B]
+    xt: torch.Tensor | None = None  # legacy float16 step: the batch's features transposed [D, B]
     rejected: torch.Tensor | None = None  # dpo: [P] local rows
+    units: np.ndarray | None = None  # rows per unit that a block may not split (None: any row)
+    blocks: list[_Block] | None = None  # fused linear step: cache-sized row blocks
 
 
 def _padded(lists: list[np.ndarray], width: int | None = None) -> np.ndarray:
@@ -138,7 +140,8 @@ def _layout(
             rew = np.where(idx >= 0, rewards[order[s0 + np.maximum(idx, 0)]], 0.0)
             base = np.array([units[i][1] for i in range(a, b)])
             batches.append(_Batch(s0, int(starts[b]), rewards=t(rew, dtype=torch.float32),
-                                  index=t(idx), baseline=t(base, dtype=torch.float32)))
+                                  index=t(idx), baseline=t(base, dtype=torch.float32),
+                                  units=np.diff(starts[a:b + 1])))
         return order, batches
     assert pairs is not None
     keep = np.isin(pairs[:, 0], rows) & np.isin(pairs[:, 1], rows)
@@ -146,7 +149,8 @@ def _layout(
     if obj == "bt":
         order = pr.reshape(-1)  # chosen, rejected, chosen, rejected, ...
         per = max(1, batch_rows // 2)
-        return order, [_Batch(2 * a, 2 * min(a + per, len(pr)))
+        return order, [_Batch(2 * a, 2 * min(a + per, len(pr)),
+                              units=np.full(min(a + per, len(pr)) - a, 2))
                        for a in range(0, len(pr), per)]
     # dpo: whole prompts, each followed by nothing else; pairs index into their prompt's rows
     by_prompt = {}
@@ -171,7 +175,7 @@ def _layout(
                 rj.append(local[r])
                 others.append(np.array([v for k, v in local.items() if k != c and k != r]))
         batches.append(_Batch(s0, int(starts[b]), chosen=t(np.array(ch)), rejected=t(np.array(rj)),
-                              index=t(_padded(others))))
+                              index=t(_padded(others)), units=np.diff(starts[a:b + 1])))
     return order, batches
 
 
@@ -216,19 +220,28 @@ def _standardised(features: np.ndarray, order: np.ndarray, mean: np.ndarray | No
     return out
 
 
-def _feature_stats(features: np.ndarray, rows: np.ndarray, chunk: int = 4096
+def _feature_stats(features: np.ndarray, rows: np.ndarray, chunk: int = 256
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std (float64 accumulation) over the given rows -> float32 [D] x2."""
+    """Per-feature mean and std over the given rows -> float32 [D] x2.
+
+    Cache-sized float32 chunks, float64 totals. The first chunk's mean is subtracted before
+    squaring so that var = E[(x-k)^2] - E[x-k]^2 does not cancel when |mean| >> std."""
     rows = np.sort(rows)
-    s = np.zeros(features.shape[1])
-    s2 = np.zeros(features.shape[1])
+    buf = torch.empty((chunk, features.shape[1]), dtype=torch.float32)  # [chunk, D]
+    s = torch.zeros(features.shape[1], dtype=torch.float64)
+    s2 = torch.zeros(features.shape[1], dtype=torch.float64)
+    shift = None
     for i in range(0, len(rows), chunk):
-        x = np.asarray(features[rows[i:i + chunk]], dtype=np.float64)
-        s += x.sum(0)
-        s2 += (x * x).sum(0)
+        part = buf[: len(rows[i:i + chunk])]
+        part.copy_(torch.from_numpy(np.ascontiguousarray(features[rows[i:i + chunk]])))
+        if shift is None:
+            shift = part.mean(0)  # [D]
+        part.sub_(shift)
+        s += part.sum(0)
+        s2 += part.mul_(part).sum(0)
     mean = s / len(rows)
-    var = np.maximum(s2 / len(rows) - mean * mean, 0.0)
-    std = np.sqrt(var)
+    std = (s2 / len(rows) - mean * mean).clamp_min_(0.0).sqrt_().numpy()
+    mean = (mean + shift).numpy()
     std = np.where(std > 1e-6 * max(1.0, float(np.abs(mean).max(initial=0.0))), std, 1.0)
     return mean.astype(np.float32), std.astype(np.float32)
 
@@ -294,6 +307,181 @@ def _linear_step(cfg: TrainConfig, layer: torch.nn.Linear, xb: torch.Tensor, b: 
     return loss
 
 
+# --- the fused linear step ----------------------------------------------------------------------
+# A linear probe's per-row gradient dL/ds_i depends only on the scores of the row's own unit
+# (q/ce: the row, pg: its group, bt: its pair, dpo: its prompt), and the layout keeps units
+# contiguous. So a batch is processed in cache-sized blocks of whole units: s = X_blk w, then
+# dL/ds of the block's units (closed form below, checked against objectives.py's autograd), then
+# grad += X_blk^T dL/ds while X_blk is still in cache: one pass over the batch in memory per step
+# instead of two. Half-precision features are upcast block by block into a float32 buffer, so all
+# arithmetic is float32 whatever the storage.
+BLOCK_BYTES = 1 << 22  # float32 bytes of one block: 256 rows at 4096 dims (tuned, see docs)
+LEGACY_STEP = False  # True: the previous two-pass step (kept for bench/train_speed.py's ratios)
+
+
+@dataclass
+class _Block:
+    """Rows [start, end) of a batch (batch-local) and the index tensors of its units."""
+
+    start: int
+    end: int
+    rewards: torch.Tensor | None = None  # q/ce: [n]; pg: [G, m] (padding 0)
+    index: torch.Tensor | None = None  # pg: [G*m] block rows (n = padding); dpo: [P*k] others
+    pos: torch.Tensor | None = None  # pg: [n] position of each row in the flat [G*m] matrix
+    width: int = 0  # pg: m; dpo: k (others per pair)
+    chosen: torch.Tensor | None = None  # dpo: [P] block rows
+    rejected: torch.Tensor | None = None  # dpo: [P] block rows
+
+
+def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int) -> list[_Block]:
+    """Cut a batch into blocks of about `rows` rows that never split a unit."""
+    n = b.end - b.start
+    if b.units is None:
+        bounds = list(range(0, n, rows)) + [n]
+        unit_cuts = None
+    else:
+        starts = np.concatenate([[0], np.cumsum(b.units)])  # [units + 1]
+        bounds, unit_cuts = [0], [0]  # a block ends before the unit that would overflow it
+        for i in range(1, len(b.units)):
+            if starts[i + 1] - bounds[-1] > rows:
+                bounds.append(int(starts[i]))
+                unit_cuts.append(i)
+        bounds.append(n)
+        unit_cuts.append(len(b.units))
+        assert starts[-1] == n, (starts[-1], n)
+    out = []
+    pair_at = 0
+    for j in range(len(bounds) - 1):
+        s, e = bounds[j], bounds[j + 1]
+        blk = _Block(s, e)
+        if cfg.objective in ("q", "ce"):
+            blk.rewards = b.rewards[s:e]
+        elif cfg.objective == "pg":
+            g0, g1 = unit_cuts[j], unit_cuts[j + 1]
+            idx = b.index[g0:g1] - s  # [G, m]
+            idx = torch.where(b.index[g0:g1] >= 0, idx, torch.full_like(idx, e - s))
+            blk.width = idx.shape[1]
+            blk.index = idx.reshape(-1)
+            blk.pos = torch.nonzero(blk.index < e - s).squeeze(1)  # rows in order
+            assert torch.equal(blk.index[blk.pos], torch.arange(e - s))
+            blk.rewards = b.rewards[g0:g1]
+        elif cfg.objective == "dpo":
+            pair_end = pair_at
+            while pair_end < len(b.chosen) and int(b.chosen[pair_end]) < e:
+                pair_end += 1
+            ch, rj = b.chosen[pair_at:pair_end], b.rejected[pair_at:pair_end]
+            assert bool(((ch >= s) & (ch < e) & (rj >= s) & (rj < e)).all())
+            oth = b.index[pair_at:pair_end]  # [P, k]
+            oth = torch.where(oth >= 0, oth - s, torch.full_like(oth, e - s))
+            blk.chosen, blk.rejected = ch - s, rj - s
+            blk.width = oth.shape[1]
+            blk.index = oth.reshape(-1)
+            pair_at = pair_end
+        out.append(blk)
+    return out
+
+
+def _batch_scale(cfg: TrainConfig, b: _Batch) -> float:
+    """1 / the count the batch loss is a mean over (rows, groups or pairs)."""
+    if cfg.objective in ("q", "ce"):
+        return 1.0 / (b.end - b.start)
+    if cfg.objective == "pg":
+        return 1.0 / b.index.shape[0]
+    if cfg.objective == "bt":
+        return 2.0 / (b.end - b.start)
+    return 1.0 / len(b.chosen)
+
+
+def _block_grad(cfg: TrainConfig, s: torch.Tensor, blk: _Block, scale: float, g: torch.Tensor
+                ) -> None:
+    """g [n] <- dL/ds of the batch loss for the block's rows, given their scores s [n].
+
+    Closed forms of the gradients of objectives.py's losses (u = s / beta):
+    q: 2 (s - r) / B.  ce: (sigmoid(s) - r) / B.  bt: -/+ sigmoid(-(s_w - s_l)) / P.
+    pg: -(p_i / beta) (r_i - sum_j p_j r_j) / G with p = softmax(u) over the group.
+    dpo: with c = logsumexp(u_others), m = log sigmoid(u_w - c) - log sigmoid(u_l - c) and
+    dL/dm = -beta sigmoid(-beta m) / P: dm/du_w = sigmoid(c - u_w), dm/du_l = -sigmoid(c - u_l),
+    dm/du_j = (sigmoid(c - u_l) - sigmoid(c - u_w)) softmax(u_others)_j for every other j.
+    """
+    obj = cfg.objective
+    if obj == "q":
+        torch.sub(s, blk.rewards, out=g)
+        g.mul_(2.0 * scale)
+    elif obj == "ce":
+        torch.sigmoid(s, out=g)
+        g.sub_(blk.rewards).mul_(scale)
+    elif obj == "bt":
+        q = torch.sigmoid(s[1::2] - s[0::2]).mul_(scale)  # [P] sigmoid(-(s_w - s_l)) / P
+        torch.neg(q, out=g[0::2])
+        g[1::2] = q
+    elif obj == "pg":
+        ext = torch.cat([s, s.new_full((1,), -math.inf)])  # [n + 1]; slot n is padding
+        p = torch.softmax(ext[blk.index].view(-1, blk.width) / cfg.beta, dim=-1)  # [G, m]
+        pr = p * blk.rewards  # padding: p = 0
+        d = pr - p * pr.sum(-1, keepdim=True)  # [G, m]
+        torch.index_select(d.view(-1), 0, blk.pos, out=g)
+        g.mul_(-scale / cfg.beta)
+    else:
+        beta = cfg.beta
+        n = len(s)
+        u = torch.cat([s, s.new_full((1,), -math.inf)]) / beta  # [n + 1]
+        others = u[blk.index].view(-1, blk.width)  # [P, k]
+        c = torch.logsumexp(others, dim=-1)  # [P]; -inf: no other sample
+        has = torch.isfinite(c)
+        c = torch.where(has, c, torch.zeros_like(c))
+        uw, ul = u[blk.chosen], u[blk.rejected]
+        m = F.logsigmoid(uw - c) - F.logsigmoid(ul - c)  # [P]
+        dm = torch.sigmoid(-beta * m).mul_(-scale)  # dL/dm / beta (du = ds / beta)
+        dm = torch.where(has, dm, torch.zeros_like(dm))
+        aw, al = torch.sigmoid(c - uw), torch.sigmoid(c - ul)
+        go = ((al - aw) * dm)[:, None] * torch.exp(others - c[:, None])  # [P, k]
+        gx = s.new_zeros(n + 1)
+        gx.index_add_(0, blk.chosen, dm * aw)
+        gx.index_add_(0, blk.rejected, -dm * al)
+        gx.index_add_(0, blk.index, go.view(-1))
+        g.copy_(gx[:n])
+
+
+class _FusedLinear:
+    """Preallocated buffers of the fused step for one training run."""
+
+    def __init__(self, cfg: TrainConfig, dim: int, batches: list[_Batch],
+                 block_rows: int | None = None):
+        self.cfg = cfg
+        rows = block_rows or max(8, BLOCK_BYTES // (4 * dim))
+        for b in batches:
+            b.blocks = _make_blocks(cfg, b, rows)
+        most = max(blk.end - blk.start for b in batches for blk in b.blocks)
+        self.buf = torch.empty((most, dim))  # [R, D] float32 upcast of a half-precision block
+        widest = max(b.end - b.start for b in batches)
+        self.s = torch.empty(widest)  # [B] scores of the batch
+        self.g = torch.empty(widest)  # [B] dL/ds of the batch
+
+    def step(self, layer: torch.nn.Linear, x: torch.Tensor, b: _Batch) -> torch.Tensor:
+        """Set layer's .grad for batch b (rows of x) in one pass; returns the batch loss."""
+        w, bias = layer.weight.detach(), layer.bias.detach()  # [1, D], [1]
+        wv = w[0]
+        gw = torch.zeros_like(wv)  # [D]
+        n = b.end - b.start
+        s_all, g_all = self.s[:n], self.g[:n]
+        scale = _batch_scale(self.cfg, b)
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        for blk in b.blocks:
+            xb = x[b.start + blk.start:b.start + blk.end]  # [R, D]
+            if half:
+                xb = self.buf[: len(xb)].copy_(xb)
+            s, g = s_all[blk.start:blk.end], g_all[blk.start:blk.end]
+            torch.addmv(bias, xb, wv, out=s)
+            _block_grad(self.cfg, s, blk, scale, g)
+            torch.addmv(gw, xb.t(), g, out=gw)
+        layer.weight.grad = gw.unsqueeze(0)
+        # pg/bt/dpo only compare scores of one prompt: their bias gradient is exactly 0 (a sum of
+        # rounding errors here, which Adam would turn into lr-sized steps)
+        shift_free = self.cfg.objective not in ("q", "ce")
+        layer.bias.grad = torch.zeros_like(bias) if shift_free else g_all.sum().reshape(1)
+        return _batch_loss(self.cfg, s_all, b)
+
+
 def _fit(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
          batches: list[_Batch], val: tuple[torch.Tensor, _Batch] | None,
          rng: np.random.Generator, epochs: int, say: Callable[[str], None]
@@ -306,12 +494,15 @@ def _fit(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: 
     every = max(1, epochs // 10)
     val_name = ""
     linear = len(net) == 1
+    fused = _FusedLinear(cfg, x.shape[1], batches) if linear and not LEGACY_STEP else None
     for ep in range(1, epochs + 1):
         total = torch.zeros(())
         for i in rng.permutation(steps_per_epoch):
             b = batches[i]
             xb = x[b.start:b.end]  # [B, D], a view: no copy
-            if linear:
+            if fused is not None:
+                loss = fused.step(net[0], x, b)
+            elif linear:
                 loss = _linear_step(cfg, net[0], xb, b)
             else:
                 loss = _batch_loss(cfg, net(xb).squeeze(-1), b)
@@ -420,36 +611,39 @@ def train_probe(
     in_val = np.isin(groups[rows], val_prompts)
     tr_rows, va_rows = rows[~in_val], rows[in_val]
 
-    mean = std = None
-    if cfg.standardize:
-        mean, std = _feature_stats(x_all, tr_rows)
-    order, batches = _layout(cfg, tr_rows, r, groups, pairs, rng, cfg.batch_size, cfg.group_size)
-    if not batches:
-        raise QProbeError(f"train: no training data left for {obj} (all pairs in validation?)")
-    if obj == "pg" and not any(b.index.shape[1] > 1 and (b.index[:, 1] >= 0).any()
-                               for b in batches):
-        raise QProbeError("train: pg needs at least 2 samples of a prompt (one group)")
-    if obj == "dpo":
-        lonely = sum(int((~torch.isfinite(_gather(torch.zeros(b.end - b.start), b.index))
-                          ).all(-1).sum()) for b in batches)
-        total = sum(len(b.chosen) for b in batches)
-        if lonely == total:
-            raise QProbeError("train: dpo needs samples of a prompt besides the pair (finite-k "
-                              "policy); with pairs only, use --objective bt")
-        if lonely:
-            say(f"warning: dpo: {lonely} of {total} pairs have no other sample of their prompt "
-                "and carry no signal")
-    half = cfg.precision == "float16" and not cfg.hidden
-    x = _standardised(x_all, order, mean, std, torch.float16 if half else torch.float32)  # [L, D]
-    if half:
-        for b in batches:
-            b.xt = x[b.start:b.end].t().contiguous()  # [D, B]
-    val = None
-    if len(va_rows):
-        v_order, v_batches = _layout(cfg, va_rows, r, groups, pairs, np.random.default_rng(0),
-                                     10**12, 10**9)  # one batch; pg: a group is the whole prompt
-        if v_batches:
-            val = (_standardised(x_all, v_order, mean, std), v_batches[0])
+    # Setup is elementwise work on the whole matrix: memory bound, so one thread is as fast as
+    # two and far faster when other jobs share the cores (threads wait on each other per op).
+    with contextlib.nullcontext() if LEGACY_STEP else _threads(1):
+        mean = std = None
+        if cfg.standardize:
+            mean, std = _feature_stats(x_all, tr_rows)
+        order, batches = _layout(cfg, tr_rows, r, groups, pairs, rng, cfg.batch_size, cfg.group_size)
+        if not batches:
+            raise QProbeError(f"train: no training data left for {obj} (all pairs in validation?)")
+        if obj == "pg" and not any(b.index.shape[1] > 1 and (b.index[:, 1] >= 0).any()
+                                   for b in batches):
+            raise QProbeError("train: pg needs at least 2 samples of a prompt (one group)")
+        if obj == "dpo":
+            lonely = sum(int((~torch.isfinite(_gather(torch.zeros(b.end - b.start), b.index))
+                              ).all(-1).sum()) for b in batches)
+            total = sum(len(b.chosen) for b in batches)
+            if lonely == total:
+                raise QProbeError("train: dpo needs samples of a prompt besides the pair (finite-k "
+                                  "policy); with pairs only, use --objective bt")
+            if lonely:
+                say(f"warning: dpo: {lonely} of {total} pairs have no other sample of their prompt "
+                    "and carry no signal")
+        half = cfg.precision == "float16" and not cfg.hidden
+        x = _standardised(x_all, order, mean, std, torch.float16 if half else torch.float32)  # [L, D]
+        if half and LEGACY_STEP:
+            for b in batches:
+                b.xt = x[b.start:b.end].t().contiguous()  # [D, B]
+        val = None
+        if len(va_rows):
+            v_order, v_batches = _layout(cfg, va_rows, r, groups, pairs, np.random.default_rng(0),
+                                         10**12, 10**9)  # one batch; pg: a group is the whole prompt
+            if v_batches:
+                val = (_standardised(x_all, v_order, mean, std), v_batches[0])
 
     probe = Probe(dim, cfg.hidden, beta=cfg.beta, objective=obj, feature_spec=feature_spec,
                   mean=mean, std=std)
