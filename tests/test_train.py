@@ -198,7 +198,7 @@ def test_fused_block_gradients_equal_autograd_of_the_batch_loss(objective):
                 setattr(b, f, getattr(b, f).double())
     for rows in (1, 7, 30, 1000):
         fused = T._FusedLinear(cfg, 7, batches, block_rows=rows)
-        fused.s, fused.g = fused.s.double(), fused.g.double()
+        fused.s, fused.g = fused.s.double(), fused.g.double()  # float64 check
         for b in batches:
             layer = torch.nn.Linear(7, 1).double()
             torch.nn.init.normal_(layer.weight)

@@ -321,26 +321,28 @@ LEGACY_STEP = False  # True: the previous two-pass step (kept for bench/train_sp
 
 @dataclass
 class _Block:
-    """Rows [start, end) of a batch (batch-local) and the index tensors of its units."""
+    """Rows [start, end) of a batch and the index tensors of its units, all batch-relative;
+    `pad` (the slot after the widest batch) holds score -inf and absorbs padding gradients."""
 
     start: int
     end: int
     rewards: torch.Tensor | None = None  # q/ce: [n]; pg: [G, m] (padding 0)
-    index: torch.Tensor | None = None  # pg: [G*m] block rows (n = padding); dpo: [P*k] others
+    index: torch.Tensor | None = None  # pg: [G*m] rows of the groups; dpo: [P*k] others
     pos: torch.Tensor | None = None  # pg: [n] position of each row in the flat [G*m] matrix
     width: int = 0  # pg: m; dpo: k (others per pair)
-    chosen: torch.Tensor | None = None  # dpo: [P] block rows
-    rejected: torch.Tensor | None = None  # dpo: [P] block rows
+    chosen: torch.Tensor | None = None  # dpo: [P]
+    rejected: torch.Tensor | None = None  # dpo: [P]
 
 
-def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int) -> list[_Block]:
-    """Cut a batch into blocks of about `rows` rows that never split a unit."""
+def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int, pad: int) -> list[_Block]:
+    """Cut a batch into blocks of at most `rows` rows (or one unit) that never split a unit."""
     n = b.end - b.start
     if b.units is None:
         bounds = list(range(0, n, rows)) + [n]
         unit_cuts = None
     else:
         starts = np.concatenate([[0], np.cumsum(b.units)])  # [units + 1]
+        assert starts[-1] == n, (starts[-1], n)
         bounds, unit_cuts = [0], [0]  # a block ends before the unit that would overflow it
         for i in range(1, len(b.units)):
             if starts[i + 1] - bounds[-1] > rows:
@@ -348,7 +350,6 @@ def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int) -> list[_Block]:
                 unit_cuts.append(i)
         bounds.append(n)
         unit_cuts.append(len(b.units))
-        assert starts[-1] == n, (starts[-1], n)
     out = []
     pair_at = 0
     for j in range(len(bounds) - 1):
@@ -358,24 +359,22 @@ def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int) -> list[_Block]:
             blk.rewards = b.rewards[s:e]
         elif cfg.objective == "pg":
             g0, g1 = unit_cuts[j], unit_cuts[j + 1]
-            idx = b.index[g0:g1] - s  # [G, m]
-            idx = torch.where(b.index[g0:g1] >= 0, idx, torch.full_like(idx, e - s))
+            idx = b.index[g0:g1]  # [G, m]
+            blk.index = torch.where(idx >= 0, idx, pad).reshape(-1)
             blk.width = idx.shape[1]
-            blk.index = idx.reshape(-1)
-            blk.pos = torch.nonzero(blk.index < e - s).squeeze(1)  # rows in order
-            assert torch.equal(blk.index[blk.pos], torch.arange(e - s))
+            blk.pos = torch.nonzero(blk.index != pad).squeeze(1)  # [n] rows in order
+            assert torch.equal(blk.index[blk.pos], torch.arange(s, e))
             blk.rewards = b.rewards[g0:g1]
         elif cfg.objective == "dpo":
             pair_end = pair_at
             while pair_end < len(b.chosen) and int(b.chosen[pair_end]) < e:
                 pair_end += 1
-            ch, rj = b.chosen[pair_at:pair_end], b.rejected[pair_at:pair_end]
-            assert bool(((ch >= s) & (ch < e) & (rj >= s) & (rj < e)).all())
+            blk.chosen, blk.rejected = b.chosen[pair_at:pair_end], b.rejected[pair_at:pair_end]
             oth = b.index[pair_at:pair_end]  # [P, k]
-            oth = torch.where(oth >= 0, oth - s, torch.full_like(oth, e - s))
-            blk.chosen, blk.rejected = ch - s, rj - s
+            assert bool(((blk.chosen >= s) & (blk.rejected >= s) & (blk.rejected < e)).all())
+            assert bool(((oth < 0) | ((oth >= s) & (oth < e))).all())
+            blk.index = torch.where(oth >= 0, oth, pad).reshape(-1)
             blk.width = oth.shape[1]
-            blk.index = oth.reshape(-1)
             pair_at = pair_end
         out.append(blk)
     return out
@@ -392,9 +391,11 @@ def _batch_scale(cfg: TrainConfig, b: _Batch) -> float:
     return 1.0 / len(b.chosen)
 
 
-def _block_grad(cfg: TrainConfig, s: torch.Tensor, blk: _Block, scale: float, g: torch.Tensor
-                ) -> None:
-    """g [n] <- dL/ds of the batch loss for the block's rows, given their scores s [n].
+def _block_grad(cfg: TrainConfig, s_all: torch.Tensor, blk: _Block, scale: float,
+                g_all: torch.Tensor) -> torch.Tensor:
+    """g_all[block rows] <- dL/ds of the batch loss, from the scores s_all [B + pad] (only the
+    block's rows are read: its units are complete). Returns the block's share of the loss
+    divided by `scale` (pg: without the baseline term).
 
     Closed forms of the gradients of objectives.py's losses (u = s / beta):
     q: 2 (s - r) / B.  ce: (sigmoid(s) - r) / B.  bt: -/+ sigmoid(-(s_w - s_l)) / P.
@@ -404,82 +405,87 @@ def _block_grad(cfg: TrainConfig, s: torch.Tensor, blk: _Block, scale: float, g:
     dm/du_j = (sigmoid(c - u_l) - sigmoid(c - u_w)) softmax(u_others)_j for every other j.
     """
     obj = cfg.objective
+    s, g = s_all[blk.start:blk.end], g_all[blk.start:blk.end]  # [n]
     if obj == "q":
-        torch.sub(s, blk.rewards, out=g)
-        g.mul_(2.0 * scale)
+        loss = F.mse_loss(s, blk.rewards, reduction="sum")
+        torch.sub(s, blk.rewards, out=g).mul_(2.0 * scale)
     elif obj == "ce":
-        torch.sigmoid(s, out=g)
-        g.sub_(blk.rewards).mul_(scale)
+        loss = F.binary_cross_entropy_with_logits(s, blk.rewards, reduction="sum")
+        torch.sigmoid(s, out=g).sub_(blk.rewards).mul_(scale)
     elif obj == "bt":
-        q = torch.sigmoid(s[1::2] - s[0::2]).mul_(scale)  # [P] sigmoid(-(s_w - s_l)) / P
+        d = s[1::2] - s[0::2]  # [P] s_l - s_w
+        loss = F.softplus(d).sum()  # -log sigmoid(s_w - s_l)
+        q = d.sigmoid_().mul_(scale)
         torch.neg(q, out=g[0::2])
         g[1::2] = q
     elif obj == "pg":
-        ext = torch.cat([s, s.new_full((1,), -math.inf)])  # [n + 1]; slot n is padding
-        p = torch.softmax(ext[blk.index].view(-1, blk.width) / cfg.beta, dim=-1)  # [G, m]
-        pr = p * blk.rewards  # padding: p = 0
-        d = pr - p * pr.sum(-1, keepdim=True)  # [G, m]
-        torch.index_select(d.view(-1), 0, blk.pos, out=g)
-        g.mul_(-scale / cfg.beta)
+        p = torch.index_select(s_all, 0, blk.index).div_(cfg.beta).view(-1, blk.width)  # [G, m]
+        p = torch.softmax(p, dim=-1)  # padding gets 0
+        pr = p * blk.rewards  # [G, m] p_i r_i
+        ev = pr.sum(-1, keepdim=True)  # [G, 1] sum_i p_i r_i
+        loss = -ev.sum()
+        d = pr.sub_(p.mul_(ev))  # p_i (r_i - sum_j p_j r_j)
+        torch.index_select(d.view(-1), 0, blk.pos, out=g).mul_(-scale / cfg.beta)
     else:
         beta = cfg.beta
-        n = len(s)
-        u = torch.cat([s, s.new_full((1,), -math.inf)]) / beta  # [n + 1]
-        others = u[blk.index].view(-1, blk.width)  # [P, k]
-        c = torch.logsumexp(others, dim=-1)  # [P]; -inf: no other sample
-        has = torch.isfinite(c)
-        c = torch.where(has, c, torch.zeros_like(c))
-        uw, ul = u[blk.chosen], u[blk.rejected]
-        m = F.logsigmoid(uw - c) - F.logsigmoid(ul - c)  # [P]
-        dm = torch.sigmoid(-beta * m).mul_(-scale)  # dL/dm / beta (du = ds / beta)
-        dm = torch.where(has, dm, torch.zeros_like(dm))
+        e = torch.index_select(s_all, 0, blk.index).div_(beta).view(-1, blk.width)  # [P, k]
+        top = e.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # [P, 1]
+        e.sub_(top).exp_()  # exp(u_j - top): the top one is 1, padding 0
+        tot = e.sum(-1)  # [P]: >= 1 where the pair has another sample, else 0
+        has = tot > 0
+        c = torch.where(has, tot.log().add_(top[:, 0]), 0.0)  # logsumexp(u_others)
+        uw, ul = s_all[blk.chosen] / beta, s_all[blk.rejected] / beta  # [P]
+        m = F.logsigmoid(uw - c).sub_(F.logsigmoid(ul - c)).mul_(has)  # [P] margin (0: no other)
+        loss = F.softplus(m.mul_(-beta)).sum()  # -log sigmoid(beta m)
+        dm = m.sigmoid_().mul_(has).mul_(-scale)  # dL/dm / beta  (du = ds / beta)
         aw, al = torch.sigmoid(c - uw), torch.sigmoid(c - ul)
-        go = ((al - aw) * dm)[:, None] * torch.exp(others - c[:, None])  # [P, k]
-        gx = s.new_zeros(n + 1)
-        gx.index_add_(0, blk.chosen, dm * aw)
-        gx.index_add_(0, blk.rejected, -dm * al)
-        gx.index_add_(0, blk.index, go.view(-1))
-        g.copy_(gx[:n])
+        e.mul_(((al - aw) * dm).div_(tot.clamp_min_(1.0))[:, None])  # dL/ds of the others
+        g.zero_()
+        g_all.index_add_(0, blk.chosen, dm * aw)
+        g_all.index_add_(0, blk.rejected, dm.mul_(al).neg_())
+        g_all.index_add_(0, blk.index, e.view(-1))
+    return loss
 
 
 class _FusedLinear:
-    """Preallocated buffers of the fused step for one training run."""
+    """Blocks and preallocated buffers of the fused step for one training run."""
 
     def __init__(self, cfg: TrainConfig, dim: int, batches: list[_Batch],
                  block_rows: int | None = None):
         self.cfg = cfg
         rows = block_rows or max(8, BLOCK_BYTES // (4 * dim))
+        pad = max(b.end - b.start for b in batches)
         for b in batches:
-            b.blocks = _make_blocks(cfg, b, rows)
+            b.blocks = _make_blocks(cfg, b, rows, pad)
         most = max(blk.end - blk.start for b in batches for blk in b.blocks)
         self.buf = torch.empty((most, dim))  # [R, D] float32 upcast of a half-precision block
-        widest = max(b.end - b.start for b in batches)
-        self.s = torch.empty(widest)  # [B] scores of the batch
-        self.g = torch.empty(widest)  # [B] dL/ds of the batch
+        self.s = torch.full((pad + 1,), -math.inf)  # [B + 1] scores of a batch; [pad] = -inf
+        self.g = torch.zeros(pad + 1)  # [B + 1] dL/ds of a batch; [pad] collects padding
 
     def step(self, layer: torch.nn.Linear, x: torch.Tensor, b: _Batch) -> torch.Tensor:
         """Set layer's .grad for batch b (rows of x) in one pass; returns the batch loss."""
-        w, bias = layer.weight.detach(), layer.bias.detach()  # [1, D], [1]
-        wv = w[0]
-        gw = torch.zeros_like(wv)  # [D]
-        n = b.end - b.start
-        s_all, g_all = self.s[:n], self.g[:n]
-        scale = _batch_scale(self.cfg, b)
+        w, bias = layer.weight.detach()[0], layer.bias.detach()  # [D], [1]
+        gw = torch.zeros_like(w)  # [D]
         half = x.dtype in (torch.float16, torch.bfloat16)
+        scale = _batch_scale(self.cfg, b)
+        total = torch.zeros((), dtype=self.s.dtype)
         for blk in b.blocks:
             xb = x[b.start + blk.start:b.start + blk.end]  # [R, D]
             if half:
                 xb = self.buf[: len(xb)].copy_(xb)
-            s, g = s_all[blk.start:blk.end], g_all[blk.start:blk.end]
-            torch.addmv(bias, xb, wv, out=s)
-            _block_grad(self.cfg, s, blk, scale, g)
-            torch.addmv(gw, xb.t(), g, out=gw)
+            torch.addmv(bias, xb, w, out=self.s[blk.start:blk.end])
+            total += _block_grad(self.cfg, self.s, blk, scale, self.g)
+            torch.addmv(gw, xb.t(), self.g[blk.start:blk.end], out=gw)
         layer.weight.grad = gw.unsqueeze(0)
         # pg/bt/dpo only compare scores of one prompt: their bias gradient is exactly 0 (a sum of
         # rounding errors here, which Adam would turn into lr-sized steps)
-        shift_free = self.cfg.objective not in ("q", "ce")
-        layer.bias.grad = torch.zeros_like(bias) if shift_free else g_all.sum().reshape(1)
-        return _batch_loss(self.cfg, s_all, b)
+        if self.cfg.objective in ("q", "ce"):
+            layer.bias.grad = self.g[: b.end - b.start].sum().reshape(1)
+        else:
+            layer.bias.grad = torch.zeros_like(bias)
+        if self.cfg.objective == "pg" and b.baseline is not None:
+            total += b.baseline.sum()  # -sum_i p_i (r_i - b) = -sum_i p_i r_i + b per group
+        return total * scale
 
 
 def _fit(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
