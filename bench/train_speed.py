@@ -11,7 +11,8 @@ min_steps 0 so exactly 150 epochs run), timed end to end: feature statistics, la
 standardisation and training. "new" is the current trainer (fused one-pass step in cache-sized
 blocks, single-threaded setup); "old" sets `qprobe.train.LEGACY_STEP`, which restores the previous
 step (two matrix-vector passes per batch, autograd on the scores; float16: half-precision GEMVs
-on a row-major and a transposed copy) and the previous threading of the setup. Both run at
+on a row-major and a transposed copy) and the previous threading of the setup (the new
+float32 feature statistics run in both). Both run at
 `precision` float32 and float16 (features stored in half precision). The data fingerprint
 (sha256) is switched off; it is not training. Wall and CPU seconds are both shown: on a machine
 shared with other jobs the wall time mostly measures the queue for a core, the CPU time (all

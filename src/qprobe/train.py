@@ -1,9 +1,10 @@
 """Training a Q-probe on (features, rewards) or (features, preference pairs).
 
 The trainer is written for CPU speed: the training rows are laid out once, standardised, as one
-float32 matrix in the order the objective needs (q/ce: shuffled rows; pg: groups of m samples of
-one prompt; bt: chosen/rejected row pairs; dpo: whole prompts), and every batch is a contiguous
-slice of it. Each epoch visits the batches in a new random order. Re-shuffling rows every epoch
+float32 (or float16, `precision`) matrix in the order the objective needs (q/ce: shuffled rows;
+pg: groups of m samples of one prompt; bt: chosen/rejected row pairs; dpo: whole prompts), and
+every batch is a contiguous slice of it. A linear probe trains with a fused step that reads each
+batch once, in cache-sized blocks of whole units (see "the fused linear step" below). Each epoch visits the batches in a new random order. Re-shuffling rows every epoch
 would mean gathering the whole matrix again, which costs more than the training step itself on a
 CPU; the batch composition therefore stays fixed for a run (drawn from the seed).
 
@@ -278,7 +279,8 @@ def _threads(n: int):
 # --- the trainer --------------------------------------------------------------------------------
 def _linear_step(cfg: TrainConfig, layer: torch.nn.Linear, xb: torch.Tensor, b: _Batch
                  ) -> torch.Tensor:
-    """Loss and gradients of a linear probe with two matrix-vector products.
+    """The previous linear step (LEGACY_STEP; bench/train_speed.py compares against it): loss and
+    gradients of a linear probe with two matrix-vector products.
 
     Autograd only runs on the score vector; the gradient of the weights is X^T dL/ds. Same maths
     as `loss.backward()`, but reads the batch twice instead of going through a general matmul
@@ -330,8 +332,8 @@ class _Block:
     index: torch.Tensor | None = None  # pg: [G*m] rows of the groups; dpo: [P*k] others
     pos: torch.Tensor | None = None  # pg: [n] position of each row in the flat [G*m] matrix
     width: int = 0  # pg: m; dpo: k (others per pair)
-    chosen: torch.Tensor | None = None  # dpo: [P]
-    rejected: torch.Tensor | None = None  # dpo: [P]
+    pair: torch.Tensor | None = None  # dpo: [P*2] chosen, rejected, chosen, ...
+    targets: torch.Tensor | None = None  # dpo: [P*2 + P*k] pair, then index
 
 
 def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int, pad: int) -> list[_Block]:
@@ -369,11 +371,13 @@ def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int, pad: int) -> list[_Bloc
             pair_end = pair_at
             while pair_end < len(b.chosen) and int(b.chosen[pair_end]) < e:
                 pair_end += 1
-            blk.chosen, blk.rejected = b.chosen[pair_at:pair_end], b.rejected[pair_at:pair_end]
+            ch, rj = b.chosen[pair_at:pair_end], b.rejected[pair_at:pair_end]  # [P]
             oth = b.index[pair_at:pair_end]  # [P, k]
-            assert bool(((blk.chosen >= s) & (blk.rejected >= s) & (blk.rejected < e)).all())
+            assert bool(((ch >= s) & (rj >= s) & (rj < e)).all())
             assert bool(((oth < 0) | ((oth >= s) & (oth < e))).all())
+            blk.pair = torch.stack([ch, rj], 1).reshape(-1)
             blk.index = torch.where(oth >= 0, oth, pad).reshape(-1)
+            blk.targets = torch.cat([blk.pair, blk.index])
             blk.width = oth.shape[1]
             pair_at = pair_end
         out.append(blk)
@@ -431,19 +435,20 @@ def _block_grad(cfg: TrainConfig, s_all: torch.Tensor, blk: _Block, scale: float
         e = torch.index_select(s_all, 0, blk.index).div_(beta).view(-1, blk.width)  # [P, k]
         top = e.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # [P, 1]
         e.sub_(top).exp_()  # exp(u_j - top): the top one is 1, padding 0
-        tot = e.sum(-1)  # [P]: >= 1 where the pair has another sample, else 0
-        has = tot > 0
-        c = torch.where(has, tot.log().add_(top[:, 0]), 0.0)  # logsumexp(u_others)
-        uw, ul = s_all[blk.chosen] / beta, s_all[blk.rejected] / beta  # [P]
-        m = F.logsigmoid(uw - c).sub_(F.logsigmoid(ul - c)).mul_(has)  # [P] margin (0: no other)
+        tot = e.sum(-1, keepdim=True)  # [P, 1]: >= 1 where the pair has another sample, else 0
+        has = (tot > 0)[:, 0]  # [P]
+        c = torch.where(tot > 0, tot.log().add_(top), 0.0)  # [P, 1] logsumexp(u_others)
+        z = torch.index_select(s_all, 0, blk.pair).div_(beta).view(-1, 2).sub_(c)  # [P, 2] u - c
+        ls = F.logsigmoid(z)  # [P, 2]
+        m = (ls[:, 0] - ls[:, 1]).mul_(has)  # [P] margin (0: no other sample)
         loss = F.softplus(m.mul_(-beta)).sum()  # -log sigmoid(beta m)
-        dm = m.sigmoid_().mul_(has).mul_(-scale)  # dL/dm / beta  (du = ds / beta)
-        aw, al = torch.sigmoid(c - uw), torch.sigmoid(c - ul)
-        e.mul_(((al - aw) * dm).div_(tot.clamp_min_(1.0))[:, None])  # dL/ds of the others
+        dm = m.sigmoid_().mul_(has).mul_(-scale)  # [P] dL/dm / beta  (du = ds / beta)
+        a = z.neg_().sigmoid_()  # [P, 2] sigmoid(c - u_w), sigmoid(c - u_l)
+        e.mul_((a[:, 1] - a[:, 0]).mul_(dm)[:, None].div_(tot.clamp_min_(1.0)))  # others
+        a.mul_(dm[:, None])
+        a[:, 1].neg_()  # chosen: dm sigmoid(c - u_w); rejected: -dm sigmoid(c - u_l)
         g.zero_()
-        g_all.index_add_(0, blk.chosen, dm * aw)
-        g_all.index_add_(0, blk.rejected, dm.mul_(al).neg_())
-        g_all.index_add_(0, blk.index, e.view(-1))
+        g_all.index_add_(0, blk.targets, torch.cat([a.view(-1), e.view(-1)]))
     return loss
 
 

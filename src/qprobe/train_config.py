@@ -49,9 +49,9 @@ class TrainConfig:
         "help": "standardise features with mean/std of the training rows (stored in the probe)"})
     precision: str = field(default="float32", metadata={
         "help": "linear probes: float16 keeps the standardised training features in half "
-                "precision (float32 accumulation, float32 weights and optimiser): half the memory "
-                "traffic, about 2x faster on CPU, ~3e-4 relative rounding in scores and "
-                "gradients. MLP probes always train in float32",
+                "precision and upcasts them block by block (float32 arithmetic, weights and "
+                "optimiser): half the memory traffic, faster on CPU; the features carry 2^-11 "
+                "relative rounding. MLP probes always train in float32",
         "choices": ("float32", "float16")})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, split and order"})
     val_fraction: float = field(default=0.0, metadata={
