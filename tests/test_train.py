@@ -231,3 +231,14 @@ def test_fused_step_trains_the_same_probe_as_the_autograd_step(planted, objectiv
         assert torch.allclose(got.net[0].bias, want.net[0].bias, rtol=1e-4, atol=1e-5)
     else:
         assert float(got.net[0].bias.detach()) == 0.0
+
+
+@pytest.mark.parametrize("objective", ["pg", "dpo"])
+def test_fused_float16_training_is_bit_for_bit_deterministic(planted, objective):
+    tr, _ = planted
+    pairs = tr.pairs(4, np.random.default_rng(0)) if objective == "dpo" else None
+    cfg = TrainConfig(objective=objective, precision="float16", lr=3e-3, min_steps=0, epochs=5)
+    a, _ = train_probe(tr.features, tr.rewards, tr.groups, pairs, cfg, data_fingerprint=False)
+    b, _ = train_probe(tr.features, tr.rewards, tr.groups, pairs, cfg, data_fingerprint=False)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
