@@ -187,6 +187,21 @@ def main() -> None:
             speed = f"{b['tok_s'] / c['tok_s']:10.2f}x" if b and c else f"{'-':>11s}"
             frac = f"{100 * b['tok_s'] / roof:12.1f}%" if b else f"{'-':>13s}"
             print(f"{m:10s} {k:3d} {cell(a)} {cell(b)} {cell(c)} {ratio} {speed} {frac}")
+    # The same, per CPU-second the process actually got: steadier on a shared machine.
+    cpu_g = (cpu_gflops_before + cpu_gflops_after) / 2
+    print(f"\n# per CPU-second/thread (roofline {cpu_g:.1f} GFLOP/s per CPU-second/thread)")
+    print(f"{'model':10s} {'k':>3s} {'(a) tok/s':>10s} {'(b) tok/s':>10s} {'(c) tok/s':>10s} "
+          f"{'(b)/(a) time':>13s} {'(b) vs (c)':>11s} {'(b) roofline':>13s}")
+    for m in models:
+        for k in [int(x) for x in args.ks.split(",")]:
+            by = {r["variant"]: r for r in results if r["model"] == m and r["k"] == k}
+            rate = {v: r["tokens"] / (r["cpu_s"] / threads) for v, r in by.items()}
+            roof = cpu_g * 1e9 / (2 * next(iter(by.values()))["params"])
+            cells = " ".join(f"{rate[v]:10.1f}" if v in rate else f"{'-':>10s}" for v in "abc")
+            ratio = f"{rate['a'] / rate['b']:13.3f}" if "a" in rate and "b" in rate else f"{'-':>13s}"
+            speed = f"{rate['b'] / rate['c']:10.2f}x" if "b" in rate and "c" in rate else f"{'-':>11s}"
+            frac = f"{100 * rate['b'] / roof:12.1f}%" if "b" in rate else f"{'-':>13s}"
+            print(f"{m:10s} {k:3d} {cells} {ratio} {speed} {frac}")
 
 
 if __name__ == "__main__":
