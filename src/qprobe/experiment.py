@@ -456,6 +456,11 @@ def run_experiment(
             "pass@k": {str(k): dataclasses.asdict(e) for k, e in base.pass_at_k.items()},
             "notes": base.notes,
         }
+        if 0 < len(shots) < cfg.baselines.few_shot or (cfg.baselines.few_shot and not shots):
+            entry["notes"].append(
+                f"few-shot baseline: only {len(shots)} successful train completion(s) of "
+                f"{cfg.baselines.few_shot} wanted" + ("; baseline skipped" if not shots else "")
+            )
         if ts.label in greedy_dirs:
             entry["greedy"] = _baseline_entry(greedy_dirs[ts.label], ev.n_boot, cfg.seed)
         if ts.label in fewshot_dirs:

@@ -87,15 +87,15 @@ def results_markdown(res: dict[str, Any]) -> str:
             )
         for obj, pr in t["probes"].items():
             g = pr["gain_over_pass@1"]
-            head = g["mean"] / (pk - p1) if pk > p1 else float("nan")
+            head = f"{g['mean'] / (pk - p1):.0%}" if pk > p1 else "-"  # no headroom: undefined
             sm = pr["seed_means"]
             lines.append(
                 f"| probe `{obj}` (k={k}, beta={beta}) | {_ci(pr['mean_over_seeds'])} | "
-                f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head:.0%} | "
-                f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seeds) |"
+                f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head} | "
+                f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seed{'s' if len(sm) > 1 else ''}) |"
             )
         lines.append(
-            f"| pass@{k} (skyline) | {_ci(t['pass@k'][str(k)])} | {pk - p1:+.3f} | 100% | |"
+            f"| pass@{k} (skyline) | {_ci(t['pass@k'][str(k)])} | {pk - p1:+.3f} | {'100%' if pk > p1 else '-'} | |"
         )
         lines.append("")
         for n in t.get("notes", []):
