@@ -92,3 +92,8 @@ def test_cli_generate_all_json(tiny, capsys) -> None:
     assert main(args) == 0
     assert capsys.readouterr().out.rstrip("\n") == d["text"]
     assert main(["generate", "--probe", str(folder), "hi"]) == 2  # a model folder is no probe
+    assert main(args + ["--task", "no-such-task"]) == 2
+    capsys.readouterr()
+    assert main(args + ["--all", "--max-new-tokens", "40", "--task", "times-tables"]) == 0
+    cands = json.loads(capsys.readouterr().out)["candidates"]
+    assert all("\n" not in c["text"] for c in cands)  # the task's stop string "\n" applies

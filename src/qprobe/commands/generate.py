@@ -38,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (0.95)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion (256)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="also stop at this task's stop strings (e.g. times-tables, mbpp)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and choice (0)")
     p.add_argument(
         "--all",
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from qprobe.errors import QProbeError
     from qprobe.generate import QProbePolicy
     from qprobe.probe import Probe
+    from qprobe.tasks import get_task
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     probe = Probe.load(args.probe)
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
-        stop=args.stop,
+        stop=list(args.stop) + (list(get_task(args.task).stop) if args.task else []),
         seed=args.seed,
     )
     is_api = str(args.model).startswith(("http://", "https://"))
