@@ -74,6 +74,18 @@ def _cat_bias(*mods) -> torch.Tensor | None:
     ).detach()
 
 
+def _fuse(*mods) -> torch.Tensor:
+    """Concatenate the weights of linear layers [sum(out), in], and point each layer's weight at
+    its rows of the fused tensor, so the model keeps working without a second copy in memory."""
+    fused = torch.cat([m.weight.detach() for m in mods]).contiguous()
+    row = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(fused[row : row + n], requires_grad=False)
+        row += n
+    return fused
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -105,12 +117,12 @@ class FastDecoder:
                 self.layers.append(
                     _Layer(
                         ln1=blk.input_layernorm.weight.detach(),
-                        wqkv=torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]).contiguous(),
+                        wqkv=_fuse(at.q_proj, at.k_proj, at.v_proj),
                         bqkv=_cat_bias(at.q_proj, at.k_proj, at.v_proj),
                         wo=at.o_proj.weight.detach(),
                         bo=None if at.o_proj.bias is None else at.o_proj.bias.detach(),
                         ln2=blk.post_attention_layernorm.weight.detach(),
-                        wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+                        wgu=_fuse(mlp.gate_proj, mlp.up_proj),
                         bgu=_cat_bias(mlp.gate_proj, mlp.up_proj),
                         wd=mlp.down_proj.weight.detach(),
                         bd=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
