@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import random
 
-from qprobe.tasks.base import Score, Task, check_columns
-from qprobe.tasks.gsm8k import extract
+from qprobe.tasks.gsm8k import AnswerTask
 
 LOW, HIGH = 2, 12
 N_TEST = 40
@@ -31,7 +30,7 @@ def _problems() -> list[tuple[int, int]]:
     return pairs
 
 
-class TimesTables(Task):
+class TimesTables(AnswerTask):
     name = "times-tables"
     description = "times tables a * b (a, b in 2..12), exact numeric answer; 81 train / 40 test"
     stop = ["\n"]
@@ -56,19 +55,3 @@ class TimesTables(Task):
 
     def _load(self, split: str) -> list[dict]:
         return [dict(r) for r in self._rows[split]]
-
-    def score(self, prompts: list[str], completions: list[str], **columns) -> list[Score]:
-        check_columns(self.name, prompts, completions, columns)
-        answers = columns.get("answer")
-        if answers is None:
-            answers = [self.row(str(pid))["answer"] for pid in columns.get("prompt_id") or []]
-        if len(answers) != len(prompts):
-            from qprobe.errors import QProbeError
-
-            raise QProbeError(f"{self.name}: scoring needs prompt_id or answer columns")
-        out = []
-        for c, want in zip(completions, answers):
-            got = extract(c, "flexible")
-            ok = got is not None and got == str(want)
-            out.append(Score(1.0 if ok else 0.0, "passed" if ok else "failed", f"{got} vs {want}"))
-        return out

@@ -24,7 +24,7 @@ from qprobe.errors import QProbeError
 from qprobe.sandbox import SandboxConfig
 from qprobe.tasks.base import Score, Task, check_columns, read_jsonl
 from qprobe.tasks.code import CODE_STOP, CodeTask
-from qprobe.tasks.gsm8k import extract, normalize
+from qprobe.tasks.gsm8k import AnswerTask, normalize
 
 
 def _load_rows(path: Path, need: str) -> dict[str, list[dict]]:
@@ -74,27 +74,16 @@ class CustomCodeTask(_JsonlTask, CodeTask):
         return row["prompt"] + completion + "\n" + str(row["tests"]) + "\n"
 
 
-class CustomAnswerTask(_JsonlTask):
+class CustomAnswerTask(_JsonlTask, AnswerTask):
     need = "answer"
     stop: list[str] = []
 
-    def score(self, prompts: list[str], completions: list[str], **columns) -> list[Score]:
-        check_columns(self.name, prompts, completions, columns)
-        answers = columns.get("answer")
-        if answers is None:
-            answers = [self.row(str(p))["answer"] for p in columns.get("prompt_id") or []]
-            if len(answers) != len(prompts):
-                raise QProbeError(f"{self.name}: scoring needs prompt_id or answer columns")
-        out = []
-        for c, a in zip(completions, answers):
-            want = normalize(str(a))
-            if want is not None:
-                got = extract(c, "flexible")
-            else:
-                got, want = c.strip(), str(a).strip()
-            ok = got == want
-            out.append(Score(float(ok), "passed" if ok else "failed", f"answer {got!r} vs {want!r}"))
-        return out
+    def match(self, completion: str, answer: str) -> tuple[bool, str | None, str | None]:
+        """Numbers compare after normalisation; other answers must equal the stripped text."""
+        if normalize(str(answer)) is not None:
+            return super().match(completion, answer)
+        got, want = completion.strip(), str(answer).strip()
+        return got == want, got, want
 
 
 class CallableTask(Task):

@@ -52,7 +52,35 @@ def gold(answer: str) -> str:
     return n
 
 
-class GSM8K(Task):
+class AnswerTask(Task):
+    """A task scored by comparing the answer extracted from the completion with a gold answer.
+
+    Rows carry an "answer" column (or the task looks it up by prompt_id). Numbers are compared
+    after normalisation; `match` is the one place that decides, subclasses may refine it.
+    """
+
+    mode = "flexible"
+
+    def match(self, completion: str, answer: str) -> tuple[bool, str | None, str | None]:
+        """(correct, extracted answer, normalised gold answer)."""
+        got, want = extract(completion, self.mode), normalize(str(answer))
+        return got is not None and got == want, got, want
+
+    def score(self, prompts: list[str], completions: list[str], **columns) -> list[Score]:
+        check_columns(self.name, prompts, completions, columns)
+        answers = columns.get("answer")
+        if answers is None:
+            answers = [self.row(str(pid))["answer"] for pid in columns.get("prompt_id") or []]
+            if len(answers) != len(prompts):
+                raise QProbeError(f"{self.name}: scoring needs prompt_id or answer columns")
+        out = []
+        for c, a in zip(completions, answers):
+            ok, got, want = self.match(c, a)
+            out.append(Score(float(ok), "passed" if ok else "failed", f"answer {got!r} vs gold {want!r}"))
+        return out
+
+
+class GSM8K(AnswerTask):
     description = "GSM8K: 7473 train / 1319 test maths word problems, exact numeric answer"
     stop = ["\n\nQuestion:", "Question:", "\n\n\n"]
 
@@ -91,18 +119,3 @@ class GSM8K(Task):
             for i, r in enumerate(self._raw(split))
         ]
 
-    def score(self, prompts: list[str], completions: list[str], **columns) -> list[Score]:
-        check_columns(self.name, prompts, completions, columns)
-        answers = columns.get("answer")
-        if answers is None:
-            answers = [self.row(str(pid))["answer"] for pid in columns.get("prompt_id") or []]
-            if len(answers) != len(prompts):
-                raise QProbeError(f"{self.name}: scoring needs prompt_id or answer columns")
-        out = []
-        for c, a in zip(completions, answers):
-            got = extract(c, self.mode)
-            want = normalize(str(a))
-            ok = got is not None and got == want
-            out.append(Score(1.0 if ok else 0.0, "passed" if ok else "failed",
-                             f"answer {got} vs gold {want}"))  # fmt: skip
-        return out
