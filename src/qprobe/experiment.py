@@ -54,7 +54,7 @@ class ModelConfig:
         default=None,
         metadata={"help": "wrap prompts in the chat template (null: when the tokenizer has one)"},
     )
-    max_batch_rows: int = field(default=64, metadata={"help": "sequences decoded at once"})
+    max_batch_rows: int = field(default=128, metadata={"help": "sequences decoded at once (CPU GEMMs run near full rate from ~128 rows)"})
 
 
 @dataclass
