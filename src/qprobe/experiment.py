@@ -310,6 +310,10 @@ class Log:
         self.say(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
 
 
+def _fmt_reward(x: float | None) -> str:
+    return "n/a (not scored)" if x is None else f"{x:.3f}"
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     limit: int | None = None,
@@ -374,7 +378,7 @@ def run_experiment(
             say(f"{out_dir.name}: {summary['prompts']} prompts x {k} already collected")
         else:
             say(f"{out_dir.name}: {summary['new_rows']} new samples in "
-                f"{summary['seconds']:.0f}s, mean reward {summary['mean_reward']}")  # fmt: skip
+                f"{summary['seconds']:.0f}s, mean reward {_fmt_reward(summary['mean_reward'])}")  # fmt: skip
 
     try:
         # 1. collect ---------------------------------------------------------------------
