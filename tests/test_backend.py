@@ -67,6 +67,40 @@ def test_generation_features_equal_reencoded(position):
     np.testing.assert_allclose(gen, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_finished_rows_leave_the_batch():
+    """A row that stops early is no longer computed while its group's other rows go on, and a
+    group whose rows have all stopped leaves too; the rows that go on are the same as in a run
+    where nothing stops (same seed), and every feature equals the re-encoded one."""
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model("qwen2", seed=4), build_tokenizer(), identity="tiny",
+                         layer=1, chat=False, feature_dtype="float32")
+    prompts = ["def add(a, b):", "hello there, how", "x", "yes", "zzz", "qq"]
+    stop = ["e", "a", "o", "i", " ", "t"]
+    free = lm.sample(prompts, 2, SamplingParams(temperature=1.0, max_new_tokens=16, seed=9))
+    seen: list[tuple[int, int]] = []  # (computed rows, live prompt groups) at each step
+    step = lm._dec.step
+
+    def spy(state, tok, *a, **kw):
+        seen.append((tok.shape[0], state["bias"].shape[0]))
+        return step(state, tok, *a, **kw)
+
+    lm._dec.step = spy
+    cut = lm.sample(prompts, 2, SamplingParams(temperature=1.0, max_new_tokens=16, seed=9, stop=stop))
+    assert any(n % 2 for n, _ in seen)  # a group ran with only part of its rows
+    assert any(1 < g < len(prompts) for _, g in seen)  # a finished group left, others went on
+    n_same = 0
+    for gf, gc in zip(free, cut):
+        for f, c in zip(gf, gc):
+            assert c.token_ids == f.token_ids[: len(c.token_ids)]
+            if not any(st in f.text for st in stop):
+                n_same += 1
+                assert c.token_ids == f.token_ids
+                np.testing.assert_allclose(c.feature, f.feature, rtol=1e-4, atol=1e-4)
+    assert n_same >= 1
+    ref = lm.embedder().embed([p for p in prompts for _ in range(2)], [c.text for g in cut for c in g])
+    np.testing.assert_allclose(np.stack([c.feature for g in cut for c in g]), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_seeded_determinism_and_batch_independence(lm):
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=7)
     a = lm.sample(PROMPTS, 4, params)

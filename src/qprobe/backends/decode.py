@@ -10,6 +10,8 @@ KV cache by concatenation, sorts the whole vocabulary for top-p at every step, a
   decode attention scores the prompt part per prompt group and the generated part per row, and
   joins them in one softmax;
 - the generated part lives in a preallocated KV buffer (no concatenation);
+- a row that finishes (EOS, stop string) leaves the batch at once: its matmuls stop, so a
+  few long samples do not make every short one pay for their length;
 - projections are fused (q|k|v, gate|up) so each step is a few large matmuls;
 - top-p takes the top 64 logits and checks their mass; only rows whose nucleus is wider than
   that fall back to a full sort;
@@ -187,67 +189,84 @@ class FastDecoder:
         state = {"prompt": cache, "bias": bias, "gen": None}
         return F.linear(h, self.lm_head).float(), feat, state
 
-    def select(self, state: dict, keep_g: torch.Tensor, keep_r: torch.Tensor, s: int) -> dict:
-        """Keep prompt groups keep_g (rows keep_r) of the state; steps 0..s-1 are filled."""
+    def select(self, state: dict, keep_g: torch.Tensor, keep_r: torch.Tensor, slots: torch.Tensor,
+               s: int, k: int) -> dict:
+        """Keep prompt groups keep_g and computed rows keep_r; steps 0..s-1 are filled.
+
+        slots [A']: the slot (group * k + sample) of each kept row in the kept groups' layout.
+        """
         gen = None if state["gen"] is None else []
         for gk, gv in state["gen"] or []:
-            nk = torch.empty(len(keep_r), *gk.shape[1:], dtype=gk.dtype, device=gk.device)
-            nv = torch.empty_like(nk)
-            nk[:, :, :s] = gk.index_select(0, keep_r)[:, :, :s]
-            nv[:, :, :s] = gv.index_select(0, keep_r)[:, :, :s]
+            nk = torch.zeros(len(keep_r), *gk.shape[1:], dtype=gk.dtype, device=gk.device)
+            nv = torch.zeros_like(nk)
+            nk[:, :, :s] = gk[:, :, :s].index_select(0, keep_r)
+            nv[:, :, :s] = gv[:, :, :s].index_select(0, keep_r)
             gen.append((nk, nv))
         return {
             "prompt": [(pk.index_select(0, keep_g), pv.index_select(0, keep_g))
                        for pk, pv in state["prompt"]],
             "bias": state["bias"].index_select(0, keep_g),
             "gen": gen,
+            "slots": None if len(keep_r) == len(keep_g) * k else slots,
         }
 
     # -- one decode step ----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, state: dict, tok: torch.Tensor, pos: torch.Tensor, s: int, k: int, layer: int,
              n_steps: int, logits: bool = True):
-        """Feed token s of every row.
+        """Feed token s of every computed row.
 
-        tok, pos: [B]; state["bias"]: [P, 1, 1, T0] (0 or -inf on padding); state["gen"]: per
-        layer (k, v) buffers [B, Hkv, n_steps, hd] (allocated at s = 0), this step writes index s.
+        Only unfinished rows are computed: A of the B = P * k slots of the live prompt groups,
+        state["slots"] [A] says which (None: all of them, A = B). tok, pos: [A];
+        state["bias"]: [P, 1, 1, T0] (0 or -inf on padding); state["gen"]: per layer (k, v)
+        buffers [A, Hkv, n_steps, hd] (allocated at s = 0), this step writes index s.
         Stops after block `layer` when `logits` is False.
-        Returns (logits [B, V] or None, residual after `layer` [B, D]).
+        Returns (logits [A, V] or None, residual after `layer` [A, D]).
         """
-        b = tok.shape[0]
+        a = tok.shape[0]
         if state["gen"] is None:
             state["gen"] = [
-                (torch.empty(b, self.hkv, n_steps, self.hd, dtype=self.dtype, device=tok.device),
-                 torch.empty(b, self.hkv, n_steps, self.hd, dtype=self.dtype, device=tok.device))
+                (torch.zeros(a, self.hkv, n_steps, self.hd, dtype=self.dtype, device=tok.device),
+                 torch.zeros(a, self.hkv, n_steps, self.hd, dtype=self.dtype, device=tok.device))
                 for _ in range(self.n_layers)
             ]
         prompt_cache, prompt_bias, gen_cache = state["prompt"], state["bias"], state["gen"]
-        p = b // k
+        slots = state.get("slots")
+        p = prompt_bias.shape[0]
+        b = p * k
         g = self.h // self.hkv
         cos, sin = self._rope(pos[:, None])
-        x = F.embedding(tok[:, None], self.embed)  # [B, 1, D]
+        x = F.embedding(tok[:, None], self.embed)  # [A, 1, D]
         feat = None
         for i, lyr in enumerate(self.layers):
-            q, kk, vv = self._qkv(lyr, x, cos, sin)  # q [B, H, 1, hd], kk/vv [B, Hkv, 1, hd]
+            q, kk, vv = self._qkv(lyr, x, cos, sin)  # q [A, H, 1, hd], kk/vv [A, Hkv, 1, hd]
             gk, gv = gen_cache[i]
             gk[:, :, s] = kk[:, :, 0]
             gv[:, :, s] = vv[:, :, 0]
             pk, pv = prompt_cache[i]  # [P, Hkv, T0, hd]
             t0 = pk.shape[2]
             q = q * self.scale
-            # Prompt part: all k rows of a prompt against its one cache.
-            qp = q.view(p, k, self.hkv, g, self.hd).transpose(1, 2).reshape(p, self.hkv, k * g, self.hd)
+            # Prompt part: all k slots of a prompt against its one cache (finished slots hold
+            # zeros and are dropped again right after).
+            qs = q if slots is None else q.new_zeros(b, *q.shape[1:]).index_copy_(0, slots, q)
+            qp = qs.view(p, k, self.hkv, g, self.hd).transpose(1, 2).reshape(p, self.hkv, k * g, self.hd)
             sp = torch.matmul(qp, pk.transpose(-1, -2)) + prompt_bias  # [P, Hkv, kG, T0]
             sp = sp.view(p, self.hkv, k, g, t0).transpose(1, 2).reshape(b, self.hkv, g, t0)
+            if slots is not None:
+                sp = sp.index_select(0, slots)  # [A, Hkv, G, T0]
             # Generated part: each row against its own tokens 0..s.
-            qg = q.view(b, self.hkv, g, self.hd)
-            sg = torch.matmul(qg, gk[:, :, : s + 1].transpose(-1, -2))  # [B, Hkv, G, s+1]
+            qg = q.view(a, self.hkv, g, self.hd)
+            sg = torch.matmul(qg, gk[:, :, : s + 1].transpose(-1, -2))  # [A, Hkv, G, s+1]
             pr = torch.softmax(torch.cat([sp, sg], dim=-1), dim=-1)
             pp, pg = pr.split([t0, s + 1], dim=-1)
+            if slots is not None:
+                pp = pp.new_zeros(b, *pp.shape[1:]).index_copy_(0, slots, pp)
             pp = pp.reshape(p, k, self.hkv, g, t0).transpose(1, 2).reshape(p, self.hkv, k * g, t0)
             op = torch.matmul(pp, pv)  # [P, Hkv, kG, hd]
             op = op.view(p, self.hkv, k, g, self.hd).transpose(1, 2).reshape(b, self.h * self.hd)
-            og = torch.matmul(pg, gv[:, :, : s + 1]).reshape(b, self.h * self.hd)
+            if slots is not None:
+                op = op.index_select(0, slots)  # [A, H hd]
+            og = torch.matmul(pg, gv[:, :, : s + 1]).reshape(a, self.h * self.hd)
             x = x + F.linear((op + og)[:, None], lyr.wo, lyr.bo)
             x = self._mlp(lyr, x)
             if i == layer:
@@ -331,10 +350,14 @@ class GenericDecoder:
                                   position_ids=pos[:, None], past_key_values=state["cache"])
         return (None if out is None else out.logits[:, -1].float()), feat
 
-    def select(self, state: dict, keep_g: torch.Tensor, keep_r: torch.Tensor, s: int) -> dict:
-        keep = keep_r if state["expanded"] else keep_g
-        state["cache"].batch_select_indices(keep)
-        state["mask"] = state["mask"].index_select(0, keep)
+    def select(self, state: dict, keep_g: torch.Tensor, keep_r: torch.Tensor, slots: torch.Tensor,
+               s: int, k: int) -> dict:
+        if not state["expanded"]:  # rows are dropped one by one: expand to one cache row each
+            state["cache"].batch_repeat_interleave(k)
+            state["mask"] = state["mask"].repeat_interleave(k, 0)
+            state["expanded"] = True
+        state["cache"].batch_select_indices(keep_r)
+        state["mask"] = state["mask"].index_select(0, keep_r)
         return state
 
 
@@ -456,8 +479,9 @@ def run_batch(
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
     window = max((len(s.encode()) for s in stop), default=0) + 1
 
-    live = np.arange(b)  # original row index of each batch row (whole groups of k)
-    logits = logits_p.repeat_interleave(k, 0)  # [B, V]
+    live = np.arange(b)  # original row index of each computed (unfinished) row
+    groups = np.arange(p)  # original prompt index of each live prompt group
+    logits = logits_p.repeat_interleave(k, 0)  # [A, V]
     active = np.ones(b, dtype=bool)  # indexed by original row
     finish = [""] * b
     by_eos = np.zeros(b, dtype=bool)
@@ -466,12 +490,11 @@ def run_batch(
         tok = sample_tokens(logits, temperature, top_p, uniforms(seeds[live], s))
         tok_np = tok.cpu().numpy()
         tokens[live, s] = tok_np
-        act = active[live]
-        is_eos = torch.isin(tok, eos).cpu().numpy() & act if eos.numel() else np.zeros_like(act)
+        is_eos = torch.isin(tok, eos).cpu().numpy() if eos.numel() else np.zeros(len(live), bool)
         for r in live[is_eos]:
             active[r], finish[r], end_step[r], by_eos[r] = False, "stop", s, True
         if stop:
-            rows = live[act & ~is_eos]
+            rows = live[~is_eos]
             texts = detok([tokens[r, max(0, s - window + 1) : s + 1].tolist() for r in rows])
             for r, t in zip(rows, texts):
                 if any(st in t for st in stop):
@@ -485,15 +508,20 @@ def run_batch(
                 _, h = dec.step(state, tok, pos0 + s, s, k, layer, n_steps, logits=False)
                 feats[torch.from_numpy(live), s] = h.float().cpu()
             break
-        # Drop prompt groups whose k rows are all finished (their cache is never read again).
-        group_live = active[live].reshape(-1, k).any(-1)  # [P_live]
-        if not group_live.all():
-            keep_g = torch.from_numpy(np.nonzero(group_live)[0]).to(dev)
-            keep_r = torch.from_numpy(np.nonzero(np.repeat(group_live, k))[0]).to(dev)
-            state = dec.select(state, keep_g, keep_r, s)
+        # Drop finished rows (their token s is never fed: nothing after it is kept) and prompt
+        # groups with no unfinished row left (their prompt cache is never read again).
+        keep = active[live]
+        if not keep.all():
+            live = live[keep]
+            group_live = np.isin(groups, live // k)
+            keep_g = np.nonzero(group_live)[0]
+            groups = groups[keep_g]
+            slots = np.searchsorted(groups, live // k) * k + live % k
+            keep_r = torch.from_numpy(np.nonzero(keep)[0]).to(dev)
+            state = dec.select(state, torch.from_numpy(keep_g).to(dev), keep_r,
+                               torch.from_numpy(slots).to(dev), s, k)
             pos0 = pos0.index_select(0, keep_r)
             tok = tok.index_select(0, keep_r)
-            live = live[keep_r.cpu().numpy()]
         logits, h = dec.step(state, tok, pos0 + s, s, k, layer, n_steps)
         if features:
             feats[torch.from_numpy(live), s] = h.float().cpu()
