@@ -81,6 +81,21 @@ def test_collect_scores_rewards(tiny, tmp_path):
     assert np.isfinite(r.rewards).all() and set(np.unique(r.rewards)) <= {0.0, 1.0}
 
 
+def test_a_model_passed_in_sets_the_batch_size(tiny, tmp_path):
+    """`qprobe run` hands collect a loaded model: its max_batch_rows decides the prompts per
+    batch (and shard), so an experiment's `max_batch_rows` takes effect."""
+    from qprobe.backends import load_model
+    from qprobe.collect import CollectConfig, collect
+
+    task = _prompts(tmp_path / "p.jsonl", 5)
+    lm = load_model(str(tiny), chat=False, max_batch_rows=6)  # 6 rows // k=3: 2 prompts
+    cfg = CollectConfig(out=str(tmp_path / "out"), task=str(task), k=3, max_new_tokens=6,
+                        progress=False)
+    collect(cfg, lm=lm)
+    assert len(Rollouts(tmp_path / "out")) == 15
+    assert len(list((tmp_path / "out").glob("samples-*.parquet"))) == 3  # 2 + 2 + 1 prompts
+
+
 def test_same_command_reproduces_and_resume_extends(tiny, tmp_path):
     task = _prompts(tmp_path / "p.jsonl", 4)
     a, b = tmp_path / "a", tmp_path / "b"

@@ -36,7 +36,7 @@ class CollectConfig:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     seed: int = field(default=0, metadata={"help": "Seed; each (prompt, sample) is seeded."})
     batch_prompts: int | None = field(
-        default=None, metadata={"help": "Prompts per batch and shard (default: 128 // k, >= 1)."}
+        default=None, metadata={"help": "Prompts per batch and shard (default: the model's rows at once, 128, // k; >= 1)."}
     )
     chat: bool | None = field(
         default=None, metadata={"help": "Wrap prompts in the chat template (default: if the model has one)."}
@@ -125,7 +125,9 @@ def collect(cfg: CollectConfig, lm=None) -> dict[str, Any]:
         rows = task.prompts(split, limit=cfg.limit)
         if not rows:
             raise QProbeError(f"collect: task {cfg.task} split {split} has no prompts")
-        per_batch = cfg.batch_prompts or max(1, 128 // cfg.k)
+        # A model passed in (qprobe run) says how many rows it decodes at once.
+        rows_at_once = getattr(lm, "max_batch_rows", None) or 128
+        per_batch = cfg.batch_prompts or max(1, rows_at_once // cfg.k)
         if lm is None and str(cfg.model).startswith(("http://", "https://")):
             emb = cfg.embedder
             if emb and emb != "server":
