@@ -101,6 +101,27 @@ def test_finished_rows_leave_the_batch():
     np.testing.assert_allclose(np.stack([c.feature for g in cut for c in g]), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_prefill_in_chunks_changes_nothing(monkeypatch):
+    """Long prompt batches are prefilled a few prompts at a time, shortest first, each chunk
+    padded to its own longest prompt; the samples and features are those of one prefill."""
+    from qprobe.backends import decode
+
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model("llama", seed=6), build_tokenizer(), identity="tiny",
+                         layer=1, chat=False, feature_dtype="float32")
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=2, stop=["e"])
+    whole = lm.sample(PROMPTS, 3, params)
+    calls = []
+    prefill = lm._dec._prefill
+    monkeypatch.setattr(lm._dec, "_prefill", lambda ids, *a: (calls.append(len(ids)), prefill(ids, *a))[1])
+    monkeypatch.setattr(decode, "PREFILL_TOKENS", 30)  # 1 + 14 tokens, then 16
+    parts = lm.sample(PROMPTS, 3, params)
+    assert calls == [2, 1]
+    assert [s.token_ids for g in parts for s in g] == [s.token_ids for g in whole for s in g]
+    np.testing.assert_allclose(np.stack([s.feature for g in parts for s in g]),
+                               np.stack([s.feature for g in whole for s in g]), rtol=1e-5, atol=1e-5)
+
+
 def test_seeded_determinism_and_batch_independence(lm):
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=7)
     a = lm.sample(PROMPTS, 4, params)

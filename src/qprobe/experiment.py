@@ -657,8 +657,9 @@ def collect_with_prefix(
         say(f"{out_dir.name}: {len(rows)} prompts x 1 already collected")
         return
     t0 = time.perf_counter()
-    for i in range(0, len(todo), 16):
-        chunk = todo[i : i + 16]
+    per_batch = max(1, min(128, getattr(model, "max_batch_rows", 16)))  # one row per prompt
+    for i in range(0, len(todo), per_batch):
+        chunk = todo[i : i + per_batch]
         samples = model.sample([prefix + r["prompt"] for r in chunk], 1, params)
         out_rows = [
             {"prompt_id": str(r["id"]), "sample_idx": 0, "prompt": r["prompt"],

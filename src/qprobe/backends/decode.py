@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 TOP_K_PREFILTER = 64
+PREFILL_TOKENS = 4096  # prompt tokens per prefill chunk (bounds activation memory)
 
 
 def supports(hf_model) -> bool:
@@ -162,7 +163,41 @@ class FastDecoder:
         ids, valid: [P, T0] (valid False on left padding).
         Returns logits of the last position [P, V], the residual after block `layer` at the last
         position [P, D], and the per-layer prompt cache [(k, v) each [P, Hkv, T0, hd]].
+        Prompts run shortest first in chunks of about PREFILL_TOKENS tokens, each chunk padded
+        only to its own longest prompt: one batch of long, uneven prompts would hold [P, T0, 2F]
+        MLP activations (gigabytes) and spend most of its work on padding.
         """
+        p, t0 = ids.shape
+        lens = valid.sum(-1).tolist()
+        chunks: list[list[int]] = [[]]
+        for i in sorted(range(p), key=lambda i: lens[i]):
+            if chunks[-1] and (len(chunks[-1]) + 1) * lens[i] > PREFILL_TOKENS:
+                chunks.append([])
+            chunks[-1].append(i)
+        if len(chunks) == 1 and max(lens) == t0:
+            return self._prefill(ids, valid, layer)
+        dev = ids.device
+        logits = feat = cache = None
+        bias = torch.full((p, 1, 1, t0), float("-inf"), dtype=self.dtype, device=dev)
+        for idx in chunks:
+            tc = max(lens[i] for i in idx)
+            it = torch.tensor(idx, device=dev)
+            lg, ft, st = self._prefill(ids[it, t0 - tc :], valid[it, t0 - tc :], layer)
+            if logits is None:
+                logits = lg.new_empty(p, lg.shape[1])
+                feat = None if ft is None else ft.new_empty(p, ft.shape[1])
+                cache = [tuple(t.new_zeros(p, t.shape[1], t0, t.shape[3]) for t in kv)
+                         for kv in st["prompt"]]
+            logits[it] = lg
+            if feat is not None:
+                feat[it] = ft
+            for (ck, cv), (k, v) in zip(cache, st["prompt"]):
+                ck[it, :, t0 - tc :] = k
+                cv[it, :, t0 - tc :] = v
+            bias[it, :, :, t0 - tc :] = st["bias"]
+        return logits, feat, {"prompt": cache, "bias": bias, "gen": None}
+
+    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, layer: int):
         p, t0 = ids.shape
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [P, T0]
         cos, sin = self._rope(pos)
@@ -175,7 +210,8 @@ class FastDecoder:
         feat = None
         for i, lyr in enumerate(self.layers):
             q, k, v = self._qkv(lyr, x, cos, sin)
-            cache.append((k, v))
+            # Own copies: k and v are views into the q|k|v activations, 9x their size.
+            cache.append((k.contiguous(), v.contiguous()))
             att = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.h != self.hkv
             )  # [P, H, T0, hd]
