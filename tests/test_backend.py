@@ -122,6 +122,41 @@ def test_prefill_in_chunks_changes_nothing(monkeypatch):
                                np.stack([s.feature for g in whole for s in g]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prompt_prefix_runs_once_and_changes_nothing(arch, monkeypatch):
+    """Tokens every prompt of a batch starts with (a few-shot prefix) are prefilled once and
+    shared; samples, features and greedy output are those of the plain path."""
+    from qprobe.backends import decode
+
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model(arch, seed=8), build_tokenizer(), identity="tiny",
+                         layer=1, chat=False, feature_dtype="float32")
+    prompts = ["Solve each one. Show only the answer.\n" + p for p in PROMPTS]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=4, stop=["e"])
+    seen = []
+    prefill = lm._dec.prefill
+    monkeypatch.setattr(lm._dec, "prefill", lambda ids, valid, layer, prefix=None: (
+        seen.append(0 if prefix is None else len(prefix)), prefill(ids, valid, layer, prefix))[1])
+    shared = lm.sample(prompts, 3, params)
+    greedy = lm.sample(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
+    monkeypatch.setattr(decode, "MIN_SHARED_PREFIX", 10**9)
+    plain = lm.sample(prompts, 3, params)
+    assert seen == [38, 38, 0]  # the 38 characters of the instruction, once per batch
+    assert [s.token_ids for g in shared for s in g] == [s.token_ids for g in plain for s in g]
+    np.testing.assert_allclose(np.stack([s.feature for g in shared for s in g]),
+                               np.stack([s.feature for g in plain for s in g]), rtol=1e-4, atol=1e-4)
+    ref = lm.embedder().embed([p for p in prompts for _ in range(3)], [s.text for g in shared for s in g])
+    np.testing.assert_allclose(np.stack([s.feature for g in shared for s in g]), ref, rtol=1e-4, atol=1e-4)
+    tok = lm.tok.tokenizer
+    for prompt, g in zip(prompts, greedy):
+        ids = torch.tensor([lm.tok.prompt_ids(prompt)])
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in out:
+            out = out[: out.index(tok.eos_token_id)]
+        assert g[0].token_ids == out
+
+
 def test_seeded_determinism_and_batch_independence(lm):
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=7)
     a = lm.sample(PROMPTS, 4, params)

@@ -10,6 +10,8 @@ KV cache by concatenation, sorts the whole vocabulary for top-p at every step, a
   decode attention scores the prompt part per prompt group and the generated part per row, and
   joins them in one softmax;
 - the generated part lives in a preallocated KV buffer (no concatenation);
+- tokens every prompt of a batch starts with (a few-shot prefix, a chat template's system
+  prompt) are run once and their cache is shared by all rows;
 - a row that finishes (EOS, stop string) leaves the batch at once: its matmuls stop, so a
   few long samples do not make every short one pay for their length;
 - projections are fused (q|k|v, gate|up) so each step is a few large matmuls;
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 SUPPORTED = ("llama", "mistral", "qwen2")
 TOP_K_PREFILTER = 64
 PREFILL_TOKENS = 4096  # prompt tokens per prefill chunk (bounds activation memory)
+MIN_SHARED_PREFIX = 16  # prompts of a batch starting with this many equal tokens share them
 
 
 def supports(hf_model) -> bool:
@@ -157,10 +160,12 @@ class FastDecoder:
 
     # -- prefill ------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, layer: int):
-        """Run left-padded prompts once.
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, layer: int,
+                prefix: torch.Tensor | None = None):
+        """Run left-padded prompts once, after an optional shared prefix.
 
-        ids, valid: [P, T0] (valid False on left padding).
+        ids, valid: [P, T0] (valid False on left padding); prefix: [L] token ids every prompt
+        starts with (run once; ids hold what follows it).
         Returns logits of the last position [P, V], the residual after block `layer` at the last
         position [P, D], and the per-layer prompt cache [(k, v) each [P, Hkv, T0, hd]].
         Prompts run shortest first in chunks of about PREFILL_TOKENS tokens, each chunk padded
@@ -168,6 +173,10 @@ class FastDecoder:
         MLP activations (gigabytes) and spend most of its work on padding.
         """
         p, t0 = ids.shape
+        shared = None
+        if prefix is not None and len(prefix):
+            _, _, pst = self._prefill(prefix[None], torch.ones_like(prefix[None], dtype=torch.bool), -1)
+            shared = pst["prompt"]  # per layer (k, v) [1, Hkv, L, hd]
         lens = valid.sum(-1).tolist()
         chunks: list[list[int]] = [[]]
         for i in sorted(range(p), key=lambda i: lens[i]):
@@ -175,14 +184,16 @@ class FastDecoder:
                 chunks.append([])
             chunks[-1].append(i)
         if len(chunks) == 1 and max(lens) == t0:
-            return self._prefill(ids, valid, layer)
+            logits, feat, state = self._prefill(ids, valid, layer, shared)
+            state["prefix"] = shared
+            return logits, feat, state
         dev = ids.device
         logits = feat = cache = None
         bias = torch.full((p, 1, 1, t0), float("-inf"), dtype=self.dtype, device=dev)
         for idx in chunks:
             tc = max(lens[i] for i in idx)
             it = torch.tensor(idx, device=dev)
-            lg, ft, st = self._prefill(ids[it, t0 - tc :], valid[it, t0 - tc :], layer)
+            lg, ft, st = self._prefill(ids[it, t0 - tc :], valid[it, t0 - tc :], layer, shared)
             if logits is None:
                 logits = lg.new_empty(p, lg.shape[1])
                 feat = None if ft is None else ft.new_empty(p, ft.shape[1])
@@ -195,16 +206,20 @@ class FastDecoder:
                 ck[it, :, t0 - tc :] = k
                 cv[it, :, t0 - tc :] = v
             bias[it, :, :, t0 - tc :] = st["bias"]
-        return logits, feat, {"prompt": cache, "bias": bias, "gen": None}
+        return logits, feat, {"prompt": cache, "bias": bias, "gen": None, "prefix": shared}
 
-    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, layer: int):
+    def _prefill(self, ids: torch.Tensor, valid: torch.Tensor, layer: int, shared=None):
+        """One prefill chunk; shared: per layer (k, v) [1, Hkv, L, hd] of a prefix before it."""
         p, t0 = ids.shape
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [P, T0]
+        n_shared = 0 if shared is None else shared[0][0].shape[2]
+        pos = n_shared + (valid.long().cumsum(-1) - 1).clamp(min=0)  # [P, T0]
         cos, sin = self._rope(pos)
         causal = torch.ones(t0, t0, dtype=torch.bool, device=ids.device).tril()
         # Pad queries may see themselves, so no softmax row is empty (their output is unused).
         mask = (causal & valid[:, None, :]) | torch.eye(t0, dtype=torch.bool, device=ids.device)
-        mask = mask[:, None]  # [P, 1, T0, T0]
+        if n_shared:  # every query sees the whole prefix
+            mask = torch.cat([mask.new_ones(p, t0, n_shared), mask], dim=-1)
+        mask = mask[:, None]  # [P, 1, T0, L + T0]
         x = F.embedding(ids, self.embed)  # [P, T0, D]
         cache = []
         feat = None
@@ -212,6 +227,10 @@ class FastDecoder:
             q, k, v = self._qkv(lyr, x, cos, sin)
             # Own copies: k and v are views into the q|k|v activations, 9x their size.
             cache.append((k.contiguous(), v.contiguous()))
+            if n_shared:
+                sk, sv = shared[i]
+                k = torch.cat([sk.expand(p, -1, -1, -1), k], dim=2)  # [P, Hkv, L + T0, hd]
+                v = torch.cat([sv.expand(p, -1, -1, -1), v], dim=2)
             att = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.h != self.hkv
             )  # [P, H, T0, hd]
@@ -244,6 +263,7 @@ class FastDecoder:
             "bias": state["bias"].index_select(0, keep_g),
             "gen": gen,
             "slots": None if len(keep_r) == len(keep_g) * k else slots,
+            "prefix": state.get("prefix"),
         }
 
     # -- one decode step ----------------------------------------------------------------------
@@ -267,7 +287,7 @@ class FastDecoder:
                 for _ in range(self.n_layers)
             ]
         prompt_cache, prompt_bias, gen_cache = state["prompt"], state["bias"], state["gen"]
-        slots = state.get("slots")
+        slots, shared = state.get("slots"), state.get("prefix")
         p = prompt_bias.shape[0]
         b = p * k
         g = self.h // self.hkv
@@ -293,7 +313,18 @@ class FastDecoder:
             # Generated part: each row against its own tokens 0..s.
             qg = q.view(a, self.hkv, g, self.hd)
             sg = torch.matmul(qg, gk[:, :, : s + 1].transpose(-1, -2))  # [A, Hkv, G, s+1]
-            pr = torch.softmax(torch.cat([sp, sg], dim=-1), dim=-1)
+            parts = [sp, sg]
+            if shared is not None:  # shared prefix: every row against one cache
+                sk, sv = shared[i]  # [1, Hkv, L, hd]
+                n_sh = sk.shape[2]
+                qx = qg.transpose(0, 1).reshape(self.hkv, a * g, self.hd)
+                sx = torch.matmul(qx, sk[0].transpose(-1, -2))  # [Hkv, A G, L]
+                parts.insert(0, sx.view(self.hkv, a, g, n_sh).transpose(0, 1))  # [A, Hkv, G, L]
+            pr = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
+            if shared is not None:
+                px, pr = pr.split([n_sh, t0 + s + 1], dim=-1)
+                ox = torch.matmul(px.transpose(0, 1).reshape(self.hkv, a * g, n_sh), sv[0])
+                ox = ox.view(self.hkv, a, g, self.hd).transpose(0, 1).reshape(a, self.h * self.hd)
             pp, pg = pr.split([t0, s + 1], dim=-1)
             if slots is not None:
                 pp = pp.new_zeros(b, *pp.shape[1:]).index_copy_(0, slots, pp)
@@ -303,7 +334,8 @@ class FastDecoder:
             if slots is not None:
                 op = op.index_select(0, slots)  # [A, H hd]
             og = torch.matmul(pg, gv[:, :, : s + 1]).reshape(a, self.h * self.hd)
-            x = x + F.linear((op + og)[:, None], lyr.wo, lyr.bo)
+            o = op + og if shared is None else op + og + ox
+            x = x + F.linear(o[:, None], lyr.wo, lyr.bo)
             x = self._mlp(lyr, x)
             if i == layer:
                 feat = x[:, 0]
@@ -499,6 +531,11 @@ def run_batch(
     dev = dec.device
     p = len(prompt_tokens)
     b = p * k
+    # Tokens all prompts start with run once (not the last one: its logits start sampling).
+    n_sh = _common_prefix(prompt_tokens) if isinstance(dec, FastDecoder) and p > 1 else 0
+    n_sh = n_sh if n_sh >= MIN_SHARED_PREFIX else 0
+    prefix = torch.tensor(prompt_tokens[0][:n_sh], dtype=torch.long, device=dev) if n_sh else None
+    prompt_tokens = [t[n_sh:] for t in prompt_tokens]
     t0 = max(len(t) for t in prompt_tokens)
     ids = torch.zeros(p, t0, dtype=torch.long)
     valid = torch.zeros(p, t0, dtype=torch.bool)
@@ -506,8 +543,11 @@ def run_batch(
         ids[i, t0 - len(t) :] = torch.tensor(t, dtype=torch.long)
         valid[i, t0 - len(t) :] = True
     ids, valid = ids.to(dev), valid.to(dev)
-    logits_p, h_prompt, state = dec.prefill(ids, valid, layer)  # [P, V], [P, D]
-    pos0 = valid.sum(-1).repeat_interleave(k)  # [B] position of completion token 0
+    if prefix is None:
+        logits_p, h_prompt, state = dec.prefill(ids, valid, layer)  # [P, V], [P, D]
+    else:
+        logits_p, h_prompt, state = dec.prefill(ids, valid, layer, prefix)
+    pos0 = (n_sh + valid.sum(-1)).repeat_interleave(k)  # [B] position of completion token 0
     n_steps = int(max_new_tokens)
     feats = torch.zeros(b, n_steps, dec.dim, dtype=torch.float32) if features else None
     tokens = np.zeros((b, n_steps), dtype=np.int64)
@@ -590,6 +630,18 @@ def run_batch(
             group.append(RowResult(text, ids_r, finish[r], feat))
         out.append(group)
     return out
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix all sequences share, leaving each at least one token."""
+    n = min(len(t) for t in seqs) - 1
+    first = seqs[0]
+    for t in seqs[1:]:
+        i = 0
+        while i < n and t[i] == first[i]:
+            i += 1
+        n = i
+    return max(0, n)
 
 
 def _cut_at_stop(ids: list[int], stop: list[str], detok) -> tuple[int, str]:
