@@ -119,8 +119,9 @@ def main() -> None:
     ap.add_argument("--ks", default="16,48", help="comma list of k")
     ap.add_argument("--variants", default="a,b,c")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--rows", type=int, default=128,
-                    help="rows per batch for (a)/(b): prompts per batch = max(1, rows // k) (128)")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="rows per batch for (a)/(b): prompts per batch = max(1, rows // k) "
+                         "(0: the backend's default for the model, 512 SmolLM2, 256 Qwen)")
     ap.add_argument("--c-prompts", type=int, default=1,
                     help="prompts for (c), run one at a time as in the paper's code (1)")
     ap.add_argument("--batches", type=int, default=1, help="batches per (model, k) (1)")
@@ -138,18 +139,20 @@ def main() -> None:
     if args.quick:
         args.models, args.ks, args.new_tokens = "smollm2", "16", 32
     models = args.models.split(",")
+    rows = {}
     for m in models:  # convert / join once, outside the timed subprocesses
-        from qprobe.backends.hf import load_hf
+        from qprobe.backends.hf import default_batch_rows, load_hf
 
-        load_hf(MODELS[m], device="cpu")
+        rows[m] = args.rows or default_batch_rows(load_hf(MODELS[m], device="cpu")[0])
     load0 = os.getloadavg()[0]
     gflops_before, cpu_gflops_before = matmul_gflops(threads)
     print(f"# threads {threads}; fp32 matmul {gflops_before:.1f} GFLOP/s "
           f"({cpu_gflops_before:.1f} per CPU-second/thread); load average {load0:.2f}", flush=True)
+    print(f"# rows per batch for (a)/(b): {rows}", flush=True)
     results = []
     for m in models:
         for k in [int(x) for x in args.ks.split(",")]:
-            per_batch = max(1, args.rows // k)
+            per_batch = max(1, rows[m] // k)
             n_prompts = per_batch * args.batches
             for v in args.variants.split(","):
                 n = args.c_prompts if v == "c" else n_prompts

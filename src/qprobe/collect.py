@@ -36,7 +36,7 @@ class CollectConfig:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     seed: int = field(default=0, metadata={"help": "Seed; each (prompt, sample) is seeded."})
     batch_prompts: int | None = field(
-        default=None, metadata={"help": "Prompts per batch and shard (default: the model's rows at once, 128, // k; >= 1)."}
+        default=None, metadata={"help": "Prompts per batch and shard (default: the model's rows at once // k, >= 1; 128-512 rows by model width)."}
     )
     chat: bool | None = field(
         default=None, metadata={"help": "Wrap prompts in the chat template (default: if the model has one)."}
@@ -125,9 +125,6 @@ def collect(cfg: CollectConfig, lm=None) -> dict[str, Any]:
         rows = task.prompts(split, limit=cfg.limit)
         if not rows:
             raise QProbeError(f"collect: task {cfg.task} split {split} has no prompts")
-        # A model passed in (qprobe run) says how many rows it decodes at once.
-        rows_at_once = getattr(lm, "max_batch_rows", None) or 128
-        per_batch = cfg.batch_prompts or max(1, rows_at_once // cfg.k)
         if lm is None and str(cfg.model).startswith(("http://", "https://")):
             emb = cfg.embedder
             if emb and emb != "server":
@@ -143,7 +140,10 @@ def collect(cfg: CollectConfig, lm=None) -> dict[str, Any]:
                                   "computes its own features")
             lm = load_model(cfg.model, layer=cfg.layer, position=cfg.position, device=cfg.device,
                             chat=cfg.chat, feature_dtype=cfg.feature_dtype,
-                            max_batch_rows=per_batch * cfg.k)
+                            max_batch_rows=cfg.batch_prompts * cfg.k if cfg.batch_prompts else None)
+        # The model says how many rows it decodes at once (local: by its width; API: 128).
+        rows_at_once = getattr(lm, "max_batch_rows", None) or 128
+        per_batch = cfg.batch_prompts or max(1, rows_at_once // cfg.k)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop=list(task.stop), seed=cfg.seed)
         meta = {

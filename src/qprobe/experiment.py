@@ -54,7 +54,7 @@ class ModelConfig:
         default=None,
         metadata={"help": "wrap prompts in the chat template (null: when the tokenizer has one)"},
     )
-    max_batch_rows: int = field(default=128, metadata={"help": "sequences decoded at once (CPU GEMMs run near full rate from ~128 rows)"})
+    max_batch_rows: int | None = field(default=None, metadata={"help": "sequences decoded at once (default: by model width, 128-512 on CPU; see backends.hf.default_batch_rows)"})
 
 
 @dataclass

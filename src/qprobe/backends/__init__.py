@@ -19,7 +19,7 @@ def load_model(name_or_path: str | None = None, *, layer: int | None = None, pos
                device: str | None = None, dtype: Any = None, chat: bool | None = None,
                **kw: Any) -> LanguageModel:
     """Load a sampling backend. Extra keywords go to the backend (e.g. features=False,
-    max_batch_rows=128 for the local one; api options for OpenAI-compatible servers)."""
+    max_batch_rows (default: by model width) for the local one; api options for OpenAI-compatible servers)."""
     if name_or_path and name_or_path.startswith(("http://", "https://")):
         from qprobe.backends.openai import OpenAIBackend
 
