@@ -107,6 +107,11 @@ def test_same_command_reproduces_and_resume_extends(tiny, tmp_path):
     ta, tb = _table(a), _table(b)
     assert len(tb["keys"]) == len(set(tb["keys"])) == 12
     assert _by_key(ta) == _by_key(tb)
+    # a resume with nothing left to do keeps the summary of the run that wrote the rows
+    summary = json.loads((b / "meta.json").read_text())["summary"]
+    assert summary["new_rows"] == 6
+    assert main(_args(tiny, task, b, "--batch-prompts", "3")) == 0
+    assert json.loads((b / "meta.json").read_text())["summary"] == summary
 
 
 def test_mismatched_resume_is_refused(tiny, tmp_path, capsys):

@@ -205,7 +205,8 @@ def _run(cfg, task, lm, params, writer, rows, per_batch) -> dict[str, Any]:
         bar.set_postfix_str(f"{n_tokens / dt:.0f} tok/s", refresh=False)
     bar.close()
     summary = _summary(writer, time.time() - t_start, n_rows, n_tokens, len(rows), cfg)
-    writer.update_meta(summary=summary)
+    if n_rows:  # a resume with nothing left to do keeps the summary of the run that wrote rows
+        writer.update_meta(summary=summary)
     return summary
 
 
