@@ -1,5 +1,5 @@
-"""Probe training speed at the paper's MBPP size, every objective: the fused step against the
-previous two-pass step, side by side in one run on the same data.
+"""Probe training speed at the paper's MBPP size, every objective: the fused step on two threads,
+on one thread, and the previous two-pass step, side by side in one run on the same data.
 
     python bench/train_speed.py                     # 464 prompts x 48 samples, 150 epochs
     python bench/train_speed.py --dims 896 --objectives q pg --precisions float16 --repeats 3
@@ -8,22 +8,26 @@ Data are SYNTHETIC (random features with a planted reward direction, float16 as 
 rollouts): speed does not depend on what the numbers mean. Each run is one `train_probe` call with
 the paper's settings (Adam, lr 5e-5, batch 1000 rows / pg 100 prompts x 10 samples, 150 epochs,
 min_steps 0 so exactly 150 epochs run), timed end to end: feature statistics, layout,
-standardisation and training. "new" is the current trainer (fused one-pass step in cache-sized
-blocks, single-threaded setup); "old" sets `qprobe.train.LEGACY_STEP`, which restores the previous
-step (two matrix-vector passes per batch, autograd on the scores; float16: half-precision GEMVs
-on a row-major and a transposed copy) and the previous threading of the setup (the new
-float32 feature statistics run in both). Both run at
-`precision` float32 and float16 (features stored in half precision). The data fingerprint
-(sha256) is switched off; it is not training. Wall and CPU seconds are both shown: on a machine
-shared with other jobs the wall time mostly measures the queue for a core, the CPU time (all
-threads of this process) what the training itself costs. old/new is the ratio of CPU seconds
-(wall ratio in brackets). Run it more than once and quote the range; ratios within one run are
-the comparable numbers.
+standardisation and training. Columns:
+- new: the current trainer with its default threads (the fused one-pass step in cache-sized
+  blocks, each batch cut into two shards that run on two threads on a machine with 2+ cores);
+- 1thr: the same with `threads=1` (the shards one after the other; the same probe, bit for bit);
+- torch: float16 blocks upcast to float32 with torch instead of read by `qprobe.halfmv`;
+- old: `qprobe.train.LEGACY_STEP`, the previous step (two matrix-vector passes per batch,
+  autograd on the scores; float16: half-precision GEMVs on a row-major and a transposed copy).
+Each at `precision` float32 and float16 (features kept in half precision). For scale, each dim
+first prints the memory floor: the time to read the float16 matrix once per epoch (a torch sum),
+on one and on two threads. The data fingerprint
+(sha256) is switched off; it is not training. Wall seconds, CPU seconds (all threads) in
+brackets; x is the wall ratio to "new". On a machine shared with other jobs, wall time mostly
+measures the queue for a core: run it on an idle machine, more than once, and quote the range;
+ratios within one run are the comparable numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
@@ -48,9 +52,10 @@ def synthetic(n_prompts: int, k: int, dim: int, seed: int = 0):
     return x.astype(np.float16), rewards, groups, pairs
 
 
-def _time(x, r, g, pairs, cfg: TrainConfig, legacy: bool, repeats: int) -> tuple[float, float]:
+def _time(x, r, g, pairs, cfg: TrainConfig, legacy: bool, repeats: int, halfmv: bool = True
+          ) -> tuple[float, float]:
     """Fastest (wall, cpu) seconds of `repeats` train_probe calls."""
-    T.LEGACY_STEP = legacy
+    T.LEGACY_STEP, T.HALFMV = legacy, halfmv
     wall = cpu = float("inf")
     try:
         for _ in range(repeats):
@@ -60,8 +65,25 @@ def _time(x, r, g, pairs, cfg: TrainConfig, legacy: bool, repeats: int) -> tuple
             wall = min(wall, time.perf_counter() - t)
             cpu = min(cpu, time.process_time() - c)
     finally:
-        T.LEGACY_STEP = False
+        T.LEGACY_STEP, T.HALFMV = False, True
     return wall, cpu
+
+
+def stream_seconds(x: np.ndarray, threads: int, repeats: int = 5) -> float:
+    """Fastest time to read the [N, D] matrix once (a torch sum): the memory floor of an epoch."""
+    t = torch.from_numpy(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t.sum()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            t.sum()
+            best = min(best, time.perf_counter() - start)
+        return best
+    finally:
+        torch.set_num_threads(before)
 
 
 def main() -> None:
@@ -73,33 +95,47 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["float16", "float32"])
     ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=1, help="runs per cell; the fastest is shown")
-    ap.add_argument("--no-old", action="store_true", help="skip the previous step (no ratios)")
+    ap.add_argument("--only-new", action="store_true", help="skip the comparison columns")
     args = ap.parse_args()
 
     rows = args.prompts * args.samples
+    from qprobe import halfmv
+
+    kern = halfmv.kernels()
     print(f"# {args.prompts} prompts x {args.samples} samples = {rows} rows, {args.epochs} epochs,"
           f" synthetic float16 features; torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
-    print(f"{'dim':>5} {'objective':>9} {'precision':>9} | {'new wall':>8} {'cpu':>6} "
-          f"{'rows*ep/s':>10} | {'old wall':>8} {'cpu':>6} {'rows*ep/s':>10} | "
-          f"{'old/new cpu (wall)':>18}")
+          f"load average {os.getloadavg()[0]:.1f} at start; halfmv kernels: "
+          f"{'yes' if kern else 'no (' + str(halfmv.why_not) + ')'}")
+    print("# new: the default trainer (2 shards on 2 threads on a 2+ core machine; float16 read "
+          "by the halfmv kernels); 1thr: threads=1; torch: float16 upcast with torch instead of "
+          "the kernels; old: the previous two-pass step. Seconds are wall (cpu); x = wall / new.")
+    print(f"{'dim':>5} {'objective':>9} {'precision':>9} | {'new':>13} {'rows*ep/s':>10} | "
+          f"{'1thr':>13} {'x':>5} | {'torch':>13} {'x':>5} | {'old':>13} {'x':>5}")
     warm = synthetic(8, 4, 16)  # first optimiser/autograd use loads lazy modules: not training
     for legacy in (False, True):
         _time(*warm[:3], None, TrainConfig(epochs=1, min_steps=0), legacy, 1)
     for dim in args.dims:
         x, r, g, pairs = synthetic(args.prompts, args.samples, dim)
+        floor = {n: stream_seconds(x, n) * args.epochs for n in (1, 2)}
+        print(f"# {dim} dims: reading the float16 matrix once per epoch takes at least "
+              f"{floor[1]:.2f} s on one thread, {floor[2]:.2f} s on two (torch sum, best of 5)")
         for obj in args.objectives:
             for precision in args.precisions:
                 cfg = TrainConfig(objective=obj, epochs=args.epochs, min_steps=0,
                                   precision=precision)
                 nw, nc = _time(x, r, g, pairs, cfg, False, args.repeats)
-                line = (f"{dim:>5} {obj:>9} {precision:>9} | {nw:>8.2f} {nc:>6.2f} "
+                line = (f"{dim:>5} {obj:>9} {precision:>9} | {nw:>6.2f} ({nc:>5.2f}) "
                         f"{rows * args.epochs / nw:>10,.0f} | ")
-                if not args.no_old:
-                    ow, oc = _time(x, r, g, pairs, cfg, True, args.repeats)
-                    line += (f"{ow:>8.2f} {oc:>6.2f} {rows * args.epochs / ow:>10,.0f} | "
-                             f"{oc / nc:>10.2f} ({ow / nw:.2f})")
+                cells = []
+                if not args.only_new:
+                    cells.append(_time(x, r, g, pairs, dataclasses.replace(cfg, threads=1), False,
+                                       args.repeats))
+                    cells.append(_time(x, r, g, pairs, cfg, False, args.repeats, halfmv=False)
+                                 if precision == "float16" and kern else None)
+                    cells.append(_time(x, r, g, pairs, cfg, True, args.repeats))
+                line += " | ".join(f"{'-':>13} {'-':>5}" if c is None else
+                                   f"{c[0]:>6.2f} ({c[1]:>5.2f}) {c[0] / nw:>5.2f}" for c in cells)
                 print(line, flush=True)
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 

@@ -197,8 +197,7 @@ def test_fused_block_gradients_equal_autograd_of_the_batch_loss(objective):
             if getattr(b, f) is not None:
                 setattr(b, f, getattr(b, f).double())
     for rows in (1, 7, 30, 1000):
-        fused = T._FusedLinear(cfg, 7, batches, block_rows=rows)
-        fused.s, fused.g = fused.s.double(), fused.g.double()  # float64 check
+        fused = T._FusedLinear(cfg, 7, batches, block_rows=rows, dtype=torch.float64)
         for b in batches:
             layer = torch.nn.Linear(7, 1).double()
             torch.nn.init.normal_(layer.weight)
@@ -242,3 +241,56 @@ def test_fused_float16_training_is_bit_for_bit_deterministic(planted, objective)
     b, _ = train_probe(tr.features, tr.rewards, tr.groups, pairs, cfg, data_fingerprint=False)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+@pytest.mark.parametrize("objective", ["q", "pg", "dpo"])
+def test_fused_step_gives_the_same_bits_on_one_or_two_threads(planted, objective):
+    """The shards of a batch are summed in a fixed order: the thread count changes nothing."""
+    tr, _ = planted
+    pairs = tr.pairs(4, np.random.default_rng(0)) if objective == "dpo" else None
+    probes = []
+    for threads in (1, 2):
+        cfg = TrainConfig(objective=objective, precision="float16", lr=3e-3, min_steps=0,
+                          epochs=5, threads=threads)
+        probes.append(train_probe(tr.features, tr.rewards, tr.groups, pairs, cfg,
+                                  data_fingerprint=False)[0])
+    for (k, va), vb in zip(probes[0].state_dict().items(), probes[1].state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_shards_split_a_batch_at_unit_boundaries_into_halves():
+    import qprobe.train as T
+
+    cfg = TrainConfig(objective="pg", group_size=10)
+    b = T._Batch(0, 100, units=np.array([10] * 7 + [5, 10, 10, 5]))
+    n = 100
+    b.index = torch.as_tensor(T._padded([np.arange(s, s + u) for s, u in
+                                         zip(np.concatenate([[0], np.cumsum(b.units)[:-1]]),
+                                             b.units)]))
+    b.rewards = torch.zeros(b.index.shape)
+    shards = T._make_blocks(cfg, b, rows=30, pad=n, shards=2)
+    rows = [[(blk.start, blk.end) for blk in sh] for sh in shards]
+    assert rows == [[(0, 30), (30, 50)], [(50, 75), (75, 100)]]
+    for sh in shards:  # blocks never exceed the row budget unless one unit does
+        assert all(blk.end - blk.start <= 30 for blk in sh)
+
+
+@pytest.mark.parametrize("optimizer,wd", [("adam", 0.0), ("adam", 0.1), ("adamw", 0.5)])
+def test_the_fused_steps_adam_is_torchs(optimizer, wd):
+    """qprobe.train._Adam takes the steps torch.optim.Adam / AdamW take."""
+    import qprobe.train as T
+
+    torch.manual_seed(0)
+    a = [torch.randn(5, requires_grad=True), torch.randn(1, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_(True) for t in a]
+    ours = T._Adam(a, 1e-2, wd, optimizer == "adamw")
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    theirs = cls(b, lr=1e-2, weight_decay=wd)
+    for _ in range(50):
+        grads = [torch.randn(5), torch.randn(1)]
+        for p, q, gr in zip(a, b, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(a, b):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)

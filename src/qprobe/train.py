@@ -22,10 +22,13 @@ rows, i.e. ~14,000 optimiser steps. On 100 prompts x 16 samples the same 150 epo
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qprobe import halfmv
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
 from qprobe.objectives import (
@@ -276,6 +280,20 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
+def _step_threads(cfg: TrainConfig, x: torch.Tensor) -> int:
+    """Threads for the fused linear step: cfg.threads, or (0: auto) one per shard when a batch
+    holds at least PARALLEL_BATCH_BYTES of features and the process may use that many cores.
+    Smaller batches were as fast or faster on one thread (bench/train_speed.py, 2 cores): the
+    hand-over between threads and the GIL held by small torch operations cost what they gain."""
+    if cfg.hidden:
+        return 1
+    if cfg.threads:
+        return min(cfg.threads, SHARDS)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    batch_bytes = min(cfg.batch_size, len(x)) * x.shape[1] * x.element_size()
+    return SHARDS if batch_bytes >= PARALLEL_BATCH_BYTES and (cores or 1) >= SHARDS else 1
+
+
 # --- the trainer --------------------------------------------------------------------------------
 def _linear_step(cfg: TrainConfig, layer: torch.nn.Linear, xb: torch.Tensor, b: _Batch
                  ) -> torch.Tensor:
@@ -318,6 +336,10 @@ def _linear_step(cfg: TrainConfig, layer: torch.nn.Linear, xb: torch.Tensor, b: 
 # instead of two. Half-precision features are upcast block by block into a float32 buffer, so all
 # arithmetic is float32 whatever the storage.
 BLOCK_BYTES = 6 << 20  # float32 bytes of one block: 384 rows at 4096 dims (tuned, see docs)
+HALF_BLOCK_BYTES = 4 << 20  # float16 bytes of one block with the halfmv kernels: 512 rows at 4096
+SHARDS = 2  # runs of whole units per batch, one per core on a 2-core machine (see _FusedLinear)
+PARALLEL_BATCH_BYTES = 4 << 20  # auto threads: batches at least this big run their shards at once
+HALFMV = True  # False: float16 blocks are upcast with torch, not read by qprobe.halfmv's kernels
 LEGACY_STEP = False  # True: the previous two-pass step (kept for bench/train_speed.py's ratios)
 
 
@@ -336,22 +358,23 @@ class _Block:
     targets: torch.Tensor | None = None  # dpo: [P*2 + P*k] pair, then index
 
 
-def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int, pad: int) -> list[_Block]:
-    """Cut a batch into blocks of at most `rows` rows (or one unit) that never split a unit."""
+def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int, pad: int, shards: int = 1
+                 ) -> list[list[_Block]]:
+    """Cut a batch into `shards` runs of about equal rows, each into blocks of at most `rows`
+    rows (or one unit); no block splits a unit. Returns the blocks of each shard."""
     n = b.end - b.start
-    if b.units is None:
-        bounds = list(range(0, n, rows)) + [n]
-        unit_cuts = None
-    else:
-        starts = np.concatenate([[0], np.cumsum(b.units)])  # [units + 1]
-        assert starts[-1] == n, (starts[-1], n)
-        bounds, unit_cuts = [0], [0]  # a block ends before the unit that would overflow it
-        for i in range(1, len(b.units)):
-            if starts[i + 1] - bounds[-1] > rows:
-                bounds.append(int(starts[i]))
-                unit_cuts.append(i)
-        bounds.append(n)
-        unit_cuts.append(len(b.units))
+    units = np.ones(n, np.int64) if b.units is None else np.asarray(b.units)
+    starts = np.concatenate([[0], np.cumsum(units)])  # [units + 1]
+    assert starts[-1] == n, (starts[-1], n)
+    # shard j starts at the first unit boundary at or after j * n / shards
+    shard_starts = [int(np.searchsorted(starts, j * n / shards)) for j in range(shards)]
+    unit_cuts = [0]  # first unit of each block; a block also ends where a shard starts
+    for i in range(1, len(units)):
+        if i in shard_starts or starts[i + 1] - starts[unit_cuts[-1]] > rows:
+            unit_cuts.append(i)
+    unit_cuts.append(len(units))
+    bounds = [int(starts[u]) for u in unit_cuts]  # block j: rows [bounds[j], bounds[j + 1])
+    shard_of = [bisect.bisect_right(shard_starts, u) - 1 for u in unit_cuts[:-1]]
     out = []
     pair_at = 0
     for j in range(len(bounds) - 1):
@@ -381,7 +404,10 @@ def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int, pad: int) -> list[_Bloc
             blk.width = oth.shape[1]
             pair_at = pair_end
         out.append(blk)
-    return out
+    per_shard: list[list[_Block]] = [[] for _ in range(shards)]
+    for blk, j in zip(out, shard_of):
+        per_shard[j].append(blk)
+    return per_shard
 
 
 def _batch_scale(cfg: TrainConfig, b: _Batch) -> float:
@@ -411,8 +437,9 @@ def _block_grad(cfg: TrainConfig, s_all: torch.Tensor, blk: _Block, scale: float
     obj = cfg.objective
     s, g = s_all[blk.start:blk.end], g_all[blk.start:blk.end]  # [n]
     if obj == "q":
-        loss = F.mse_loss(s, blk.rewards, reduction="sum")
-        torch.sub(s, blk.rewards, out=g).mul_(2.0 * scale)
+        torch.sub(s, blk.rewards, out=g)
+        loss = g.dot(g)  # sum (s - r)^2
+        g.mul_(2.0 * scale)
     elif obj == "ce":
         loss = F.binary_cross_entropy_with_logits(s, blk.rewards, reduction="sum")
         torch.sigmoid(s, out=g).sub_(blk.rewards).mul_(scale)
@@ -452,52 +479,172 @@ def _block_grad(cfg: TrainConfig, s_all: torch.Tensor, blk: _Block, scale: float
     return loss
 
 
+class _Shard:
+    """One thread's share of the fused step: its own buffers (its blocks are in _Batch.blocks)."""
+
+    def __init__(self, most: int, dim: int, pad: int, dtype: torch.dtype, upcast: bool):
+        # [R, D] float32 copy of a half-precision block (only without the float16 kernels)
+        self.buf = torch.empty((most, dim), dtype=dtype) if upcast else None
+        self.s = torch.full((pad + 1,), -math.inf, dtype=dtype)  # [B + 1] scores; [pad] = -inf
+        self.g = torch.zeros(pad + 1, dtype=dtype)  # [B + 1] dL/ds; [pad] collects padding
+        self.gw = torch.zeros(dim, dtype=dtype)  # [D] this shard's weight gradient
+
+
 class _FusedLinear:
-    """Blocks and preallocated buffers of the fused step for one training run."""
+    """Blocks and preallocated buffers of the fused step for one training run.
+
+    Every batch is cut into SHARDS runs of whole units of about equal size. Each shard's weight
+    gradient, loss and bias gradient are computed on their own and then summed in shard order,
+    so the result does not depend on how many threads run the shards: with `threads` = 2 they run
+    at the same time (the step is bound by memory bandwidth, and two cores stream more than
+    one); with 1 they run one after the other, bit for bit the same.
+
+    float16 features are read by the kernels of `qprobe.halfmv` when they can be built here
+    (blocks of up to HALF_BLOCK_BYTES of float16); otherwise each block is upcast into a float32
+    buffer and multiplied with torch (blocks of up to BLOCK_BYTES of float32)."""
 
     def __init__(self, cfg: TrainConfig, dim: int, batches: list[_Batch],
-                 block_rows: int | None = None):
+                 block_rows: int | None = None, dtype: torch.dtype = torch.float32,
+                 threads: int = 1, half: bool = False, use_kernels: bool = True):
         self.cfg = cfg
-        rows = block_rows or max(8, BLOCK_BYTES // (4 * dim))
+        self.kernels = halfmv.kernels() if half and use_kernels and dtype == torch.float32 else None
+        if block_rows is None:
+            block_rows = (HALF_BLOCK_BYTES // (2 * dim) if self.kernels is not None
+                          else BLOCK_BYTES // (4 * dim))
+        rows = max(8, block_rows)
         pad = max(b.end - b.start for b in batches)
         for b in batches:
-            b.blocks = _make_blocks(cfg, b, rows, pad)
-        most = max(blk.end - blk.start for b in batches for blk in b.blocks)
-        self.buf = torch.empty((most, dim))  # [R, D] float32 upcast of a half-precision block
-        self.s = torch.full((pad + 1,), -math.inf)  # [B + 1] scores of a batch; [pad] = -inf
-        self.g = torch.zeros(pad + 1)  # [B + 1] dL/ds of a batch; [pad] collects padding
+            b.blocks = _make_blocks(cfg, b, rows, pad, SHARDS)
+        most = max((blk.end - blk.start for b in batches for sh in b.blocks for blk in sh),
+                   default=1)
+        upcast = half and self.kernels is None
+        self.shards = [_Shard(most, dim, pad, dtype, upcast) for _ in range(SHARDS)]
+        self.pool = None
+        if threads > 1:  # the other shards run on worker threads (torch ops and ctypes calls
+            # release the GIL); each op inside runs on its caller's thread only
+            self.pool = ThreadPoolExecutor(SHARDS - 1, initializer=torch.set_num_threads,
+                                           initargs=(1,))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def _run(self, j: int, x: torch.Tensor, b: _Batch, w: torch.Tensor, bias: torch.Tensor,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shard j of batch b: its weight gradient into shards[j].gw; returns (loss / scale,
+        the sum of its dL/ds (the bias gradient; q/ce only))."""
+        sh, kern = self.shards[j], self.kernels
+        sh.gw.zero_()
+        losses = []
+        for blk in b.blocks[j]:
+            xb = x[b.start + blk.start:b.start + blk.end]  # [R, D]
+            s, g = sh.s[blk.start:blk.end], sh.g[blk.start:blk.end]  # [R]
+            if kern is not None:  # float16 rows read as they are (qprobe/halfmv.c)
+                kern.dot_rows(xb, w, bias, s)
+                losses.append(_block_grad(self.cfg, sh.s, blk, scale, sh.g))
+                kern.add_rows(xb, g, sh.gw)
+            else:
+                if sh.buf is not None:
+                    xb = sh.buf[: len(xb)].copy_(xb)
+                torch.addmv(bias, xb, w, out=s)
+                losses.append(_block_grad(self.cfg, sh.s, blk, scale, sh.g))
+                torch.addmv(sh.gw, xb.t(), g, out=sh.gw)
+        if not losses:
+            return torch.zeros((), dtype=sh.s.dtype), None
+        total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        gsum = None
+        if self.cfg.objective in ("q", "ce"):
+            first, last = b.blocks[j][0].start, b.blocks[j][-1].end
+            gsum = sh.g[first:last].sum()
+        return total, gsum
 
     def step(self, layer: torch.nn.Linear, x: torch.Tensor, b: _Batch) -> torch.Tensor:
         """Set layer's .grad for batch b (rows of x) in one pass; returns the batch loss."""
         w, bias = layer.weight.detach()[0], layer.bias.detach()  # [D], [1]
-        gw = torch.zeros_like(w)  # [D]
-        half = x.dtype in (torch.float16, torch.bfloat16)
         scale = _batch_scale(self.cfg, b)
-        total = torch.zeros((), dtype=self.s.dtype)
-        for blk in b.blocks:
-            xb = x[b.start + blk.start:b.start + blk.end]  # [R, D]
-            if half:
-                xb = self.buf[: len(xb)].copy_(xb)
-            torch.addmv(bias, xb, w, out=self.s[blk.start:blk.end])
-            total += _block_grad(self.cfg, self.s, blk, scale, self.g)
-            torch.addmv(gw, xb.t(), self.g[blk.start:blk.end], out=gw)
+        if self.pool is None:
+            parts = [self._run(j, x, b, w, bias, scale) for j in range(SHARDS)]
+        else:
+            futures = [self.pool.submit(self._run, j, x, b, w, bias, scale)
+                       for j in range(1, SHARDS)]
+            parts = [self._run(0, x, b, w, bias, scale)] + [f.result() for f in futures]
+        gw = self.shards[0].gw.clone()
+        total = parts[0][0]
+        for sh, p in zip(self.shards[1:], parts[1:]):  # in shard order, whatever ran where
+            gw += sh.gw
+            total = total + p[0]
         layer.weight.grad = gw.unsqueeze(0)
         # pg/bt/dpo only compare scores of one prompt: their bias gradient is exactly 0 (a sum of
         # rounding errors here, which Adam would turn into lr-sized steps)
         if self.cfg.objective in ("q", "ce"):
-            layer.bias.grad = self.g[: b.end - b.start].sum().reshape(1)
+            gsums = [p[1] for p in parts if p[1] is not None]
+            gsum = gsums[0]
+            for more in gsums[1:]:
+                gsum = gsum + more
+            layer.bias.grad = gsum.reshape(1)
         else:
             layer.bias.grad = torch.zeros_like(bias)
         if self.cfg.objective == "pg" and b.baseline is not None:
-            total += b.baseline.sum()  # -sum_i p_i (r_i - b) = -sum_i p_i r_i + b per group
+            total = total + b.baseline.sum()  # -sum_i p_i (r_i - b) = -sum_i p_i r_i + b per group
         return total * scale
+
+
+class _Adam:
+    """Adam (or AdamW: decoupled weight decay) as torch.optim.Adam(W) computes it, in six in-place
+    ops per tensor. For a linear probe torch's optimizer costs ~190 us of Python per step on this
+    2-core machine, as much as the arithmetic of a whole 896-dim step."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float, decoupled: bool,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.wd, self.decoupled, self.betas, self.eps = lr, weight_decay, decoupled, \
+            betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]  # first moments
+        self.v = [torch.zeros_like(p) for p in self.params]  # second moments
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        step = self.lr / (1 - b1 ** self.t)
+        root_bc2 = math.sqrt(1 - b2 ** self.t)
+        for p, m, v in zip(self.params, self.m, self.v):
+            g = p.grad
+            if self.wd and self.decoupled:
+                p.mul_(1 - self.lr * self.wd)
+            elif self.wd:
+                g = g.add(p, alpha=self.wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, v.sqrt().div_(root_bc2).add_(self.eps), value=-step)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
 
 
 def _fit(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
          batches: list[_Batch], val: tuple[torch.Tensor, _Batch] | None,
-         rng: np.random.Generator, epochs: int, say: Callable[[str], None]
+         rng: np.random.Generator, epochs: int, say: Callable[[str], None], threads: int = 1
          ) -> tuple[dict[str, Any], tuple[Any, float, int]]:
     """The optimisation loop: epochs of shuffled batches, validation, early stopping."""
+    linear = len(net) == 1
+    fused = (_FusedLinear(cfg, x.shape[1], batches, threads=threads,
+                          half=x.dtype == torch.float16, use_kernels=HALFMV)
+             if linear and not LEGACY_STEP else None)
+    try:
+        return _epochs(cfg, net, opt, x, batches, val, rng, epochs, say, fused)
+    finally:
+        if fused is not None:
+            fused.close()
+
+
+def _epochs(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+            batches: list[_Batch], val: tuple[torch.Tensor, _Batch] | None,
+            rng: np.random.Generator, epochs: int, say: Callable[[str], None],
+            fused: _FusedLinear | None) -> tuple[dict[str, Any], tuple[Any, float, int]]:
     steps_per_epoch = len(batches)
     history: dict[str, Any] = {"epoch": [], "loss": [], "val": [], "val_name": ""}
     best = (None, -math.inf, 0)  # (state, value with 'higher is better' sign, epoch)
@@ -505,7 +652,6 @@ def _fit(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: 
     every = max(1, epochs // 10)
     val_name = ""
     linear = len(net) == 1
-    fused = _FusedLinear(cfg, x.shape[1], batches) if linear and not LEGACY_STEP else None
     for ep in range(1, epochs + 1):
         total = torch.zeros(())
         for i in rng.permutation(steps_per_epoch):
@@ -667,9 +813,12 @@ def train_probe(
         elif obj == "ce":
             out_layer.bias.fill_(math.log(min(max(mr, 1e-3), 1 - 1e-3) /
                                           (1 - min(max(mr, 1e-3), 1 - 1e-3))))
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # fused: one kernel per step instead of a dozen small ops (the probe has few parameters)
-    opt = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if len(net) == 1 and not LEGACY_STEP:  # the fused linear step
+        opt = _Adam(net.parameters(), cfg.lr, cfg.weight_decay, cfg.optimizer == "adamw")
+    else:
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        # fused: one kernel per step instead of a dozen small ops (the probe has few parameters)
+        opt = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
     steps_per_epoch = len(batches)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
@@ -677,11 +826,12 @@ def train_probe(
         f"{len(va_rows)} validation rows, dim {dim}, {steps_per_epoch} batches/epoch, "
         f"{epochs} epochs" + (f" (raised from {cfg.epochs} by min_steps {cfg.min_steps})"
                               if epochs > cfg.epochs else ""))
-    # A linear probe is bound by memory bandwidth (two passes over the batch per step): a second
-    # thread does not make it faster and makes it much slower when the cores are shared.
+    # A linear probe's fused step runs its shards on `threads` threads (same result for any
+    # count); each torch op inside runs on one. An MLP uses torch's own threads when it is big.
+    threads = _step_threads(cfg, x)
     small = not cfg.hidden or x.numel() * sum(cfg.hidden) < SMALL_PROBLEM
     with _threads(1 if small else torch.get_num_threads()):
-        history, best = _fit(cfg, net, opt, x, batches, val, rng, epochs, say)
+        history, best = _fit(cfg, net, opt, x, batches, val, rng, epochs, say, threads)
     seconds = time.perf_counter() - t0
 
     if data_fingerprint is True:

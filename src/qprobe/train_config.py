@@ -53,6 +53,10 @@ class TrainConfig:
                 "optimiser): half the memory traffic, faster on CPU; the features carry 2^-11 "
                 "relative rounding. MLP probes always train in float32",
         "choices": ("float32", "float16")})
+    threads: int = field(default=0, metadata={
+        "help": "linear probes: threads for the training step (0: 2 on a machine with 2 or more "
+                "cores when the data are large, else 1); the trained probe is the same for any "
+                "value"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, split and order"})
     val_fraction: float = field(default=0.0, metadata={
         "help": "fraction of prompts held out for validation (0: none)"})
@@ -79,6 +83,7 @@ class TrainConfig:
             (all(int(h) > 0 for h in self.hidden), "hidden sizes must be positive"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
             (self.patience >= 0, "patience must be >= 0"),
+            (self.threads >= 0, "threads must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
