@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -113,6 +114,20 @@ def worker(model: str, k: int, variant: str, n_prompts: int, new_tokens: int, th
             "params": params_count, "threads": threads}
 
 
+def median_runs(results: list[dict], model: str, k: int) -> tuple[dict, list[float]]:
+    """Per variant the run with the median time, and the (b)/(a) time ratio of each a/b pair."""
+    runs: dict[str, list[dict]] = {}
+    for r in results:
+        if r["model"] == model and r["k"] == k:
+            runs.setdefault(r["variant"], []).append(r)
+    by = {v: sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2] for v, rs in runs.items()}
+    pairs = {}
+    for r in runs.get("a", []) + runs.get("b", []):
+        pairs.setdefault(r["rep"], {})[r["variant"]] = r["seconds"]
+    ratios = [p["b"] / p["a"] for _, p in sorted(pairs.items()) if "a" in p and "b" in p]
+    return by, ratios
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,qwen-coder", help="comma list of smollm2,qwen-coder")
@@ -125,6 +140,10 @@ def main() -> None:
     ap.add_argument("--c-prompts", type=int, default=1,
                     help="prompts for (c), run one at a time as in the paper's code (1)")
     ap.add_argument("--batches", type=int, default=1, help="batches per (model, k) (1)")
+    ap.add_argument("--ab-repeats", type=int, default=1,
+                    help="run (a) and (b) this many times each, alternating a,b then b,a; the "
+                         "tables show the median run and the median (b)/(a) time ratio over the "
+                         "pairs (its range is printed too)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--quick", action="store_true", help="smoke run: smollm2, k=16, 32 tokens")
     ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
@@ -154,7 +173,13 @@ def main() -> None:
         for k in [int(x) for x in args.ks.split(",")]:
             per_batch = max(1, rows[m] // k)
             n_prompts = per_batch * args.batches
-            for v in args.variants.split(","):
+            variants = args.variants.split(",")
+            ab = [v for v in variants if v in ("a", "b")]
+            order = []
+            for rep in range(args.ab_repeats):  # alternate so that drift hits both alike
+                order += [(v, rep) for v in (ab if rep % 2 == 0 else ab[::-1])]
+            order += [(v, 0) for v in variants if v not in ("a", "b")]
+            for v, rep in order:
                 n = args.c_prompts if v == "c" else n_prompts
                 cmd = [sys.executable, __file__, "--worker", m, str(k), v, str(n),
                        str(args.new_tokens), str(threads), str(per_batch)]
@@ -163,6 +188,7 @@ def main() -> None:
                     print(res.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"worker {m} k={k} ({v}) failed")
                 r = json.loads(res.stdout.strip().splitlines()[-1])
+                r["rep"] = rep
                 results.append(r)
                 roof = gflops_before * 1e9 / (2 * r["params"])
                 cpu_rate = r["tokens"] / (r["cpu_s"] / threads)
@@ -182,14 +208,17 @@ def main() -> None:
           f"{'(b)/(a) time':>13s} {'(b) vs (c)':>11s} {'(b) roofline':>13s}")
     for m in models:
         for k in [int(x) for x in args.ks.split(",")]:
-            by = {r["variant"]: r for r in results if r["model"] == m and r["k"] == k}
+            by, ratios = median_runs(results, m, k)
             roof = gflops * 1e9 / (2 * next(iter(by.values()))["params"])
             a, b, c = (by.get(x) for x in "abc")
             cell = lambda r: f"{r['tok_s']:10.1f}" if r else f"{'-':>10s}"  # noqa: E731
-            ratio = f"{b['seconds'] / a['seconds']:13.3f}" if a and b else f"{'-':>13s}"
+            ratio = f"{statistics.median(ratios):13.3f}" if ratios else f"{'-':>13s}"
             speed = f"{b['tok_s'] / c['tok_s']:10.2f}x" if b and c else f"{'-':>11s}"
             frac = f"{100 * b['tok_s'] / roof:12.1f}%" if b else f"{'-':>13s}"
             print(f"{m:10s} {k:3d} {cell(a)} {cell(b)} {cell(c)} {ratio} {speed} {frac}")
+            if len(ratios) > 1:
+                print(f"{'':14s} (b)/(a) time over {len(ratios)} pairs: "
+                      + ", ".join(f"{x:.3f}" for x in ratios))
     # The same, per CPU-second the process actually got: steadier on a shared machine.
     cpu_g = (cpu_gflops_before + cpu_gflops_after) / 2
     print(f"\n# per CPU-second/thread (roofline {cpu_g:.1f} GFLOP/s per CPU-second/thread)")
@@ -197,7 +226,7 @@ def main() -> None:
           f"{'(b)/(a) time':>13s} {'(b) vs (c)':>11s} {'(b) roofline':>13s}")
     for m in models:
         for k in [int(x) for x in args.ks.split(",")]:
-            by = {r["variant"]: r for r in results if r["model"] == m and r["k"] == k}
+            by, _ = median_runs(results, m, k)
             rate = {v: r["tokens"] / (r["cpu_s"] / threads) for v, r in by.items()}
             roof = cpu_g * 1e9 / (2 * next(iter(by.values()))["params"])
             cells = " ".join(f"{rate[v]:10.1f}" if v in rate else f"{'-':>10s}" for v in "abc")
