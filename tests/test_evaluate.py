@@ -249,3 +249,30 @@ def test_cli_evaluate_table_json_and_errors(tmp_path, capsys) -> None:
     assert d["ks"] == [1, 2, 4] and len(d["probe"]) == 6
     assert main(["evaluate", str(tmp_path / "missing"), "--probe", str(tmp_path / "probe")]) == 2
     assert "qprobe: error:" in capsys.readouterr().err
+
+
+def test_ranking_against_brute_force():
+    from qprobe.evaluate import concordance, ranking
+
+    rng = np.random.default_rng(3)
+    group = np.repeat(np.arange(6), 5)
+    rewards = rng.integers(0, 2, 30).astype(float)
+    rewards[:5] = 1.0  # prompt 0: all pass, no pair to compare
+    scores = rng.integers(0, 4, 30).astype(float)  # ties on purpose
+    got = ranking(group, rewards, scores)
+    per = []
+    for p in range(6):
+        i = np.flatnonzero(group == p)
+        pairs = [(a, b) for a in i for b in i if rewards[a] > rewards[b]]
+        if pairs:
+            per.append(np.mean([1.0 if scores[a] > scores[b] else 0.5 if scores[a] == scores[b]
+                                else 0.0 for a, b in pairs]))
+    assert got["prompts_with_differing_rewards"] == len(per) and len(per) < 6
+    assert got["within_prompt"] == pytest.approx(np.mean(per))
+    pos, neg = np.flatnonzero(rewards == 1), np.flatnonzero(rewards == 0)
+    brute = np.mean([1.0 if scores[a] > scores[b] else 0.5 if scores[a] == scores[b] else 0.0
+                     for a in pos for b in neg])
+    assert got["pooled_auc"] == pytest.approx(brute)
+    assert concordance(np.array([1.0, 2.0]), np.array([0.5, 0.5])) is None
+    assert concordance(np.array([3.0, 1.0, 2.0]), np.array([1.0, 0.0, 0.5])) == 1.0
+    assert ranking(group, rewards * 0.5 + 0.25, scores)["pooled_auc"] is None  # not 0/1

@@ -82,6 +82,8 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
         assert len(pr["seed_means"]) == 2
         # choosing among 4 samples never beats the best of them (the skyline)
         assert 0.0 <= pr["mean_over_seeds"]["mean"] <= t["pass@k"]["4"]["mean"] + 1e-9
+        rk = pr["ranking"]
+        assert rk["within_prompt"] is None or 0.0 <= rk["within_prompt"] <= 1.0
     # the baselines decode greedily once per test prompt; few-shot prompts carry the shots
     greedy = Rollouts(tmp_path / "run" / "rollouts" / "greedy-vowels")
     assert len(greedy) == 6 and greedy.meta["sampling"]["temperature"] == 0.0
@@ -95,6 +97,7 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     assert (tmp_path / "run" / "probes" / "pg-seed1" / "config.json").is_file()
     md = (rep / "results.md").read_text()
     assert "pass@4 (skyline)" in md and "probe `pg`" in md and "greedy" in md
+    assert "| probe | within prompt | pooled AUC |" in md
     # a second run resumes: nothing is sampled again and the numbers are the same
     lines2: list[str] = []
     res2 = run_experiment(cfg, log=lines2.append, progress=False)

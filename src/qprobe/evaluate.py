@@ -112,6 +112,41 @@ def softmax_expected_reward(
     return float(_softmax_reward(scores[idx], rewards[idx], beta).mean())
 
 
+def concordance(scores: np.ndarray, rewards: np.ndarray) -> float | None:
+    """P(Q_i > Q_j | r_i > r_j) over the pairs of one prompt's samples with different rewards
+    (ties in Q count one half): the AUC for 0/1 rewards. None when all rewards are equal.
+
+    This is what selection among a prompt's samples needs; 0.5 is chance."""
+    s, r = np.asarray(scores, np.float64), np.asarray(rewards, np.float64)
+    better = r[:, None] > r[None, :]  # [n, n] i has the higher reward
+    if not better.any():
+        return None
+    d = s[:, None] - s[None, :]
+    return float(((d > 0) + 0.5 * (d == 0))[better].mean())
+
+
+def ranking(group: np.ndarray, rewards: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """How well scores order samples: within each prompt (mean concordance over the prompts
+    whose samples' rewards differ) and pooled over all samples (0/1 rewards only, else None).
+
+    A probe can predict which *prompts* are easy (high pooled AUC) without ordering the samples
+    of one prompt (within-prompt concordance near 0.5); only the second helps best-of-k."""
+    group, rewards, scores = np.asarray(group), np.asarray(rewards, np.float64), np.asarray(scores)
+    keep = ~np.isnan(rewards)
+    per = [concordance(s, r) for r, s in split_groups(group[keep], rewards[keep], scores[keep])]
+    per = [c for c in per if c is not None]
+    r, s = rewards[keep], np.asarray(scores[keep], np.float64)
+    pooled = None
+    if len(r) and np.isin(r, (0.0, 1.0)).all() and 0 < r.sum() < len(r):
+        _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+        avg_rank = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]  # 1-based ranks, ties averaged
+        n_pos = r.sum()
+        pooled = float((avg_rank[r == 1].sum() - n_pos * (n_pos + 1) / 2) /
+                       (n_pos * (len(r) - n_pos)))  # Mann-Whitney U / (n_pos n_neg)
+    return {"within_prompt": float(np.mean(per)) if per else None,
+            "prompts_with_differing_rewards": len(per), "pooled_auc": pooled}
+
+
 # --------------------------------------------------------------------------------------------
 # grouping and bootstrap
 

@@ -442,7 +442,7 @@ def run_experiment(
     timings["train_s"] = time.perf_counter() - t
 
     # 4. evaluate ----------------------------------------------------------------------------
-    from qprobe.evaluate import Estimate, evaluate_groups
+    from qprobe.evaluate import Estimate, evaluate_groups, ranking
 
     t = time.perf_counter()
     results: dict[str, Any] = {"test": {}}
@@ -473,10 +473,11 @@ def run_experiment(
         entry["probes"] = {}
         scores_by: dict[str, list[np.ndarray]] = {}
         for obj in cfg.probes.objectives:
-            runs, headline_vals, base_vals = {}, [], None
+            runs, headline_vals, base_vals, ranks = {}, [], None, []
             for seed in cfg.probes.seeds:
                 sc = probes[(obj, seed)].score(feats).astype(np.float64)  # [N]
                 scores_by.setdefault(obj, []).append(sc)
+                ranks.append(ranking(group, rewards, sc))
                 res = evaluate_groups(
                     group,
                     rewards,
@@ -501,6 +502,7 @@ def run_experiment(
                 ),
                 "seed_means": seed_means,
                 "seed_std": float(np.std(seed_means)),
+                "ranking": _mean_ranking(ranks),
                 "runs": runs,
             }
         entry["_scores"] = scores_by  # for the plots; dropped from results.json
@@ -543,6 +545,15 @@ def run_experiment(
     results["report"] = str(report_dir)
     say(f"report: {report_dir}")
     return results
+
+
+def _mean_ranking(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """`qprobe.evaluate.ranking` of each seed's probe, averaged over the seeds."""
+    out: dict[str, Any] = {"prompts_with_differing_rewards": ranks[0]["prompts_with_differing_rewards"]}
+    for key in ("within_prompt", "pooled_auc"):
+        vals = [r[key] for r in ranks if r[key] is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+    return out
 
 
 def _baseline_entry(path: Path, n_boot: int, seed: int) -> dict[str, Any]:

@@ -98,6 +98,22 @@ def results_markdown(res: dict[str, Any]) -> str:
             f"| pass@{k} (skyline) | {_ci(t['pass@k'][str(k)])} | {pk - p1:+.3f} | {'100%' if pk > p1 else '-'} | |"
         )
         lines.append("")
+        ranks = {obj: pr["ranking"] for obj, pr in t["probes"].items() if pr.get("ranking")}
+        if ranks:
+            n_mixed = next(iter(ranks.values()))["prompts_with_differing_rewards"]
+            lines += [
+                f"Ranking (mean over seeds; 0.5 is chance): 'within prompt' is P(Q_i > Q_j | "
+                f"r_i > r_j) over pairs of one prompt's samples, averaged over the {n_mixed} "
+                "prompts whose samples' rewards differ (what best-of-k needs); 'pooled' is the "
+                "AUC over all samples, which also rewards telling easy prompts from hard ones.",
+                "",
+                "| probe | within prompt | pooled AUC |",
+                "|---|---|---|",
+            ]
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            for obj, rk in ranks.items():
+                lines.append(f"| `{obj}` | {fmt(rk['within_prompt'])} | {fmt(rk['pooled_auc'])} |")
+            lines.append("")
         for n in t.get("notes", []):
             lines.append(f"note: {n}  ")
     if "curve" in res:
