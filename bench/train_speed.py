@@ -1,5 +1,6 @@
-"""Probe training speed at the paper's MBPP size, every objective: the fused step on two threads,
-on one thread, and the previous two-pass step, side by side in one run on the same data.
+"""Probe training speed at the paper's MBPP size, every objective: the C training loop on two
+threads and on one, the torch step it replaced, and the step before that, side by side in one run
+on the same data.
 
     python bench/train_speed.py                     # 464 prompts x 48 samples, 150 epochs
     python bench/train_speed.py --dims 896 --objectives q pg --precisions float16 --repeats 3
@@ -9,11 +10,13 @@ rollouts): speed does not depend on what the numbers mean. Each run is one `trai
 the paper's settings (Adam, lr 5e-5, batch 1000 rows / pg 100 prompts x 10 samples, 150 epochs,
 min_steps 0 so exactly 150 epochs run), timed end to end: feature statistics, layout,
 standardisation and training. Columns:
-- new: the current trainer with its default threads (the fused one-pass step in cache-sized
-  blocks, each batch cut into two shards that run on two threads on a machine with 2+ cores);
+- new: the current trainer with its default threads: `qprobe/linfit.c` runs whole epochs of the
+  one-pass step (cache-sized blocks of whole units, each batch cut into two shards that run on two
+  threads on a machine with 2+ cores), and the setup passes (statistics, standardising);
 - 1thr: the same with `threads=1` (the shards one after the other; the same probe, bit for bit);
-- torch: float16 blocks upcast to float32 with torch instead of read by `qprobe.halfmv`;
-- old: `qprobe.train.LEGACY_STEP`, the previous step (two matrix-vector passes per batch,
+- torch: `qprobe.train.NATIVE = False`, the same step written with torch operations (the fallback
+  where linfit.c cannot be built; float16 blocks upcast to float32);
+- old: `qprobe.train.LEGACY_STEP`, the step before that (two matrix-vector passes per batch,
   autograd on the scores; float16: half-precision GEMVs on a row-major and a transposed copy).
 Each at `precision` float32 and float16 (features kept in half precision). For scale, each dim
 first prints the memory floor: the time to read the float16 matrix once per epoch (a torch sum),
@@ -52,10 +55,10 @@ def synthetic(n_prompts: int, k: int, dim: int, seed: int = 0):
     return x.astype(np.float16), rewards, groups, pairs
 
 
-def _time(x, r, g, pairs, cfg: TrainConfig, legacy: bool, repeats: int, halfmv: bool = True
+def _time(x, r, g, pairs, cfg: TrainConfig, legacy: bool, repeats: int, native: bool = True
           ) -> tuple[float, float]:
     """Fastest (wall, cpu) seconds of `repeats` train_probe calls."""
-    T.LEGACY_STEP, T.HALFMV = legacy, halfmv
+    T.LEGACY_STEP, T.NATIVE = legacy, native
     wall = cpu = float("inf")
     try:
         for _ in range(repeats):
@@ -65,7 +68,7 @@ def _time(x, r, g, pairs, cfg: TrainConfig, legacy: bool, repeats: int, halfmv: 
             wall = min(wall, time.perf_counter() - t)
             cpu = min(cpu, time.process_time() - c)
     finally:
-        T.LEGACY_STEP, T.HALFMV = False, True
+        T.LEGACY_STEP, T.NATIVE = False, True
     return wall, cpu
 
 
@@ -99,17 +102,17 @@ def main() -> None:
     args = ap.parse_args()
 
     rows = args.prompts * args.samples
-    from qprobe import halfmv
+    from qprobe import linfit
 
-    kern = halfmv.kernels()
+    lib = linfit.library()
     print(f"# {args.prompts} prompts x {args.samples} samples = {rows} rows, {args.epochs} epochs,"
           f" synthetic float16 features; torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"load average {os.getloadavg()[0]:.1f} at start; halfmv kernels: "
-          f"{'yes' if kern else 'no (' + str(halfmv.why_not) + ')'}")
-    print("# new: the default trainer (2 shards on 2 threads on a 2+ core machine; float16 read "
-          "by the halfmv kernels); 1thr: threads=1; torch: float16 upcast with torch instead of "
-          "the kernels; old: the previous two-pass step. Seconds are wall (cpu); x = wall / new.")
+          f"load average {os.getloadavg()[0]:.1f} at start; linfit.c: "
+          f"{'yes' if lib else 'no (' + str(linfit.why_not) + ')'}")
+    print("# new: the default trainer (linfit.c; 2 shards on 2 threads on a 2+ core machine); "
+          "1thr: threads=1; torch: the same step in torch (the fallback); old: the two-pass step "
+          "before it. Seconds are wall (cpu); x = wall / new.")
     print(f"{'dim':>5} {'objective':>9} {'precision':>9} | {'new':>13} {'rows*ep/s':>10} | "
           f"{'1thr':>13} {'x':>5} | {'torch':>13} {'x':>5} | {'old':>13} {'x':>5}")
     warm = synthetic(8, 4, 16)  # first optimiser/autograd use loads lazy modules: not training
@@ -131,8 +134,8 @@ def main() -> None:
                 if not args.only_new:
                     cells.append(_time(x, r, g, pairs, dataclasses.replace(cfg, threads=1), False,
                                        args.repeats))
-                    cells.append(_time(x, r, g, pairs, cfg, False, args.repeats, halfmv=False)
-                                 if precision == "float16" and kern else None)
+                    cells.append(_time(x, r, g, pairs, cfg, False, args.repeats, native=False)
+                                 if lib else None)
                     cells.append(_time(x, r, g, pairs, cfg, True, args.repeats))
                 line += " | ".join(f"{'-':>13} {'-':>5}" if c is None else
                                    f"{c[0]:>6.2f} ({c[1]:>5.2f}) {c[0] / nw:>5.2f}" for c in cells)

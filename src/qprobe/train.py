@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qprobe import halfmv
+from qprobe import linfit
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
 from qprobe.objectives import (
@@ -173,14 +173,24 @@ def _layout(
         s0 = int(starts[a])
         ch, rj, others = [], [], []
         for i in range(a, b):
-            p = prompts[i]
-            local = {r: int(starts[i]) - s0 + j for j, r in enumerate(by_prompt[p])}
-            for c, r in pairs_of[p]:
-                ch.append(local[c])
-                rj.append(local[r])
-                others.append(np.array([v for k, v in local.items() if k != c and k != r]))
-        batches.append(_Batch(s0, int(starts[b]), chosen=t(np.array(ch)), rejected=t(np.array(rj)),
-                              index=t(_padded(others)), units=np.diff(starts[a:b + 1])))
+            mine = np.asarray(by_prompt[prompts[i]])  # [n] dataset rows in layout order
+            pp = np.asarray(pairs_of[prompts[i]])  # [k, 2] dataset rows
+            by_row = np.argsort(mine)
+            c, r = (by_row[np.searchsorted(mine[by_row], pp[:, j])] for j in (0, 1))  # [k] each
+            rest = np.ones((len(pp), len(mine)), dtype=bool)  # [k, n]: the pair's other samples
+            rest[np.arange(len(pp)), c] = rest[np.arange(len(pp)), r] = False
+            at = int(starts[i]) - s0  # the prompt's first row in the batch
+            ch.append(c + at)
+            rj.append(r + at)
+            others.append(np.nonzero(rest)[1].reshape(len(pp), len(mine) - 2) + at)
+        index = np.full((sum(map(len, ch)), max(1, max(o.shape[1] for o in others))), -1)
+        at = 0
+        for o in others:  # [k, n - 2] each, padded with -1 to the widest
+            index[at:at + len(o), :o.shape[1]] = o
+            at += len(o)
+        batches.append(_Batch(s0, int(starts[b]), chosen=t(np.concatenate(ch)),
+                              rejected=t(np.concatenate(rj)), index=t(index),
+                              units=np.diff(starts[a:b + 1])))
     return order, batches
 
 
@@ -211,6 +221,14 @@ def _standardised(features: np.ndarray, order: np.ndarray, mean: np.ndarray | No
     """features[order] as one tensor [L, D] of `dtype`, standardised in float32, built in
     cache-sized chunks."""
     out = torch.empty((len(order), features.shape[1]), dtype=dtype)  # [L, D]
+    lib = _native_setup(features)
+    if lib is not None:  # one pass in C
+        dim = features.shape[1]
+        mean = np.zeros(dim, np.float32) if mean is None else mean
+        inv = np.ones(dim, np.float32) if std is None else (1.0 / std).astype(np.float32)
+        if not lib.standardise(features, order, mean, inv, out, _setup_threads()):
+            raise QProbeError("train: features contain NaN or inf")
+        return out
     buf = torch.empty((chunk, features.shape[1]), dtype=torch.float32)
     mu = None if mean is None else torch.from_numpy(mean)
     inv_sd = None if std is None else torch.from_numpy(1.0 / std)
@@ -225,6 +243,23 @@ def _standardised(features: np.ndarray, order: np.ndarray, mean: np.ndarray | No
     return out
 
 
+def _native_setup(features: np.ndarray) -> linfit.Library | None:
+    """linfit.c for the setup passes, if it can be built and read `features` directly."""
+    return linfit.library() if NATIVE and linfit.readable(features) else None
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
+def _setup_threads() -> int:
+    """Threads for the setup passes: they are bound by memory traffic, which two cores
+    stream faster than one."""
+    return min(2, _cores())
+
+
 def _feature_stats(features: np.ndarray, rows: np.ndarray, chunk: int = 256
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std over the given rows -> float32 [D] x2.
@@ -232,18 +267,21 @@ def _feature_stats(features: np.ndarray, rows: np.ndarray, chunk: int = 256
     Cache-sized float32 chunks, float64 totals. The first chunk's mean is subtracted before
     squaring so that var = E[(x-k)^2] - E[x-k]^2 does not cancel when |mean| >> std."""
     rows = np.sort(rows)
-    buf = torch.empty((chunk, features.shape[1]), dtype=torch.float32)  # [chunk, D]
-    s = torch.zeros(features.shape[1], dtype=torch.float64)
-    s2 = torch.zeros(features.shape[1], dtype=torch.float64)
-    shift = None
-    for i in range(0, len(rows), chunk):
-        part = buf[: len(rows[i:i + chunk])]
-        part.copy_(torch.from_numpy(np.ascontiguousarray(features[rows[i:i + chunk]])))
-        if shift is None:
-            shift = part.mean(0)  # [D]
-        part.sub_(shift)
-        s += part.sum(0)
-        s2 += part.mul_(part).sum(0)
+    shift = torch.from_numpy(features[rows[:chunk]].astype(np.float32).mean(0))  # [D]
+    lib = _native_setup(features)
+    if lib is not None:  # one pass in C
+        s1, s2 = lib.column_sums(features, rows, shift.numpy(), _setup_threads())
+        s, s2 = torch.from_numpy(s1), torch.from_numpy(s2)
+    else:
+        buf = torch.empty((chunk, features.shape[1]), dtype=torch.float32)  # [chunk, D]
+        s = torch.zeros(features.shape[1], dtype=torch.float64)
+        s2 = torch.zeros(features.shape[1], dtype=torch.float64)
+        for i in range(0, len(rows), chunk):
+            part = buf[: len(rows[i:i + chunk])]
+            part.copy_(torch.from_numpy(np.ascontiguousarray(features[rows[i:i + chunk]])))
+            part.sub_(shift)
+            s += part.sum(0)
+            s2 += part.mul_(part).sum(0)
     mean = s / len(rows)
     std = (s2 / len(rows) - mean * mean).clamp_min_(0.0).sqrt_().numpy()
     mean = (mean + shift).numpy()
@@ -281,17 +319,20 @@ def _threads(n: int):
 
 
 def _step_threads(cfg: TrainConfig, x: torch.Tensor) -> int:
-    """Threads for the fused linear step: cfg.threads, or (0: auto) one per shard when a batch
-    holds at least PARALLEL_BATCH_BYTES of features and the process may use that many cores.
-    Smaller batches were as fast or faster on one thread (bench/train_speed.py, 2 cores): the
-    hand-over between threads and the GIL held by small torch operations cost what they gain."""
+    """Threads for the linear step: cfg.threads, or (0: auto) one per shard when a batch holds
+    enough features to be worth sharing and the process may use that many cores: at least
+    NATIVE_PARALLEL_BYTES in linfit.c, PARALLEL_BATCH_BYTES in the torch step. Smaller batches
+    were as fast or faster on one thread (bench/train_speed.py, 2 cores): the hand-over between
+    threads (and in torch the GIL held by small operations) cost what they gain."""
     if cfg.hidden:
         return 1
     if cfg.threads:
         return min(cfg.threads, SHARDS)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = _cores()
+    native = NATIVE and not LEGACY_STEP and linfit.library() is not None
     batch_bytes = min(cfg.batch_size, len(x)) * x.shape[1] * x.element_size()
-    return SHARDS if batch_bytes >= PARALLEL_BATCH_BYTES and (cores or 1) >= SHARDS else 1
+    enough = NATIVE_PARALLEL_BYTES if native else PARALLEL_BATCH_BYTES
+    return SHARDS if batch_bytes >= enough and cores >= SHARDS else 1
 
 
 # --- the trainer --------------------------------------------------------------------------------
@@ -335,11 +376,12 @@ def _linear_step(cfg: TrainConfig, layer: torch.nn.Linear, xb: torch.Tensor, b: 
 # grad += X_blk^T dL/ds while X_blk is still in cache: one pass over the batch in memory per step
 # instead of two. Half-precision features are upcast block by block into a float32 buffer, so all
 # arithmetic is float32 whatever the storage.
-BLOCK_BYTES = 6 << 20  # float32 bytes of one block: 384 rows at 4096 dims (tuned, see docs)
-HALF_BLOCK_BYTES = 4 << 20  # float16 bytes of one block with the halfmv kernels: 512 rows at 4096
+BLOCK_BYTES = 6 << 20  # torch step: float32 bytes of one block, 384 rows at 4096 dims (tuned)
+NATIVE_BLOCK_BYTES = 256 << 10  # linfit.c: feature bytes of one block (half an L2 cache; tuned)
 SHARDS = 2  # runs of whole units per batch, one per core on a 2-core machine (see _FusedLinear)
-PARALLEL_BATCH_BYTES = 4 << 20  # auto threads: batches at least this big run their shards at once
-HALFMV = True  # False: float16 blocks are upcast with torch, not read by qprobe.halfmv's kernels
+PARALLEL_BATCH_BYTES = 4 << 20  # auto threads, torch step: batches this big run shards at once
+NATIVE_PARALLEL_BYTES = 1 << 20  # the same for linfit.c (1000 rows of 896 dims in float16: yes)
+NATIVE = True  # False: linear probes train with the torch step even where linfit.c can be built
 LEGACY_STEP = False  # True: the previous two-pass step (kept for bench/train_speed.py's ratios)
 
 
@@ -483,7 +525,7 @@ class _Shard:
     """One thread's share of the fused step: its own buffers (its blocks are in _Batch.blocks)."""
 
     def __init__(self, most: int, dim: int, pad: int, dtype: torch.dtype, upcast: bool):
-        # [R, D] float32 copy of a half-precision block (only without the float16 kernels)
+        # [R, D] float32 copy of a half-precision block
         self.buf = torch.empty((most, dim), dtype=dtype) if upcast else None
         self.s = torch.full((pad + 1,), -math.inf, dtype=dtype)  # [B + 1] scores; [pad] = -inf
         self.g = torch.zeros(pad + 1, dtype=dtype)  # [B + 1] dL/ds; [pad] collects padding
@@ -499,26 +541,23 @@ class _FusedLinear:
     at the same time (the step is bound by memory bandwidth, and two cores stream more than
     one); with 1 they run one after the other, bit for bit the same.
 
-    float16 features are read by the kernels of `qprobe.halfmv` when they can be built here
-    (blocks of up to HALF_BLOCK_BYTES of float16); otherwise each block is upcast into a float32
-    buffer and multiplied with torch (blocks of up to BLOCK_BYTES of float32)."""
+    float16 features are upcast block by block into a float32 buffer (blocks of up to BLOCK_BYTES
+    of float32). This is the reference and the fallback of linfit.c, which runs the same step
+    without Python between steps wherever it can be built."""
 
     def __init__(self, cfg: TrainConfig, dim: int, batches: list[_Batch],
                  block_rows: int | None = None, dtype: torch.dtype = torch.float32,
-                 threads: int = 1, half: bool = False, use_kernels: bool = True):
+                 threads: int = 1, half: bool = False):
         self.cfg = cfg
-        self.kernels = halfmv.kernels() if half and use_kernels and dtype == torch.float32 else None
         if block_rows is None:
-            block_rows = (HALF_BLOCK_BYTES // (2 * dim) if self.kernels is not None
-                          else BLOCK_BYTES // (4 * dim))
+            block_rows = BLOCK_BYTES // (4 * dim)
         rows = max(8, block_rows)
         pad = max(b.end - b.start for b in batches)
         for b in batches:
             b.blocks = _make_blocks(cfg, b, rows, pad, SHARDS)
         most = max((blk.end - blk.start for b in batches for sh in b.blocks for blk in sh),
                    default=1)
-        upcast = half and self.kernels is None
-        self.shards = [_Shard(most, dim, pad, dtype, upcast) for _ in range(SHARDS)]
+        self.shards = [_Shard(most, dim, pad, dtype, half) for _ in range(SHARDS)]
         self.pool = None
         if threads > 1:  # the other shards run on worker threads (torch ops and ctypes calls
             # release the GIL); each op inside runs on its caller's thread only
@@ -534,22 +573,17 @@ class _FusedLinear:
              scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Shard j of batch b: its weight gradient into shards[j].gw; returns (loss / scale,
         the sum of its dL/ds (the bias gradient; q/ce only))."""
-        sh, kern = self.shards[j], self.kernels
+        sh = self.shards[j]
         sh.gw.zero_()
         losses = []
         for blk in b.blocks[j]:
             xb = x[b.start + blk.start:b.start + blk.end]  # [R, D]
             s, g = sh.s[blk.start:blk.end], sh.g[blk.start:blk.end]  # [R]
-            if kern is not None:  # float16 rows read as they are (qprobe/halfmv.c)
-                kern.dot_rows(xb, w, bias, s)
-                losses.append(_block_grad(self.cfg, sh.s, blk, scale, sh.g))
-                kern.add_rows(xb, g, sh.gw)
-            else:
-                if sh.buf is not None:
-                    xb = sh.buf[: len(xb)].copy_(xb)
-                torch.addmv(bias, xb, w, out=s)
-                losses.append(_block_grad(self.cfg, sh.s, blk, scale, sh.g))
-                torch.addmv(sh.gw, xb.t(), g, out=sh.gw)
+            if sh.buf is not None:
+                xb = sh.buf[: len(xb)].copy_(xb)
+            torch.addmv(bias, xb, w, out=s)
+            losses.append(_block_grad(self.cfg, sh.s, blk, scale, sh.g))
+            torch.addmv(sh.gw, xb.t(), g, out=sh.gw)
         if not losses:
             return torch.zeros((), dtype=sh.s.dtype), None
         total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
@@ -625,41 +659,47 @@ class _Adam:
             p.grad = None
 
 
-def _fit(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-         batches: list[_Batch], val: tuple[torch.Tensor, _Batch] | None,
-         rng: np.random.Generator, epochs: int, say: Callable[[str], None], threads: int = 1
+def _fit(cfg: TrainConfig, net: torch.nn.Module, x: torch.Tensor, batches: list[_Batch],
+         val: tuple[torch.Tensor, _Batch] | None, rng: np.random.Generator, epochs: int,
+         say: Callable[[str], None], threads: int = 1
          ) -> tuple[dict[str, Any], tuple[Any, float, int]]:
-    """The optimisation loop: epochs of shuffled batches, validation, early stopping."""
+    """The optimisation loop: epochs of shuffled batches, validation, early stopping.
+
+    A linear probe takes its steps in linfit.c where that can be built (a whole epoch per call),
+    else with the fused torch step and `_Adam`; an MLP with autograd and torch's Adam."""
     linear = len(net) == 1
-    fused = (_FusedLinear(cfg, x.shape[1], batches, threads=threads,
-                          half=x.dtype == torch.float16, use_kernels=HALFMV)
-             if linear and not LEGACY_STEP else None)
-    try:
-        return _epochs(cfg, net, opt, x, batches, val, rng, epochs, say, fused)
-    finally:
-        if fused is not None:
+    lib = linfit.library() if linear and NATIVE and not LEGACY_STEP else None
+    if lib is not None:
+        block = max(8, NATIVE_BLOCK_BYTES // (x.shape[1] * x.element_size()))
+        native = linfit.LinearFit(lib, cfg, x, batches, net[0], SHARDS, threads, block)
+        return _epochs(cfg, net, lambda order: float(native.steps(order).sum()), len(batches),
+                       val, rng, epochs, say)
+    if linear and not LEGACY_STEP:
+        adam = _Adam(net.parameters(), cfg.lr, cfg.weight_decay, cfg.optimizer == "adamw")
+        fused = _FusedLinear(cfg, x.shape[1], batches, threads=threads,
+                             half=x.dtype == torch.float16)
+
+        def run(order: np.ndarray) -> float:
+            total = torch.zeros(())
+            for i in order:
+                total += fused.step(net[0], x, batches[i]).detach()
+                adam.step()
+            return float(total)
+
+        try:
+            return _epochs(cfg, net, run, len(batches), val, rng, epochs, say)
+        finally:
             fused.close()
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    # fused: one kernel per step instead of a dozen small ops (the probe has few parameters)
+    opt = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
-
-def _epochs(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-            batches: list[_Batch], val: tuple[torch.Tensor, _Batch] | None,
-            rng: np.random.Generator, epochs: int, say: Callable[[str], None],
-            fused: _FusedLinear | None) -> tuple[dict[str, Any], tuple[Any, float, int]]:
-    steps_per_epoch = len(batches)
-    history: dict[str, Any] = {"epoch": [], "loss": [], "val": [], "val_name": ""}
-    best = (None, -math.inf, 0)  # (state, value with 'higher is better' sign, epoch)
-    bad = 0
-    every = max(1, epochs // 10)
-    val_name = ""
-    linear = len(net) == 1
-    for ep in range(1, epochs + 1):
+    def run_autograd(order: np.ndarray) -> float:
         total = torch.zeros(())
-        for i in rng.permutation(steps_per_epoch):
+        for i in order:
             b = batches[i]
             xb = x[b.start:b.end]  # [B, D], a view: no copy
-            if fused is not None:
-                loss = fused.step(net[0], x, b)
-            elif linear:
+            if linear:  # LEGACY_STEP
                 loss = _linear_step(cfg, net[0], xb, b)
             else:
                 loss = _batch_loss(cfg, net(xb).squeeze(-1), b)
@@ -667,7 +707,23 @@ def _epochs(cfg: TrainConfig, net: torch.nn.Module, opt: torch.optim.Optimizer, 
                 loss.backward()
             opt.step()
             total += loss.detach()
-        ep_loss = float(total) / steps_per_epoch
+        return float(total)
+
+    return _epochs(cfg, net, run_autograd, len(batches), val, rng, epochs, say)
+
+
+def _epochs(cfg: TrainConfig, net: torch.nn.Module, run: Callable[[np.ndarray], float],
+            steps_per_epoch: int, val: tuple[torch.Tensor, _Batch] | None,
+            rng: np.random.Generator, epochs: int, say: Callable[[str], None]
+            ) -> tuple[dict[str, Any], tuple[Any, float, int]]:
+    """Epochs of `run(batch order) -> summed loss`, with validation and early stopping."""
+    history: dict[str, Any] = {"epoch": [], "loss": [], "val": [], "val_name": ""}
+    best = (None, -math.inf, 0)  # (state, value with 'higher is better' sign, epoch)
+    bad = 0
+    every = max(1, epochs // 10)
+    val_name = ""
+    for ep in range(1, epochs + 1):
+        ep_loss = run(rng.permutation(steps_per_epoch)) / steps_per_epoch
         if not math.isfinite(ep_loss):
             raise QProbeError(f"train: loss became {ep_loss} at epoch {ep}; lower --lr")
         history["epoch"].append(ep)
@@ -813,13 +869,6 @@ def train_probe(
         elif obj == "ce":
             out_layer.bias.fill_(math.log(min(max(mr, 1e-3), 1 - 1e-3) /
                                           (1 - min(max(mr, 1e-3), 1 - 1e-3))))
-    if len(net) == 1 and not LEGACY_STEP:  # the fused linear step
-        opt = _Adam(net.parameters(), cfg.lr, cfg.weight_decay, cfg.optimizer == "adamw")
-    else:
-        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        # fused: one kernel per step instead of a dozen small ops (the probe has few parameters)
-        opt = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-
     steps_per_epoch = len(batches)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
     say(f"train {obj}: {len(order)} rows ({len(np.unique(groups[tr_rows]))} prompts), "
@@ -831,7 +880,7 @@ def train_probe(
     threads = _step_threads(cfg, x)
     small = not cfg.hidden or x.numel() * sum(cfg.hidden) < SMALL_PROBLEM
     with _threads(1 if small else torch.get_num_threads()):
-        history, best = _fit(cfg, net, opt, x, batches, val, rng, epochs, say, threads)
+        history, best = _fit(cfg, net, x, batches, val, rng, epochs, say, threads)
     seconds = time.perf_counter() - t0
 
     if data_fingerprint is True:
