@@ -1,12 +1,14 @@
 """Training a Q-probe on (features, rewards) or (features, preference pairs).
 
 The trainer is written for CPU speed: the training rows are laid out once, standardised, as one
-float32 (or float16, `precision`) matrix in the order the objective needs (q/ce: shuffled rows;
-pg: groups of m samples of one prompt; bt: chosen/rejected row pairs; dpo: whole prompts), and
-every batch is a contiguous slice of it. A linear probe trains with a fused step that reads each
-batch once, in cache-sized blocks of whole units (see "the fused linear step" below). Each epoch visits the batches in a new random order. Re-shuffling rows every epoch
-would mean gathering the whole matrix again, which costs more than the training step itself on a
-CPU; the batch composition therefore stays fixed for a run (drawn from the seed).
+float16 (default) or float32 (`precision`) matrix in the order the objective needs (q/ce: shuffled
+rows; pg: groups of m samples of one prompt; bt: chosen/rejected row pairs; dpo: whole prompts),
+and every batch is a contiguous slice of it. A linear probe trains with a fused step that reads
+each batch once, in cache-sized blocks of whole units (see "the fused linear step" below); its
+epochs run in C (qprobe/linfit.c) where that can be built, else with torch operations. Each
+epoch visits the batches in a new random order. Re-shuffling rows every epoch would mean
+gathering the whole matrix again, which costs more than the training step itself on a CPU; the
+batch composition therefore stays fixed for a run (drawn from the seed).
 
 Small data. The paper's defaults (Adam, lr 5e-5, batch 1000, 150 epochs) were tuned for 92,800
 rows, i.e. ~14,000 optimiser steps. On 100 prompts x 16 samples the same 150 epochs are only
@@ -377,7 +379,7 @@ def _linear_step(cfg: TrainConfig, layer: torch.nn.Linear, xb: torch.Tensor, b: 
 # instead of two. Half-precision features are upcast block by block into a float32 buffer, so all
 # arithmetic is float32 whatever the storage.
 BLOCK_BYTES = 6 << 20  # torch step: float32 bytes of one block, 384 rows at 4096 dims (tuned)
-NATIVE_BLOCK_BYTES = 256 << 10  # linfit.c: feature bytes of one block (half an L2 cache; tuned)
+NATIVE_BLOCK_BYTES = 256 << 10  # linfit.c: feature bytes of one block (64 kB-1 MB ran alike)
 SHARDS = 2  # runs of whole units per batch, one per core on a 2-core machine (see _FusedLinear)
 PARALLEL_BATCH_BYTES = 4 << 20  # auto threads, torch step: batches this big run shards at once
 NATIVE_PARALLEL_BYTES = 1 << 20  # the same for linfit.c (1000 rows of 896 dims in float16: yes)
@@ -871,13 +873,21 @@ def train_probe(
                                           (1 - min(max(mr, 1e-3), 1 - 1e-3))))
     steps_per_epoch = len(batches)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
-    say(f"train {obj}: {len(order)} rows ({len(np.unique(groups[tr_rows]))} prompts), "
-        f"{len(va_rows)} validation rows, dim {dim}, {steps_per_epoch} batches/epoch, "
-        f"{epochs} epochs" + (f" (raised from {cfg.epochs} by min_steps {cfg.min_steps})"
-                              if epochs > cfg.epochs else ""))
     # A linear probe's fused step runs its shards on `threads` threads (same result for any
     # count); each torch op inside runs on one. An MLP uses torch's own threads when it is big.
     threads = _step_threads(cfg, x)
+    rows_of = str(x.dtype).removeprefix("torch.")
+    if cfg.hidden:
+        engine = "MLP, autograd"
+    elif NATIVE and not LEGACY_STEP and linfit.library() is not None:
+        engine = f"{rows_of} rows, C step on {threads} thread(s)"
+    else:
+        engine = (f"{rows_of} rows, torch step on {threads} thread(s) (C step: "
+                  f"{linfit.why_not or 'off'})")
+    say(f"train {obj}: {len(order)} rows ({len(np.unique(groups[tr_rows]))} prompts), "
+        f"{len(va_rows)} validation rows, dim {dim}, {steps_per_epoch} batches/epoch, "
+        f"{epochs} epochs" + (f" (raised from {cfg.epochs} by min_steps {cfg.min_steps})"
+                              if epochs > cfg.epochs else "") + f"; {engine}")
     small = not cfg.hidden or x.numel() * sum(cfg.hidden) < SMALL_PROBLEM
     with _threads(1 if small else torch.get_num_threads()):
         history, best = _fit(cfg, net, x, batches, val, rng, epochs, say, threads)

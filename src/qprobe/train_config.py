@@ -47,12 +47,13 @@ class TrainConfig:
         "help": "hidden layer sizes of an MLP probe, comma separated (empty: linear probe)"})
     standardize: bool = field(default=True, metadata={
         "help": "standardise features with mean/std of the training rows (stored in the probe)"})
-    precision: str = field(default="float32", metadata={
-        "help": "linear probes: float16 keeps the standardised training features in half "
-                "precision and upcasts them block by block (float32 arithmetic, weights and "
-                "optimiser): half the memory traffic, faster on CPU; the features carry 2^-11 "
-                "relative rounding. MLP probes always train in float32",
-        "choices": ("float32", "float16")})
+    precision: str = field(default="float16", metadata={
+        "help": "linear probes: how the standardised training features are kept. float16 (as "
+                "rollouts store them): half the memory and memory traffic, 1.4-1.9x faster on "
+                "CPU, 2^-11 relative rounding; arithmetic, weights and optimiser stay float32. "
+                "On the MBPP/Qwen probes both give the same test rewards to 3 decimals. MLP "
+                "probes always train in float32",
+        "choices": ("float16", "float32")})
     threads: int = field(default=0, metadata={
         "help": "linear probes: threads for the training step (0: 2 on a machine with 2 or more "
                 "cores when the data are large, else 1); the trained probe is the same for any "
