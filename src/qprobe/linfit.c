@@ -151,6 +151,13 @@ TARGET void qprobe_add_rows(const uint16_t *x, int64_t rows, int64_t dim, const 
 static double softplus(double z) { return z > 0 ? z + log1p(exp(-z)) : log1p(exp(z)); }
 static double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
 
+/* softplus(z) and sigmoid(z) from one exponential, e = exp(-|z|). */
+static double softplus_sigmoid(double z, double *sig) {
+    const double e = exp(-fabs(z));
+    *sig = z >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+    return fmax(z, 0.0) + log1p(e);
+}
+
 /* dpo, one prompt of n rows (scores s) and its pairs: g[i] = dL/ds_i; returns the summed loss.
  * u = s / beta; for a pair (w, l) with c = logsumexp of u over the prompt's other rows:
  * m = log sigmoid(u_w - c) - log sigmoid(u_l - c), loss softplus(-beta m), and with
@@ -185,11 +192,11 @@ static double dpo_unit(const Fit *f, const float *s, int64_t n, const int64_t *p
                 if (j != w && j != l) rest += exp(s[j] / beta - own_top);
         }
         c = own_top + log(rest);
+        double aw, al, sm;  /* sigmoid(c - u_w), sigmoid(c - u_l), sigmoid(-beta m) */
         const double zw = s[w] / beta - c, zl = s[l] / beta - c;
-        const double m = softplus(-zl) - softplus(-zw);  /* log sig(zw) - log sig(zl) */
-        loss += softplus(-beta * m);
-        const double dm = -scale * sigmoid(-beta * m);
-        const double aw = sigmoid(-zw), al = sigmoid(-zl), coef = dm * (al - aw);
+        const double m = softplus_sigmoid(-zl, &al) - softplus_sigmoid(-zw, &aw);
+        loss += softplus_sigmoid(-beta * m, &sm);  /* m = log sig(zw) - log sig(zl) */
+        const double dm = -scale * sm, coef = dm * (al - aw);
         acc[w] += dm * aw;
         acc[l] -= dm * al;
         if (direct) {
@@ -222,8 +229,9 @@ static double unit_grad(const Fit *f, int64_t u, const float *s, double scale, f
     case OBJ_CE:
         for (int64_t i = 0; i < n; i++) {
             const double z = s[i];
-            loss += softplus(z) - z * r[i];
-            g[i] = (float)(scale * (sigmoid(z) - r[i]));
+            double sig;
+            loss += softplus_sigmoid(z, &sig) - z * r[i];
+            g[i] = (float)(scale * (sig - r[i]));
         }
         return loss;
     case OBJ_PG: {  /* p = softmax(s / beta); g_i = -(scale / beta) p_i (r_i - sum_j p_j r_j) */
