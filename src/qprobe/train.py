@@ -97,6 +97,15 @@ def _pack(sizes: list[int], batch_rows: int) -> list[tuple[int, int]]:
     return out
 
 
+def _split_by(values: np.ndarray, keys: np.ndarray) -> dict[int, np.ndarray]:
+    """values [n, ...] grouped by keys [n]: {key: its values in their original order}, the keys
+    in order of first appearance (as a dict filled by a loop over the values would be)."""
+    srt = np.argsort(keys, kind="stable")
+    uniq, first = np.unique(keys[srt], return_index=True)
+    parts = np.split(values[srt], first[1:])
+    return {int(uniq[i]): parts[i] for i in np.argsort(srt[first])}
+
+
 def _layout(
     cfg: TrainConfig,
     rows: np.ndarray,
@@ -124,9 +133,8 @@ def _layout(
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
     if obj == "pg":
-        by_prompt: dict[int, list[int]] = {}
-        for r in rows[rng.permutation(len(rows))]:
-            by_prompt.setdefault(int(groups[r]), []).append(int(r))
+        shuffled = rows[rng.permutation(len(rows))]
+        by_prompt = _split_by(shuffled, groups[shuffled])
         if cfg.baseline == "mean":
             base_of = dict.fromkeys(by_prompt, float(np.mean(rewards[rows])))
         elif cfg.baseline == "prompt":
@@ -160,12 +168,9 @@ def _layout(
                               units=np.full(min(a + per, len(pr)) - a, 2))
                        for a in range(0, len(pr), per)]
     # dpo: whole prompts, each followed by nothing else; pairs index into their prompt's rows
-    by_prompt = {}
-    for r in rows[rng.permutation(len(rows))]:
-        by_prompt.setdefault(int(groups[r]), []).append(int(r))
-    pairs_of: dict[int, list[tuple[int, int]]] = {}
-    for c, r in pr:
-        pairs_of.setdefault(int(groups[c]), []).append((int(c), int(r)))
+    shuffled = rows[rng.permutation(len(rows))]
+    by_prompt = _split_by(shuffled, groups[shuffled])
+    pairs_of = _split_by(pr, groups[pr[:, 0]])  # prompt -> [k, 2] its pairs, in pr's order
     prompts = list(pairs_of)
     prompts = [prompts[i] for i in rng.permutation(len(prompts))]
     order = np.concatenate([by_prompt[p] for p in prompts]) if prompts else np.zeros(0, np.int64)
@@ -175,8 +180,8 @@ def _layout(
         s0 = int(starts[a])
         ch, rj, others = [], [], []
         for i in range(a, b):
-            mine = np.asarray(by_prompt[prompts[i]])  # [n] dataset rows in layout order
-            pp = np.asarray(pairs_of[prompts[i]])  # [k, 2] dataset rows
+            mine = by_prompt[prompts[i]]  # [n] dataset rows in layout order
+            pp = pairs_of[prompts[i]]  # [k, 2] dataset rows
             by_row = np.argsort(mine)
             c, r = (by_row[np.searchsorted(mine[by_row], pp[:, j])] for j in (0, 1))  # [k] each
             rest = np.ones((len(pp), len(mine)), dtype=bool)  # [k, n]: the pair's other samples
