@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 
 import numpy as np
@@ -98,8 +99,8 @@ def test_weight_decay_as_torch(optimizer, objective, monkeypatch):
 def test_one_or_two_threads_give_the_same_bits(objective, monkeypatch):
     base = TrainConfig(objective=objective, precision="float16", lr=3e-3, min_steps=0, epochs=8,
                        batch_size=120)
-    one, _ = _train(TrainConfig(**{**base.__dict__, "threads": 1}), True, monkeypatch)
-    two, _ = _train(TrainConfig(**{**base.__dict__, "threads": 2}), True, monkeypatch)
+    one, _ = _train(dataclasses.replace(base, threads=1), True, monkeypatch)
+    two, _ = _train(dataclasses.replace(base, threads=2), True, monkeypatch)
     for (k, va), vb in zip(one.state_dict().items(), two.state_dict().values()):
         assert torch.equal(va, vb), k
 

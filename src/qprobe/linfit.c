@@ -148,10 +148,7 @@ TARGET void qprobe_add_rows(const uint16_t *x, int64_t rows, int64_t dim, const 
 }
 
 /* --- dL/ds of one unit ------------------------------------------------------------------------ */
-static double softplus(double z) { return z > 0 ? z + log1p(exp(-z)) : log1p(exp(z)); }
-static double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
-
-/* softplus(z) and sigmoid(z) from one exponential, e = exp(-|z|). */
+/* softplus(z), and sigmoid(z) into *sig, from one exponential e = exp(-|z|). */
 static double softplus_sigmoid(double z, double *sig) {
     const double e = exp(-fabs(z));
     *sig = z >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
@@ -243,10 +240,11 @@ static double unit_grad(const Fit *f, int64_t u, const float *s, double scale, f
         return -ev;
     }
     case OBJ_BT: {  /* rows: chosen, rejected; loss -log sigmoid(s_w - s_l) */
-        const double d = (double)s[1] - s[0], q = scale * sigmoid(d);
-        g[0] = (float)-q;
-        g[1] = (float)q;
-        return softplus(d);
+        double sig;
+        const double loss = softplus_sigmoid((double)s[1] - s[0], &sig);
+        g[0] = (float)(-scale * sig);
+        g[1] = (float)(scale * sig);
+        return loss;
     }
     default: {
         const int64_t p0 = f->pair_start[u], p1 = f->pair_start[u + 1];

@@ -182,18 +182,14 @@ class LinearFit:
                  layer: torch.nn.Linear, shards: int, threads: int, block_rows: int):
         if not (x.is_contiguous() and x.dtype in (torch.float16, torch.float32)):
             raise ValueError(f"linfit: x must be contiguous float16/float32, got {x.dtype}")
-        self.lib, self.x, self.layer = lib, x, layer
+        self.lib, self.x = lib, x  # x: kept alive, C reads it through a pointer
         sizes, shard_units, const, pairs, pair_counts = [], [], [], [], []
         row = unit = 0
         for b in batches:
             assert b.start == row, (b.start, row)  # the batches tile the layout in order
-            units = np.ones(b.end - b.start, np.int64) if b.units is None else np.asarray(b.units)
-            starts = np.concatenate([[0], np.cumsum(units)])  # [u + 1] batch-relative
-            n = int(starts[-1])
-            assert n == b.end - b.start
-            # shard j starts at the first unit boundary at or after j * n / shards
-            shard_units.append([unit + int(np.searchsorted(starts, j * n / shards))
-                                for j in range(shards)] + [unit + len(units)])
+            starts = b.unit_starts()  # [u + 1] batch-relative
+            units = np.diff(starts)
+            shard_units.append([unit + j for j in b.shard_units(shards)] + [unit + len(units)])
             const.append(float(b.baseline.sum()) if cfg.objective == "pg"
                          and b.baseline is not None else 0.0)
             if cfg.objective == "dpo":  # pairs -> (unit, rows relative to the unit)

@@ -71,6 +71,20 @@ class _Batch:
     units: np.ndarray | None = None  # rows per unit that a block may not split (None: any row)
     blocks: list[_Block] | None = None  # fused linear step: cache-sized row blocks
 
+    def unit_starts(self) -> np.ndarray:
+        """[units + 1] first row of each unit, relative to `start`; the last is the row count."""
+        n = self.end - self.start
+        units = np.ones(n, np.int64) if self.units is None else np.asarray(self.units)
+        starts = np.concatenate([[0], np.cumsum(units)])
+        assert starts[-1] == n, (starts[-1], n)
+        return starts
+
+    def shard_units(self, shards: int) -> list[int]:
+        """First unit of each of `shards` runs of about equal rows: shard j starts at the first
+        unit boundary at or after j * rows / shards (the fused step's split, torch and C)."""
+        starts = self.unit_starts()
+        return [int(np.searchsorted(starts, j * starts[-1] / shards)) for j in range(shards)]
+
 
 def _padded(lists: list[np.ndarray], width: int | None = None) -> np.ndarray:
     """Rows of unequal length -> int64 [len, width] padded with -1."""
@@ -250,6 +264,11 @@ def _standardised(features: np.ndarray, order: np.ndarray, mean: np.ndarray | No
     return out
 
 
+def _native_step() -> linfit.Library | None:
+    """linfit.c for a linear probe's steps, unless switched off here or unavailable."""
+    return linfit.library() if NATIVE and not LEGACY_STEP else None
+
+
 def _native_setup(features: np.ndarray) -> linfit.Library | None:
     """linfit.c for the setup passes, if it can be built and read `features` directly."""
     return linfit.library() if NATIVE and linfit.readable(features) else None
@@ -336,7 +355,7 @@ def _step_threads(cfg: TrainConfig, x: torch.Tensor) -> int:
     if cfg.threads:
         return min(cfg.threads, SHARDS)
     cores = _cores()
-    native = NATIVE and not LEGACY_STEP and linfit.library() is not None
+    native = _native_step() is not None
     batch_bytes = min(cfg.batch_size, len(x)) * x.shape[1] * x.element_size()
     enough = NATIVE_PARALLEL_BYTES if native else PARALLEL_BATCH_BYTES
     return SHARDS if batch_bytes >= enough and cores >= SHARDS else 1
@@ -411,17 +430,14 @@ def _make_blocks(cfg: TrainConfig, b: _Batch, rows: int, pad: int, shards: int =
                  ) -> list[list[_Block]]:
     """Cut a batch into `shards` runs of about equal rows, each into blocks of at most `rows`
     rows (or one unit); no block splits a unit. Returns the blocks of each shard."""
-    n = b.end - b.start
-    units = np.ones(n, np.int64) if b.units is None else np.asarray(b.units)
-    starts = np.concatenate([[0], np.cumsum(units)])  # [units + 1]
-    assert starts[-1] == n, (starts[-1], n)
-    # shard j starts at the first unit boundary at or after j * n / shards
-    shard_starts = [int(np.searchsorted(starts, j * n / shards)) for j in range(shards)]
+    starts = b.unit_starts()  # [units + 1]
+    n_units = len(starts) - 1
+    shard_starts = b.shard_units(shards)
     unit_cuts = [0]  # first unit of each block; a block also ends where a shard starts
-    for i in range(1, len(units)):
+    for i in range(1, n_units):
         if i in shard_starts or starts[i + 1] - starts[unit_cuts[-1]] > rows:
             unit_cuts.append(i)
-    unit_cuts.append(len(units))
+    unit_cuts.append(n_units)
     bounds = [int(starts[u]) for u in unit_cuts]  # block j: rows [bounds[j], bounds[j + 1])
     shard_of = [bisect.bisect_right(shard_starts, u) - 1 for u in unit_cuts[:-1]]
     out = []
@@ -675,7 +691,7 @@ def _fit(cfg: TrainConfig, net: torch.nn.Module, x: torch.Tensor, batches: list[
     A linear probe takes its steps in linfit.c where that can be built (a whole epoch per call),
     else with the fused torch step and `_Adam`; an MLP with autograd and torch's Adam."""
     linear = len(net) == 1
-    lib = linfit.library() if linear and NATIVE and not LEGACY_STEP else None
+    lib = _native_step() if linear else None
     if lib is not None:
         block = max(8, NATIVE_BLOCK_BYTES // (x.shape[1] * x.element_size()))
         native = linfit.LinearFit(lib, cfg, x, batches, net[0], SHARDS, threads, block)
@@ -884,7 +900,7 @@ def train_probe(
     rows_of = str(x.dtype).removeprefix("torch.")
     if cfg.hidden:
         engine = "MLP, autograd"
-    elif NATIVE and not LEGACY_STEP and linfit.library() is not None:
+    elif _native_step() is not None:
         engine = f"{rows_of} rows, C step on {threads} thread(s)"
     else:
         engine = (f"{rows_of} rows, torch step on {threads} thread(s) (C step: "
