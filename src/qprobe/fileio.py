@@ -1,0 +1,76 @@
+"""Files written whole or not at all, and the one cache folder.
+
+Every file qprobe writes that another process (or a resume) may read goes through
+`atomic_write_*`: the bytes go to a temporary name in the same folder, are fsynced, and the
+temporary file is renamed over the target. A reader sees the old file or the new one, never half
+of one; a crash leaves at most a `*.tmp` file that the next writer removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def cache_root() -> Path:
+    """The qprobe cache folder: `$QPROBE_CACHE`, else `~/.cache/qprobe`.
+
+    Converted models, compiled kernels, downloaded data sets and hash memos all live under it."""
+    env = os.environ.get("QPROBE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qprobe"
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any] | bytes) -> None:
+    """Write `path` atomically: `write` is the bytes, or a function given the open binary file.
+
+    The temporary file has a unique name, so several processes may write the same path at once
+    (the last rename wins) without tearing each other's files."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(write, (bytes, bytearray)):
+                f.write(write)
+            else:
+                write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2,
+                      sort_keys: bool = True) -> None:
+    atomic_write(path, (json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n").encode())
+
+
+def remove_stale_tmp(folder: str | os.PathLike[str]) -> None:
+    """Delete temporary files a crashed `atomic_write` left in `folder`."""
+    for p in Path(folder).glob(".*.tmp"):
+        try:
+            p.unlink()
+        except FileNotFoundError:  # another process removed it first
+            pass
