@@ -8,21 +8,29 @@ A rollouts folder (format `qprobe-rollouts/1`, documented in docs/rollouts.md):
     features-00000.npy        [rows, dim] float16/float32, row i <-> row i of samples-00000
     samples-00001.parquet ...
     pairs.parquet             optional, preference data: prompt_id, chosen, rejected (sample_idx)
+    embedded/                 optional, from `qprobe embed`: more feature sets, log-likelihoods
 
-Crash safety: a shard is written features first, then samples, each to a temporary name and
-renamed into place. The samples file is the commit marker: a features file without its samples
-file (a crash between the two renames) is deleted when the store is next opened for writing, so
-a `kill -9` at any moment loses at most the shard in flight and never leaves a half shard.
-Keys (prompt_id, sample_idx) are unique across the store; appending a stored key is refused.
+Crash safety: a shard is written features first, then samples, each complete under a temporary
+name and then linked into place. The samples file is the commit marker: a features file without
+its samples file (a crash between the two) is deleted when the store is next opened for writing,
+so a `kill -9` at any moment loses at most the shard in flight and never leaves a half shard.
+
+Several writers (processes, or machines sharing the folder) may append at once: appends take the
+folder's lock (`.lock`, flock), re-read the set of stored keys from disk, and claim the next shard
+number with a no-clobber link, so no two writers take one name and no key is stored twice. Keys
+(prompt_id, sample_idx) are unique across the store; appending a stored key is refused, or
+skipped with `skip_stored=True`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +40,10 @@ import pyarrow.parquet as pq
 
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
+from qprobe.fileio import atomic_write, atomic_write_json, fsync_dir
 
 FORMAT = "qprobe-rollouts/1"
+EMBED_DIR = "embedded"  # what `qprobe embed` adds: named feature sets and log-likelihoods
 REQUIRED_COLUMNS = ("prompt_id", "sample_idx", "prompt", "completion", "reward")
 BASE_SCHEMA = pa.schema(
     [
@@ -46,37 +56,40 @@ BASE_SCHEMA = pa.schema(
 )
 # meta keys that describe the run's progress, not its identity: they may change on resume.
 NON_IDENTITY_KEYS = {"format", "feature_spec", "created", "updated", "progress", "summary"}
+STALE_SECONDS = 600  # without a lock, leftovers older than this are a crashed writer's
 _SHARD_RE = re.compile(r"^samples-(\d{5,})\.parquet$")
 
 
-def _shard_names(i: int) -> tuple[str, str]:
-    return f"samples-{i:05d}.parquet", f"features-{i:05d}.npy"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write via `write(file_obj)` to `path.tmp`, fsync, then rename over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
+def _claim(path: Path, write) -> bool:
+    """Create `path` with the bytes `write(f)` produces, atomically and only if it does not exist."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here: O_EXCL claims the name, then the rename fills it
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _shard_names(i: int) -> tuple[str, str]:
+    return f"samples-{_shard_id(i)}.parquet", f"features-{_shard_id(i)}.npy"
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    _atomic_write_bytes(path, lambda f: f.write(data))
+    atomic_write_json(path, obj)
 
 
 def _identity(meta: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +103,20 @@ def _jsonable(obj: Any) -> Any:
 
 def _list_shards(path: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in path.iterdir() if (m := _SHARD_RE.match(p.name)))
+
+
+def _shard_id(i: int) -> str:
+    return f"{i:05d}"
+
+
+def shard_ids(path: str | os.PathLike[str]) -> list[str]:
+    """The committed shards of a rollouts folder, in reading order (`samples-<id>.parquet`)."""
+    return [_shard_id(i) for i in _list_shards(Path(path))]
+
+
+def feature_set_name(spec: FeatureSpec) -> str:
+    """`L{layer}-{position}`: how feature sets are named (qprobe embed, probes, --cv tables)."""
+    return f"L{int(spec.layer)}-{spec.position}"
 
 
 def _rows_to_table(rows: Sequence[dict[str, Any]], where: str) -> pa.Table:
@@ -136,7 +163,7 @@ class RolloutWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         meta_path = self.path / "meta.json"
         if meta_path.exists():
-            stored = _read_meta(self.path)
+            stored = read_meta(self.path)
             self._check_resume(stored, meta)
             self.meta = stored
         else:
@@ -154,12 +181,48 @@ class RolloutWriter:
                 "created": now,
             }
             _write_json(meta_path, self.meta)
-            _fsync_dir(self.path)
-        self._recover()
-        self.done: set[tuple[str, int]] = set()
+            fsync_dir(self.path)
+        self._done: set[tuple[str, int]] = set()
+        self._read: set[int] = set()  # shards whose keys are in self._done
+        with self._locked() as exclusive:
+            self._recover(exclusive)
+            self._refresh()
+
+    @property
+    def done(self) -> set[tuple[str, int]]:
+        """Keys stored so far, by any writer (re-read from disk on each access)."""
+        self._refresh()
+        return self._done
+
+    def _refresh(self) -> None:
+        """Add the keys of shards committed since the last look (by this or another writer)."""
+        self._shards = _list_shards(self.path)
         for i in self._shards:
-            t = pq.read_table(self.path / _shard_names(i)[0], columns=["prompt_id", "sample_idx"])
-            self.done.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
+            if i not in self._read:
+                t = pq.read_table(self.path / _shard_names(i)[0], columns=["prompt_id", "sample_idx"])
+                self._done.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
+                self._read.add(i)
+
+    @contextmanager
+    def _locked(self) -> Iterator[bool]:
+        """Hold the folder's writer lock (`.lock`, flock); yields False where flock is unavailable.
+
+        Appends and crash recovery run under it, so two writers never take the same shard number,
+        never both store a key, and recovery never deletes another writer's shard in flight."""
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError:  # e.g. a file system without flock: fall back to no-clobber names
+                locked = False
+            yield locked
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _check_resume(self, stored: dict[str, Any], meta: dict[str, Any]) -> None:
         where = f"{self.path}: cannot resume"
@@ -181,55 +244,91 @@ class RolloutWriter:
                 "use another --out folder or delete this one"
             )
 
-    def _recover(self) -> None:
-        """Remove what a crash can leave: temporary files and features without samples."""
-        for p in self.path.glob("*.tmp"):
-            p.unlink()
-        self._shards = _list_shards(self.path)
-        committed = {_shard_names(i)[1] for i in self._shards}
-        for p in self.path.glob("features-*.npy"):
-            if p.name not in committed:
-                p.unlink()
+    def _recover(self, exclusive: bool) -> None:
+        """Remove what a crash can leave: temporary files and features without samples.
+
+        Under the lock nothing is in flight, so every such file is a leftover; without a lock only
+        files older than STALE_SECONDS are (a live writer commits a shard within seconds)."""
+        cutoff = time.time() - (0 if exclusive else STALE_SECONDS)
+        committed = {_shard_names(i)[1] for i in _list_shards(self.path)}
+        for p in [*self.path.glob("*.tmp"), *self.path.glob(".*.tmp"), *self.path.glob("features-*.npy")]:
+            if p.name in committed:
+                continue
+            try:
+                if p.stat().st_mtime <= cutoff:
+                    p.unlink()
+            except FileNotFoundError:  # another writer cleaned it first
+                pass
 
     @property
     def num_rows(self) -> int:
         return len(self.done)
 
-    def append(self, rows: Sequence[dict[str, Any]], features: np.ndarray | None = None) -> None:
-        """Write `rows` (and their `features` [len(rows), dim]) as one new shard."""
+    def append(self, rows: Sequence[dict[str, Any]], features: np.ndarray | None = None,
+               *, skip_stored: bool = False) -> int:
+        """Write `rows` (and their `features` [len(rows), dim]) as one new shard; returns rows written.
+
+        A key already stored (by this or another writer) is refused, or with `skip_stored` its row
+        is dropped: two writers that sampled the same prompt store it once."""
         if not rows:
-            return
+            return 0
         where = f"{self.path}: append"
         table = _rows_to_table(rows, where)
         keys = list(zip(table.column("prompt_id").to_pylist(), table.column("sample_idx").to_pylist()))
         if len(set(keys)) != len(keys):
             raise QProbeError(f"{where}: duplicate (prompt_id, sample_idx) within the batch")
-        dup = next((k for k in keys if k in self.done), None)
-        if dup is not None:
-            raise QProbeError(f"{where}: (prompt_id, sample_idx) = {dup} is already stored")
-        spec = self.feature_spec
-        if spec is not None:
-            if features is None:
-                raise QProbeError(f"{where}: this store has a feature spec, so features are required")
-            features = np.asarray(features)
-            if features.shape != (len(rows), spec.dim):
-                raise QProbeError(
-                    f"{where}: features have shape {features.shape}, expected ({len(rows)}, {spec.dim})"
-                )
-            if not np.isfinite(features).all():
-                raise QProbeError(f"{where}: features contain NaN or inf")
-            features = np.ascontiguousarray(features, dtype=spec.dtype)
-        elif features is not None:
-            raise QProbeError(f"{where}: this store has no feature spec, so it takes no features")
+        features = self._check_features(features, len(rows), where)
+        with self._locked():
+            self._refresh()
+            stored = [i for i, k in enumerate(keys) if k in self._done]
+            if stored and not skip_stored:
+                raise QProbeError(f"{where}: (prompt_id, sample_idx) = {keys[stored[0]]} is already stored")
+            if stored:
+                keep = np.setdiff1d(np.arange(len(keys)), stored)
+                if len(keep) == 0:
+                    return 0
+                table = table.take(pa.array(keep))
+                keys = [keys[i] for i in keep]
+                features = None if features is None else features[keep]
+            index = self._commit(table, features)
+            self._shards.append(index)
+            self._read.add(index)
+            self._done.update(keys)
+        return len(keys)
 
-        index = (self._shards[-1] + 1) if self._shards else 0
-        samples_name, features_name = _shard_names(index)
-        if features is not None:
-            _atomic_write_bytes(self.path / features_name, lambda f: np.save(f, features))
-        _atomic_write_bytes(self.path / samples_name, lambda f: pq.write_table(table, f))
-        _fsync_dir(self.path)
-        self._shards.append(index)
-        self.done.update(keys)
+    def _check_features(self, features: np.ndarray | None, n: int, where: str) -> np.ndarray | None:
+        spec = self.feature_spec
+        if spec is None:
+            if features is not None:
+                raise QProbeError(f"{where}: this store has no feature spec, so it takes no features")
+            return None
+        if features is None:
+            raise QProbeError(f"{where}: this store has a feature spec, so features are required")
+        features = np.asarray(features)
+        if features.shape != (n, spec.dim):
+            raise QProbeError(f"{where}: features have shape {features.shape}, expected ({n}, {spec.dim})")
+        if not np.isfinite(features).all():
+            raise QProbeError(f"{where}: features contain NaN or inf")
+        return np.ascontiguousarray(features, dtype=spec.dtype)
+
+    def _commit(self, table: pa.Table, features: np.ndarray | None) -> int:
+        """Write one shard under the first free number: features first, then the samples file.
+
+        Each name is taken with a no-clobber link, so even writers without a working lock (some
+        network file systems) cannot overwrite each other's shards."""
+        index = (max(self._shards) + 1) if self._shards else 0
+        while True:
+            samples_name, features_name = _shard_names(index)
+            if (self.path / samples_name).exists() or (
+                    features is not None and not _claim(self.path / features_name,
+                                                        lambda f: np.save(f, features))):
+                index += 1
+                continue
+            if not _claim(self.path / samples_name, lambda f: pq.write_table(table, f)):
+                index += 1  # taken between our check and our claim; our features stay orphaned
+                continue
+            fsync_dir(self.path)
+            return index
 
     def write_pairs(self, pairs: Sequence[dict[str, Any]]) -> None:
         """Write (or replace) pairs.parquet: prompt_id, chosen, rejected (sample_idx values)."""
@@ -240,7 +339,7 @@ class RolloutWriter:
                 "rejected": pa.array([p["rejected"] for p in pairs], pa.int32()),
             }
         )
-        _atomic_write_bytes(self.path / "pairs.parquet", lambda f: pq.write_table(table, f))
+        atomic_write(self.path / "pairs.parquet", lambda f: pq.write_table(table, f))
 
     def update_meta(self, **info: Any) -> None:
         """Record non-identity information (e.g. "summary", "progress") in meta.json."""
@@ -251,14 +350,8 @@ class RolloutWriter:
         self.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         _write_json(self.path / "meta.json", self.meta)
 
-    def __enter__(self) -> RolloutWriter:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise QProbeError(f"{path}: not a rollouts folder (no meta.json)")
@@ -287,7 +380,7 @@ class Rollouts:
     def _load(self) -> None:
         if not self.path.is_dir():
             raise QProbeError(f"{self.path}: rollouts folder not found")
-        self.meta = _read_meta(self.path)
+        self.meta = read_meta(self.path)
         spec = self.meta.get("feature_spec")
         self.feature_spec = (
             FeatureSpec.from_dict(spec, where=f"{self.path / 'meta.json'}: feature_spec") if spec else None
@@ -314,6 +407,8 @@ class Rollouts:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise QProbeError(f"{self.path}: shards have incompatible columns ({e})") from None
         self._feature_shards = feats
+        self._shard_rows = [t.num_rows for t in tables]
+        self._set_cache: dict[str, np.ndarray] = {}
         self._features: np.ndarray | None = None
         keys = set(zip(self.table.column("prompt_id").to_pylist(), self.table.column("sample_idx").to_pylist()))
         if len(keys) != self.table.num_rows:
@@ -371,6 +466,71 @@ class Rollouts:
             self._features = shards[0] if len(shards) == 1 else np.concatenate(shards)
         return self._features
 
+    # -- feature sets and log-likelihoods written by `qprobe embed` (qprobe/embed.py) --------
+
+    @property
+    def feature_sets(self) -> dict[str, FeatureSpec]:
+        """Every complete feature set: the folder's own features (named like `L19-last`) and the
+        sets `qprobe embed` stored for every shard."""
+        out: dict[str, FeatureSpec] = {}
+        if self.feature_spec is not None:
+            out[feature_set_name(self.feature_spec)] = self.feature_spec
+        sets_file = self.path / EMBED_DIR / "sets.json"
+        if sets_file.is_file() and self._embedded_complete():
+            try:
+                sets = json.loads(sets_file.read_text()).get("sets", {})
+            except ValueError as e:
+                raise QProbeError(f"{sets_file}: not valid JSON ({e})") from None
+            for name, d in sets.items():
+                spec = FeatureSpec.from_dict(d, where=f"{sets_file}: {name}")
+                if all((self.path / EMBED_DIR / name / _shard_names(i)[1]).is_file() for i in self._shards):
+                    out.setdefault(name, spec)
+        return out
+
+    def _embedded_complete(self) -> bool:
+        return all((self.path / EMBED_DIR / f"loglik-{_shard_id(i)}.parquet").is_file() for i in self._shards)
+
+    def features_of(self, name: str | None) -> np.ndarray:
+        """Features of the named set [N, D] (None or the folder's own set name: `features`)."""
+        if name is None or (self.feature_spec is not None and name == feature_set_name(self.feature_spec)):
+            return self.features
+        sets = self.feature_sets
+        if name not in sets:
+            raise QProbeError(f"{self.path}: no complete feature set {name!r} (have {sorted(sets)}; "
+                              "`qprobe embed` makes more)")
+        if name not in self._set_cache:
+            spec = sets[name]
+            old, self.feature_spec = self.feature_spec, spec
+            try:
+                parts = [self._load_features(self.path / EMBED_DIR / name / _shard_names(i)[1],
+                                             n) for i, n in zip(self._shards, self._shard_rows)]
+            finally:
+                self.feature_spec = old
+            self._set_cache[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self._set_cache[name]
+
+    def loglik(self) -> dict[str, np.ndarray] | None:
+        """Each sample's log-likelihood under the model (temperature 1, untruncated):
+        {"logprob_sum": [N] float64, "logprob_tokens": [N] int64, "logprob_mean": [N]}, from the
+        samples' own columns (recorded while sampling) or else from `qprobe embed`; None if neither."""
+        cols = self.table.column_names
+        if "logprob_sum" in cols and self.table.column("logprob_sum").null_count == 0:
+            s = self.table.column("logprob_sum").to_numpy().astype(np.float64)
+            n = np.asarray(self.column("num_tokens"), dtype=np.int64)
+        elif self._embedded_complete():
+            parts = [pq.read_table(self.path / EMBED_DIR / f"loglik-{_shard_id(i)}.parquet",
+                                   columns=["prompt_id", "sample_idx", "logprob_sum", "logprob_tokens"])
+                     for i in self._shards]
+            t = pa.concat_tables(parts)
+            if (t.column("prompt_id").to_pylist() != self.column("prompt_id")
+                    or t.column("sample_idx").to_pylist() != self.column("sample_idx")):
+                raise QProbeError(f"{self.path / EMBED_DIR}: log-likelihood rows do not match the samples")
+            s = t.column("logprob_sum").to_numpy().astype(np.float64)
+            n = t.column("logprob_tokens").to_numpy().astype(np.int64)
+        else:
+            return None
+        return {"logprob_sum": s, "logprob_tokens": n, "logprob_mean": s / np.maximum(n, 1)}
+
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """(group [N] int64 index into prompts, prompts: unique prompt ids in first-seen order)."""
         index: dict[str, int] = {}
@@ -427,7 +587,7 @@ class Rollouts:
             staged.append((tmp, path))
         for tmp, path in staged:
             os.replace(tmp, path)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._load()
 
 
