@@ -35,6 +35,7 @@ FORMAT = "qprobe-probe/1"
 WEIGHTS = "probe.safetensors"
 CONFIG = "config.json"
 SCORE_CHUNK = 8192  # rows converted to float32 at a time in `score`
+EXTRAS = ("logprob_mean", "logprob_sum", "logprob_tokens")  # optional inputs after the features
 
 
 def build_net(dim: int, hidden: tuple[int, ...] | list[int] = ()) -> nn.Sequential:
@@ -69,11 +70,17 @@ class Probe(nn.Module):
         mean: np.ndarray | torch.Tensor | None = None,
         std: np.ndarray | torch.Tensor | None = None,
         info: dict[str, Any] | None = None,
+        extras: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__()
-        if feature_spec is not None and int(feature_spec.dim) != int(dim):
+        bad = [e for e in extras if e not in EXTRAS]
+        if bad:
+            raise QProbeError(f"probe: unknown extra input(s) {bad}; known: {list(EXTRAS)}")
+        self.extras = tuple(extras)
+        if feature_spec is not None and int(feature_spec.dim) + len(self.extras) != int(dim):
             raise FeatureSpecMismatch(
                 f"probe: feature spec dim {feature_spec.dim} differs from probe dim {dim}"
+                + (f" less its {len(self.extras)} extra input(s)" if self.extras else "")
             )
         self.dim = int(dim)
         self.hidden = tuple(int(h) for h in hidden)
@@ -96,20 +103,61 @@ class Probe(nn.Module):
             x = (x - self.mean) / self.std
         return self.net(x).squeeze(-1)
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of the hidden-state feature part of the input (0: extras only)."""
+        return self.dim - len(self.extras)
+
     def check_features(self, spec: FeatureSpec | None = None, dim: int | None = None,
                        where: str = "features") -> None:
-        """Raise FeatureSpecMismatch if features of `spec` / width `dim` do not fit this probe."""
+        """Raise FeatureSpecMismatch if features of `spec` / width `dim` do not fit this probe.
+
+        `dim` is the width of a full input matrix (features and extras, as `score` takes)."""
         if spec is not None:
             if self.feature_spec is not None:
                 self.feature_spec.check_compatible(spec, where)
-            elif int(spec.dim) != self.dim:
+            elif int(spec.dim) != self.feature_dim:
                 raise FeatureSpecMismatch(
-                    f"{where}: dimension {spec.dim} does not match the probe's {self.dim}"
+                    f"{where}: dimension {spec.dim} does not match the probe's {self.feature_dim}"
                 )
         if dim is not None and int(dim) != self.dim:
+            hint = (f" ({self.feature_dim} features + extra inputs {list(self.extras)}: use "
+                    "probe.inputs(...) or probe.score_rollouts(...))") if self.extras else ""
             raise FeatureSpecMismatch(
-                f"{where}: dimension {dim} does not match the probe's {self.dim}"
+                f"{where}: dimension {dim} does not match the probe's {self.dim}{hint}"
             )
+
+    def inputs(self, features: np.ndarray | None, loglik: dict[str, np.ndarray] | None
+               ) -> np.ndarray:
+        """The probe's input matrix [N, dim]: hidden-state features, then the extra inputs.
+
+        loglik: {"logprob_sum", "logprob_tokens", "logprob_mean"} arrays [N] (Rollouts.loglik(),
+        or `loglik_of(samples)` for fresh samples); needed only when the probe has extras."""
+        return build_inputs(features if self.feature_dim else None, loglik, self.extras)
+
+    def score_rollouts(self, r: Any) -> np.ndarray:
+        """Scores [N] of a rollouts folder's samples, reading the feature set and the
+        log-likelihoods this probe was trained on."""
+        from qprobe.rollouts import feature_set_name
+
+        feats = None
+        if self.feature_dim:
+            if self.feature_spec is not None:
+                name = feature_set_name(self.feature_spec)
+                sets = r.feature_sets
+                if name not in sets:
+                    raise FeatureSpecMismatch(
+                        f"{r.path}: no feature set {name} for this probe (have {sorted(sets)}; "
+                        "`qprobe embed --layers ...` adds sets)")
+                self.check_features(sets[name], where=str(r.path))
+                feats = r.features_of(name)
+            else:
+                feats = r.features
+        ll = r.loglik() if self.extras else None
+        if self.extras and ll is None:
+            raise QProbeError(f"{r.path}: this probe reads log-likelihoods {list(self.extras)}; "
+                              "the folder has none (run `qprobe embed` on it)")
+        return self.score(self.inputs(feats, ll))
 
     @torch.no_grad()
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -147,6 +195,7 @@ class Probe(nn.Module):
                 "standardize": self.standardize,
             },
             "feature_spec": self.feature_spec.to_dict() if self.feature_spec else None,
+            **({"extras": list(self.extras)} if self.extras else {}),
             **self.info,
             "qprobe_version": __version__,
         }
@@ -208,13 +257,15 @@ class Probe(nn.Module):
             raise QProbeError(f"{w_path}: cannot read weights ({e})") from None
         if std_on and ("mean" not in tensors or "std" not in tensors):
             raise QProbeError(f"{w_path}: standardisation statistics missing")
-        known = {"format", "objective", "beta", "architecture", "feature_spec", "qprobe_version"}
+        extras = cfg.get("extras", [])
+        known = {"format", "objective", "beta", "architecture", "feature_spec", "qprobe_version",
+                 "extras"}
         info = {k: v for k, v in cfg.items() if k not in known}
         try:
             probe = cls(
                 dim, hidden, beta=beta, objective=objective, feature_spec=spec,
                 mean=tensors.get("mean") if std_on else None,
-                std=tensors.get("std") if std_on else None, info=info,
+                std=tensors.get("std") if std_on else None, info=info, extras=extras,
             )
             probe.load_state_dict(tensors, strict=True)
         except QProbeError as e:
@@ -227,6 +278,34 @@ class Probe(nn.Module):
         if feature_spec is not None:
             probe.check_features(feature_spec, where=str(d))
         return probe
+
+
+def build_inputs(features: np.ndarray | None, loglik: dict[str, np.ndarray] | None,
+                 extras: tuple[str, ...] | list[str]) -> np.ndarray:
+    """[N, D + E]: features (or none) followed by the named log-likelihood columns.
+
+    Extras are the model's own view of the sample: `logprob_mean` (mean token log-probability,
+    what Codex-style reranking sorts by), `logprob_sum`, `logprob_tokens` (length)."""
+    parts = []
+    if features is not None:
+        parts.append(np.asarray(features, dtype=np.float32))
+    if extras:
+        if loglik is None:
+            raise QProbeError(f"probe inputs: extras {list(extras)} need log-likelihoods")
+        parts.append(np.stack([np.asarray(loglik[e], dtype=np.float32) for e in extras], axis=1))
+    if not parts:
+        raise QProbeError("probe inputs: neither features nor extras")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def loglik_of(samples: list[Any]) -> dict[str, np.ndarray] | None:
+    """The log-likelihood columns of fresh samples (`Sample.logprob_sum`, token ids), or None."""
+    sums = [getattr(s, "logprob_sum", None) for s in samples]
+    if any(v is None for v in sums):
+        return None
+    s = np.asarray(sums, dtype=np.float64)
+    n = np.asarray([len(x.token_ids) for x in samples], dtype=np.int64)
+    return {"logprob_sum": s, "logprob_tokens": n, "logprob_mean": s / np.maximum(n, 1)}
 
 
 def fingerprint(

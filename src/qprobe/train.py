@@ -786,6 +786,7 @@ def train_probe(
     prompt_ids: list[str] | np.ndarray | None = None,
     log: Callable[[str], None] | None = None,
     data_fingerprint: str | bool = True,
+    extras: tuple[str, ...] | list[str] = (),
 ) -> tuple[Probe, dict[str, Any]]:
     """Train a probe. Returns (probe, history).
 
@@ -794,6 +795,8 @@ def train_probe(
     validation split; default: every row its own prompt); pairs: [P, 2] dataset rows
     (chosen, rejected) of the same prompt (bt/dpo). `data_fingerprint`: True computes the sha256
     of the training data for the probe's config, a string is stored as given, False skips it.
+    `extras`: names of the log-likelihood columns that follow the features in `features`
+    (see `qprobe.probe.build_inputs`).
     """
     cfg = config or TrainConfig()
     cfg.validate()
@@ -881,7 +884,7 @@ def train_probe(
             if v_batches:
                 val = (_standardised(x_all, v_order, mean, std), v_batches[0])
 
-    probe = Probe(dim, cfg.hidden, beta=cfg.beta, objective=obj, feature_spec=feature_spec,
+    probe = Probe(dim, cfg.hidden, beta=cfg.beta, objective=obj, feature_spec=feature_spec, extras=extras,
                   mean=mean, std=std)
     net = probe.net
     out_layer = net[-1]

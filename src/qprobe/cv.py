@@ -1,0 +1,182 @@
+"""Choosing a probe's inputs and regularisation by cross-validation over training prompts.
+
+Small data is where users live, and a probe on a wide hidden state overfits it: on the MBPP/Qwen
+run the probes rank the training prompts' samples far better than the test prompts'. `qprobe train
+--cv N` therefore picks, among candidate settings, the one whose probes choose best on prompts they
+were not trained on:
+
+- inputs: each complete feature set of the folder (`L19-last`, `L12-mean`, ... from `qprobe
+  embed`), with or without the log-likelihood extras, and the extras alone;
+- regularisation: weight decay x optimiser steps.
+
+Folds are whole prompts (every sample of a prompt is in one fold). The score of a setting is the
+selection reward the policy gets: the mean over held-out prompts of the expected reward of
+softmax(Q/beta) over that prompt's samples (argmax at beta = 0). Only rows of the training
+folder are ever read, and for each fold the probe (standardisation statistics included) is fitted
+on the other folds alone. The chosen setting is then trained on every training row, and the table
+and the choice are stored in the probe's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qprobe.errors import QProbeError
+from qprobe.probe import EXTRAS, build_inputs
+
+LOGLIK = list(EXTRAS)  # the extras a "+loglik" candidate adds
+
+
+@dataclass
+class CVGrid:
+    """The candidate settings (each list is one axis of the grid)."""
+
+    feature_sets: list[str] | None = field(default=None, metadata={
+        "help": "feature sets to try (default: every complete set of the folder)"})
+    loglik: list[str] = field(default_factory=lambda: ["without", "with", "only"], metadata={
+        "help": "log-likelihood extras: without, with (beside the features), only (no features); "
+                "with/only need log-likelihoods in the folder (qprobe embed)"})
+    weight_decay: list[float] = field(default_factory=lambda: [0.0, 0.1], metadata={
+        "help": "weight decay values to try"})
+    min_steps: list[int] = field(default_factory=lambda: [1000, 10000], metadata={
+        "help": "optimiser step counts to try (fewer steps: a probe closer to its zero start)"})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting: which inputs, which regularisation."""
+
+    feature_set: str | None  # None: no hidden-state features
+    extras: tuple[str, ...]
+    weight_decay: float
+    min_steps: int
+
+    @property
+    def label(self) -> str:
+        inputs = "+".join(([self.feature_set] if self.feature_set else []) +
+                          (["loglik"] if self.extras else []))
+        return f"{inputs} wd={self.weight_decay:g} steps={self.min_steps}"
+
+
+def candidates(r: Any, grid: CVGrid) -> list[Candidate]:
+    """The grid over a rollouts folder's available inputs."""
+    sets = list(r.feature_sets)
+    chosen = grid.feature_sets or sets
+    missing = [s for s in chosen if s not in sets]
+    if missing:
+        raise QProbeError(f"--cv: no feature set(s) {missing} in {r.path} (have {sets})")
+    has_ll = r.loglik() is not None
+    bad = [m for m in grid.loglik if m not in ("without", "with", "only")]
+    if bad:
+        raise QProbeError(f"--cv: loglik options are without, with, only; got {bad}")
+    if not has_ll and any(m != "without" for m in grid.loglik):
+        if grid.loglik != ["without", "with", "only"]:  # asked for explicitly
+            raise QProbeError(f"--cv: {r.path} has no log-likelihoods; run `qprobe embed` on it")
+    inputs: list[tuple[str | None, tuple[str, ...]]] = []
+    for mode in grid.loglik:
+        if mode == "without":
+            inputs += [(s, ()) for s in chosen]
+        elif mode == "with" and has_ll:
+            inputs += [(s, tuple(LOGLIK)) for s in chosen]
+        elif mode == "only" and has_ll:
+            inputs.append((None, tuple(LOGLIK)))
+    return [Candidate(fs, ex, float(wd), int(st))
+            for (fs, ex), wd, st in itertools.product(inputs, grid.weight_decay, grid.min_steps)]
+
+
+def prompt_folds(group: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index [N] of each row: prompts shuffled with `seed`, dealt into `folds` folds."""
+    n_groups = int(group.max()) + 1
+    if folds < 2 or folds > n_groups:
+        raise QProbeError(f"--cv: need 2 <= folds <= number of prompts ({n_groups}), got {folds}")
+    order = np.random.default_rng(seed).permutation(n_groups)
+    fold_of_group = np.empty(n_groups, dtype=np.int64)
+    fold_of_group[order] = np.arange(n_groups) % folds
+    return fold_of_group[group]
+
+
+def selection_reward(scores: np.ndarray, rewards: np.ndarray, group: np.ndarray, beta: float) -> float:
+    """Mean over prompts of the expected reward of softmax(Q/beta) over the prompt's samples."""
+    from qprobe.policy import expected_reward
+
+    ok = ~np.isnan(rewards)
+    vals = []
+    for g in np.unique(group[ok]):
+        m = ok & (group == g)
+        vals.append(float(expected_reward(scores[m], rewards[m], beta)))
+    return float(np.mean(vals))
+
+
+def _inputs(r: Any, c: Candidate) -> np.ndarray:
+    feats = r.features_of(c.feature_set) if c.feature_set else None
+    return build_inputs(feats, r.loglik() if c.extras else None, c.extras)
+
+
+def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None, **kw: Any):
+    """Train `base` (a TrainConfig) with candidate `c` on `rows` of rollouts `r` (all: None)."""
+    from qprobe.train import train_probe
+
+    x = _inputs(r, c)
+    group, _ = r.groups()
+    rewards = r.rewards
+    pids = r.prompt_ids
+    if rows is not None:
+        x, group, rewards, pids = x[rows], group[rows], rewards[rows], pids[rows]
+    cfg = dataclasses.replace(base, weight_decay=c.weight_decay, min_steps=c.min_steps)
+    spec = r.feature_sets[c.feature_set] if c.feature_set else None
+    return train_probe(x, rewards, group, None, cfg, feature_spec=spec, extras=c.extras,
+                       prompt_ids=pids, **kw)
+
+
+def cross_validate(r: Any, base: Any, grid: CVGrid | None = None, folds: int = 5, seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Score every candidate by `folds`-fold CV over the prompts of `r`; returns the table.
+
+    {"folds", "seed", "beta", "rows": [{"label", "candidate", "mean", "se", "per_fold"}],
+     "best": index into rows (highest mean; ties: the simpler, earlier candidate)}."""
+    say = log or (lambda s: None)
+    if base.objective in ("bt", "dpo"):
+        raise QProbeError("--cv: pair objectives (bt, dpo) are not cross-validated yet")
+    group, _ = r.groups()
+    fold = prompt_folds(group, folds, seed)
+    rewards = r.rewards
+    cands = candidates(r, grid or CVGrid())
+    say(f"cv: {len(cands)} candidates x {folds} folds over {int(group.max()) + 1} prompts")
+    table = []
+    t0 = time.perf_counter()
+    for i, c in enumerate(cands):
+        x_all = _inputs(r, c)
+        per_fold = []
+        for f in range(folds):
+            tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+            probe, _ = fit(r, c, base, tr, data_fingerprint=False)
+            s = probe.score(x_all[te]).astype(np.float64)
+            per_fold.append(selection_reward(s, rewards[te], group[te], base.beta))
+        m = float(np.mean(per_fold))
+        se = float(np.std(per_fold, ddof=1) / np.sqrt(folds))
+        table.append({"label": c.label, "candidate": dataclasses.asdict(c), "mean": m, "se": se,
+                      "per_fold": per_fold})
+        say(f"cv [{i + 1}/{len(cands)}] {c.label}: {m:.4f} +- {se:.4f} "
+            f"({time.perf_counter() - t0:.0f}s)")
+    best = int(np.argmax([row["mean"] for row in table]))
+    return {"folds": folds, "seed": seed, "beta": base.beta, "rows": table, "best": best}
+
+
+def train_with_cv(r: Any, base: Any, grid: CVGrid | None = None, folds: int = 5, seed: int = 0,
+                  log: Callable[[str], None] | None = None):
+    """Cross-validate, then train the best candidate on every row of `r`: (probe, history)."""
+    say = log or (lambda s: None)
+    cv = cross_validate(r, base, grid, folds, seed, log)
+    best = cv["rows"][cv["best"]]
+    c = Candidate(**{**best["candidate"], "extras": tuple(best["candidate"]["extras"])})
+    say(f"cv: chose {c.label} ({best['mean']:.4f} +- {best['se']:.4f})")
+    probe, history = fit(r, c, base, log=log)
+    probe.info["cv"] = {**cv, "chosen": c.label}
+    return probe, history

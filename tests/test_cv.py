@@ -1,0 +1,98 @@
+"""`--cv`: candidates are scored on held-out prompts only, and the choice follows the signal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import qprobe.train
+from qprobe.cv import CVGrid, cross_validate, prompt_folds, train_with_cv
+from qprobe.errors import QProbeError
+from qprobe.features import FeatureSpec
+from qprobe.rollouts import EMBED_DIR, Rollouts, write_rollouts
+from qprobe.train import TrainConfig
+
+SPEC = FeatureSpec(model="m", layer=1, position="last", dim=8)
+
+
+def make_folder(path, seed, signal_in="loglik", prompts=40, k=8):
+    """Rewards follow the log-likelihood (signal_in="loglik") or feature 0 of set L2-mean."""
+    rng = np.random.default_rng(seed)
+    n = prompts * k
+    lp_mean = rng.normal(-0.5, 0.3, n)
+    other = rng.standard_normal((n, SPEC.dim)).astype(np.float32)
+    key = lp_mean if signal_in == "loglik" else other[:, 0]
+    z = (key - key.mean()) / key.std()
+    rewards = (rng.random(n) < 1 / (1 + np.exp(-3 * z))).astype(np.float32)
+    rows = [{"prompt_id": f"p{i // k}", "sample_idx": i % k, "prompt": f"P{i // k}",
+             "completion": f"c{i}", "reward": float(rewards[i]), "num_tokens": 20} for i in range(n)]
+    r = write_rollouts(path, rows, rng.standard_normal((n, SPEC.dim)).astype(np.float32),
+                       meta={"task": "t"}, feature_spec=SPEC)
+    emb = path / EMBED_DIR
+    (emb / "L2-mean").mkdir(parents=True)
+    spec2 = FeatureSpec(model="m", layer=2, position="mean", dim=SPEC.dim)
+    (emb / "sets.json").write_text(json.dumps({"model": "m", "sets": {"L2-mean": spec2.to_dict()}}))
+    np.save(emb / "L2-mean" / "features-00000.npy", other.astype(np.float16))
+    pq.write_table(pa.table({"prompt_id": r.column("prompt_id"), "sample_idx": r.sample_idx,
+                             "logprob_sum": lp_mean * 20, "logprob_tokens": np.full(n, 20, np.int32)}),
+                   emb / "loglik-00000.parquet")
+    return Rollouts(path)
+
+
+BASE = TrainConfig(objective="pg", min_steps=300, epochs=5)
+GRID = CVGrid(weight_decay=[0.0], min_steps=[300])
+
+
+def test_folds_keep_prompts_whole():
+    group = np.repeat(np.arange(10), 4)
+    fold = prompt_folds(group, 3, seed=0)
+    for g in range(10):
+        assert len(set(fold[group == g])) == 1
+    assert sorted(np.bincount(fold[::4])) == [3, 3, 4]
+
+
+def test_cv_fits_each_fold_on_other_prompts_only(tmp_path, monkeypatch):
+    r = make_folder(tmp_path / "train", 0)
+    calls = []
+    real = qprobe.train.train_probe
+
+    def spy(x, rewards, groups, pairs, cfg, **kw):
+        calls.append(set(np.asarray(kw["prompt_ids"]).tolist()))
+        return real(x, rewards, groups, pairs, cfg, **kw)
+
+    monkeypatch.setattr(qprobe.train, "train_probe", spy)
+    cv = cross_validate(r, BASE, CVGrid(feature_sets=["L1-last"], loglik=["without"],
+                                        weight_decay=[0.0], min_steps=[300]), folds=4, seed=3)
+    group, prompts = r.groups()
+    fold = prompt_folds(group, 4, 3)
+    assert len(calls) == 4
+    for f, seen in enumerate(calls):
+        held = {prompts[g] for g in np.unique(group[fold == f])}
+        assert seen and not (seen & held) and seen | held == set(prompts)
+    assert len(cv["rows"]) == 1 and len(cv["rows"][0]["per_fold"]) == 4
+
+
+def test_cv_follows_the_training_signal_not_a_held_out_one(tmp_path):
+    train = make_folder(tmp_path / "train", 1, signal_in="loglik")
+    test = make_folder(tmp_path / "test", 2, signal_in="features")  # would reward L2-mean if seen
+    probe, _ = train_with_cv(train, BASE, GRID, folds=4, seed=0)
+    chosen = probe.info["cv"]["chosen"]
+    assert "loglik" in chosen, chosen
+    assert probe.extras == ("logprob_mean", "logprob_sum", "logprob_tokens")
+    table = {row["label"]: row["mean"] for row in probe.info["cv"]["rows"]}
+    assert table[chosen] > table["L1-last wd=0 steps=300"]
+    # The chosen probe reads what it was trained on from another folder too.
+    s = probe.score_rollouts(test)
+    assert s.shape == (len(test),)
+
+
+def test_cv_refuses_bad_settings(tmp_path):
+    r = make_folder(tmp_path / "train", 0, prompts=6)
+    with pytest.raises(QProbeError, match="folds"):
+        cross_validate(r, BASE, GRID, folds=7)
+    with pytest.raises(QProbeError, match="no feature set"):
+        cross_validate(r, BASE, CVGrid(feature_sets=["L9-last"]), folds=2)
