@@ -109,12 +109,12 @@ def _describe(kind: str, cfg: TrainConfig, obj: Objective, x: torch.Tensor, n_th
         return "MLP, autograd"
     if kind == "native":
         return f"{rows_of} rows, C step on {n_threads} thread(s)"
+    if kind == "autograd":
+        return f"{rows_of} rows, autograd ({obj.name} has no closed-form gradient)"
     why = native.why_not or "off"
     if native.library() is not None and native.ENABLED:
         why = f"no C path for {obj.name}"
-    if kind == "fused":
-        return f"{rows_of} rows, torch step on {n_threads} thread(s) (C step: {why})"
-    return f"{rows_of} rows, autograd (no closed-form gradient for {obj.name}; C step: {why})"
+    return f"{rows_of} rows, torch step on {n_threads} thread(s) (C step: {why})"
 
 
 @torch.no_grad()
@@ -181,6 +181,39 @@ def _validation_split(cfg: TrainConfig, rows: np.ndarray, groups: np.ndarray,
     return rows[~in_val], rows[in_val], len(prompts), n_val
 
 
+def _prepare(cfg: TrainConfig, obj: Objective, features: Any, r: np.ndarray, groups: np.ndarray,
+             pairs: np.ndarray | None, tr_rows: np.ndarray, va_rows: np.ndarray,
+             rng: np.random.Generator, say: Callable[[str], None]
+             ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, list[Batch], torch.Tensor,
+                        tuple[torch.Tensor, Batch] | None]:
+    """Feature statistics, the layout and the standardised training matrix, and the validation
+    set as one batch. Returns (mean, std (None: not standardised), order [L], batches,
+    x [L, D], (x_val, its batch) or None)."""
+    # Elementwise work on the whole matrix: memory bound, so one torch thread is as fast as two
+    # and far faster when other jobs share the cores (threads wait on each other per op).
+    with threads.torch_threads(1):
+        mean = std = None
+        if cfg.standardize:
+            mean, std = data.feature_stats(features, tr_rows)
+        order, batches = data.layout(cfg, tr_rows, r, groups, pairs, rng, cfg.batch_size,
+                                     cfg.group_size)
+        if not batches:
+            raise QProbeError(f"train: no training data left for {obj.name} (all pairs in "
+                              "validation?)")
+        if obj.check is not None:
+            obj.check(batches, say)
+        half = cfg.precision == "float16" and not cfg.hidden
+        x = data.standardised(features, order, mean, std,
+                              torch.float16 if half else torch.float32)  # [L, D]
+        val = None
+        if len(va_rows):
+            v_order, v_batches = data.layout(cfg, va_rows, r, groups, pairs,
+                                             np.random.default_rng(0), 10**12, 10**9)
+            if v_batches:  # one batch; pg: a group is the whole prompt
+                val = (data.standardised(features, v_order, mean, std), v_batches[0])
+    return mean, std, order, batches, x, val
+
+
 def train_probe(
     features: np.ndarray,
     rewards: np.ndarray | None = None,
@@ -213,30 +246,9 @@ def train_probe(
     torch.manual_seed(cfg.seed)
     tr_rows, va_rows, n_prompts, n_val = _validation_split(cfg, rows, groups, rng)
 
-    # Setup is elementwise work on the whole matrix: memory bound, so one thread is as fast as
-    # two and far faster when other jobs share the cores (threads wait on each other per op).
-    with threads.torch_threads(1):
-        mean = std = None
-        if cfg.standardize:
-            mean, std = data.feature_stats(features, tr_rows)
-        order, batches = data.layout(cfg, tr_rows, r, groups, pairs, rng, cfg.batch_size,
-                                     cfg.group_size)
-        if not batches:
-            raise QProbeError(f"train: no training data left for {obj.name} (all pairs in "
-                              "validation?)")
-        if obj.check is not None:
-            obj.check(batches, say)
-        kind = _engine_kind(cfg, obj)
-        half = cfg.precision == "float16" and not cfg.hidden
-        x = data.standardised(features, order, mean, std,
-                              torch.float16 if half else torch.float32)  # [L, D]
-        val = None
-        if len(va_rows):
-            v_order, v_batches = data.layout(cfg, va_rows, r, groups, pairs,
-                                             np.random.default_rng(0), 10**12, 10**9)
-            if v_batches:  # one batch; pg: a group is the whole prompt
-                val = (data.standardised(features, v_order, mean, std), v_batches[0])
-
+    mean, std, order, batches, x, val = _prepare(cfg, obj, features, r, groups, pairs, tr_rows,
+                                                 va_rows, rng, say)
+    kind = _engine_kind(cfg, obj)
     probe = Probe(dim, cfg.hidden, beta=cfg.beta, objective=obj.name, feature_spec=feature_spec,
                   mean=mean, std=std)
     net = probe.net

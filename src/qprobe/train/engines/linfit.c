@@ -21,8 +21,8 @@
  * Built on first use by native.py (next to this file) with the system C compiler. Functions that
  * use AVX2 carry their own target attribute, so the library loads on any x86-64 CPU; native.py
  * only calls it after qprobe_linfit_supported() says the CPU has AVX2, FMA and F16C, and after
- * checking that this file's interface is the one it mirrors (qprobe_linfit_abi and
- * qprobe_linfit_layout at the end of this file).
+ * checking that this file's interface is the one it mirrors (qprobe_linfit_abi,
+ * qprobe_linfit_field and qprobe_linfit_objective at the end of this file).
  *
  * Adding an objective here: a code in the enum below, its name in qprobe_linfit_objective, its
  * case in unit_grad (and batch_scale if its loss is a mean over something else), and the code as

@@ -2,9 +2,9 @@
 
 `library()` returns the compiled library, or None when it cannot be used here: no C compiler, a
 CPU without AVX2/FMA/F16C (or not x86-64), `QPROBE_NATIVE=0` in the environment, or a library
-whose interface differs from this file's mirror of it (checked at load: the ABI number, the size
-and field offsets of each struct; a mismatch warns once and training runs its torch step). The
-reason is in `why_not`. The library is compiled once per source version into
+whose interface differs from this file's mirror of it (checked at load: the ABI number, then the
+size and every field's name and offset of each struct; a mismatch warns once and training runs
+its torch step). The reason is in `why_not`. The library is compiled once per source version into
 `$QPROBE_CACHE/kernels/` (about a second) and loaded with ctypes; a call releases the GIL.
 
 `LinearFit` turns the batches of one training run (qprobe.train.data) into the flat arrays
@@ -45,7 +45,7 @@ why_not: str | None = None  # why library() returned None (for the trainer's log
 class _Fit(ctypes.Structure):
     """linfit.c's `Fit`, field for field."""
 
-    _fields_ = [(name, kind) for name, kind in [
+    _fields_ = [
         ("x", _P), ("half", _N), ("dim", _N), ("reward", _P), ("unit_start", _P),
         ("shard_units", _P), ("batch_const", _P), ("pair_start", _P), ("pair_rows", _P),
         ("objective", _N), ("shards", _N), ("threads", _N), ("block_rows", _N),
@@ -53,7 +53,7 @@ class _Fit(ctypes.Structure):
         ("w", _P), ("bias", _P), ("m_w", _P), ("v_w", _P), ("m_b", _P), ("v_b", _P),
         ("lr", ctypes.c_double), ("beta1", ctypes.c_double), ("beta2", ctypes.c_double),
         ("eps", ctypes.c_double), ("weight_decay", ctypes.c_double),
-        ("decoupled", _N), ("step", _N)]]
+        ("decoupled", _N), ("step", _N)]
 
 
 class _Part(ctypes.Structure):
