@@ -126,3 +126,17 @@ def test_subprocess_exit_code_and_single_error_line(tmp_path, data):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qprobe: error: ") and "NaN" in lines[0]
     assert not (tmp_path / "probe").exists()
+
+
+def test_the_train_flags_are_built_without_torch():
+    """`qprobe --help` builds every command's flags: the TrainConfig and the objective registry
+    it reads must not import torch (seconds)."""
+    code = ("import argparse, sys\n"
+            "from qprobe.commands import train\n"
+            "train.register(argparse.ArgumentParser().add_subparsers())\n"
+            "from qprobe.train import TrainConfig\n"
+            "TrainConfig(objective='dpo').validate()\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

@@ -1,7 +1,9 @@
-"""The linear probe's training loop in C (qprobe/linfit.c) against the torch step it replaces."""
+"""The linear probe's training loop in C (qprobe/train/engines/native.c) against the torch step
+it replaces, and the check of its interface at load."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import platform
 
@@ -9,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import qprobe.train as T
-from qprobe import linfit
 from qprobe.errors import QProbeError
-from qprobe.train import TrainConfig, train_probe
+from qprobe.train import TrainConfig, data, train_probe
+from qprobe.train.engines import native
 
-lib = linfit.library()
-needs_lib = pytest.mark.skipif(lib is None, reason=f"no linfit library: {linfit.why_not}")
+lib = native.library()
+needs_lib = pytest.mark.skipif(lib is None, reason=f"no linfit library: {native.why_not}")
 
 
 def _data(n: int = 480, dim: int = 37, group: int = 12, seed: int = 0):
@@ -30,9 +31,9 @@ def _data(n: int = 480, dim: int = 37, group: int = 12, seed: int = 0):
     return x, r, groups, pairs
 
 
-def _train(cfg: TrainConfig, native: bool, monkeypatch, data=None):
-    x, r, groups, pairs = data or _data()
-    monkeypatch.setattr(T, "NATIVE", native)
+def _train(cfg: TrainConfig, use_c: bool, monkeypatch, arrays=None):
+    x, r, groups, pairs = arrays or _data()
+    monkeypatch.setattr(native, "ENABLED", use_c)
     probe, hist = train_probe(x, r, groups, pairs if cfg.objective in ("bt", "dpo") else None,
                               cfg, data_fingerprint=False)
     return probe, hist
@@ -126,17 +127,17 @@ def test_setup_passes_as_torch(dtype, monkeypatch):
     x = _data(n=700, dim=21)[0].astype(dtype)
     x[:, 3] = 1000.0 + x[:, 3] / 100  # |mean| >> std: the shift keeps the variance exact
     rows = np.random.default_rng(1).permutation(700)[:650]
-    got = T._feature_stats(x, rows)
-    monkeypatch.setattr(T, "NATIVE", False)
-    want = T._feature_stats(x, rows)
+    got = data.feature_stats(x, rows)
+    monkeypatch.setattr(native, "ENABLED", False)
+    want = data.feature_stats(x, rows)
     for g, w in zip(got, want):
         assert np.allclose(g, w, rtol=1e-5, atol=1e-6)
     mean, std = want
     for out in (torch.float16, torch.float32):
-        monkeypatch.setattr(T, "NATIVE", False)
-        want_x = T._standardised(x, rows, mean, std, out)
-        monkeypatch.setattr(T, "NATIVE", True)
-        got_x = T._standardised(x, rows, mean, std, out)
+        monkeypatch.setattr(native, "ENABLED", False)
+        want_x = data.standardised(x, rows, mean, std, out)
+        monkeypatch.setattr(native, "ENABLED", True)
+        got_x = data.standardised(x, rows, mean, std, out)
         assert got_x.dtype == out and torch.allclose(got_x.float(), want_x.float(), rtol=1e-6,
                                                       atol=1e-6)
 
@@ -147,21 +148,21 @@ def test_setup_finds_nan_and_inf(bad):
     x = _data(n=50, dim=11)[0].astype(np.float32)
     x[33, 10] = bad  # in the scalar tail of a row
     with pytest.raises(QProbeError, match="NaN or inf"):
-        T._standardised(x, np.arange(50), None, None, torch.float16)
+        data.standardised(x, np.arange(50), None, None, torch.float16)
     x[33, 10], x[7, 2] = 0.0, bad  # in the vector part
     with pytest.raises(QProbeError, match="NaN or inf"):
-        T._standardised(x, np.arange(50), None, None, torch.float32)
+        data.standardised(x, np.arange(50), None, None, torch.float32)
 
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("QPROBE_NATIVE", "0")
-    linfit.library.cache_clear()
+    native.library.cache_clear()
     try:
-        assert linfit.library() is None and "QPROBE_NATIVE" in linfit.why_not
+        assert native.library() is None and "QPROBE_NATIVE" in native.why_not
     finally:
         monkeypatch.delenv("QPROBE_NATIVE")
-        linfit.library.cache_clear()
-    assert (linfit.library() is None) == (lib is None)
+        native.library.cache_clear()
+    assert (native.library() is None) == (lib is None)
 
 
 def test_a_failed_build_falls_back(monkeypatch, tmp_path):
@@ -169,13 +170,63 @@ def test_a_failed_build_falls_back(monkeypatch, tmp_path):
     training still works (the torch step)."""
     monkeypatch.setenv("QPROBE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    linfit.library.cache_clear()
+    native.library.cache_clear()
     try:
-        assert linfit.library() is None and linfit.why_not
+        assert native.library() is None and native.why_not
         if platform.machine().lower() in ("x86_64", "amd64"):
-            assert "could not build" in linfit.why_not
+            assert "could not build" in native.why_not
         assert not list(tmp_path.rglob("*.so"))
         probe, _ = _train(TrainConfig(objective="pg", min_steps=0, epochs=3), True, monkeypatch)
         assert torch.isfinite(probe.net[0].weight).all()
     finally:
-        linfit.library.cache_clear()
+        native.library.cache_clear()
+
+
+def _reload(monkeypatch, **env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    native.library.cache_clear()
+    return native.library()
+
+
+@needs_lib
+def test_a_library_of_another_abi_is_refused_with_a_warning(monkeypatch, tmp_path):
+    """linfit.c built with another LINFIT_ABI than native.py's ABI: library() warns (one line),
+    returns None, and training takes the torch step."""
+    text = native.SOURCE.read_text()
+    define = f"#define LINFIT_ABI {native.ABI}\n"
+    assert define in text
+    other = tmp_path / "linfit.c"
+    other.write_text(text.replace(define, f"#define LINFIT_ABI {native.ABI + 1}\n"))
+    monkeypatch.setattr(native, "SOURCE", other)
+    try:
+        with pytest.warns(RuntimeWarning, match=f"linfit.c has ABI {native.ABI + 1}") as w:
+            assert _reload(monkeypatch, QPROBE_CACHE=str(tmp_path / "cache")) is None
+        assert "\n" not in str(w[0].message) and "torch step" in str(w[0].message)
+        lines: list[str] = []
+        cfg = TrainConfig(objective="q", min_steps=0, epochs=2)
+        train_probe(*_data()[:3], config=cfg, log=lines.append, data_fingerprint=False)
+        assert "torch step" in lines[0] and "ABI" in lines[0]
+    finally:
+        native.library.cache_clear()
+
+
+@needs_lib
+@pytest.mark.parametrize("change", ["drop the last field", "swap two fields of one type"])
+def test_a_ctypes_mirror_that_differs_from_the_c_struct_is_refused(monkeypatch, change):
+    """The check compares the size and every field's name and offset of Fit and Part."""
+    fields = list(native._Fit._fields_)
+    if change == "drop the last field":
+        fields = fields[:-1]
+    else:
+        fields[1], fields[2] = fields[2], fields[1]  # half, dim: both int64, same offsets
+    wrong = type("_Fit", (ctypes.Structure,), {"_fields_": fields})
+    monkeypatch.setattr(native, "_Fit", wrong)
+    try:
+        with pytest.warns(RuntimeWarning, match="Fit differs from its ctypes mirror"):
+            assert _reload(monkeypatch) is None
+        assert "mirror" in native.why_not
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    assert native.library() is not None  # the real mirror matches

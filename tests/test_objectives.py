@@ -1,15 +1,28 @@
 """The five objectives: values against hand formulas, gradient checks, pg baseline invariance,
-the dpo -> bt limit."""
+the dpo -> bt limit; and the registry: a new objective is one entry."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from qprobe.objectives import bt_loss, ce_loss, dpo_loss, dpo_margin, pg_loss, q_loss
+from _synth import make, selection_reward
+from qprobe.errors import QProbeError
+from qprobe.train import TrainConfig, objectives, train_probe
+from qprobe.train.engines import native
+from qprobe.train.objectives import (
+    Objective,
+    bt_loss,
+    ce_loss,
+    dpo_loss,
+    dpo_margin,
+    pg_loss,
+    q_loss,
+)
 
 INF = math.inf
 
@@ -169,3 +182,84 @@ def test_losses_are_finite_on_extreme_scores():
     assert np.isfinite(float(bt_loss(big[:1], big[1:])))
     assert np.isfinite(float(dpo_loss(big[:1], big[1:], big.reshape(1, 2), 0.1)))
     assert np.isfinite(float(pg_loss(big.reshape(1, 2), torch.tensor([[1.0, 0.0]]), 0.01)))
+
+
+# --- the registry ---------------------------------------------------------------------------------
+@pytest.fixture
+def register():
+    """objectives.register, undone after the test."""
+    added = []
+
+    def add(entry: Objective) -> Objective:
+        added.append(objectives.register(entry).name)
+        return entry
+
+    yield add
+    for name in added:
+        objectives.REGISTRY.pop(name)
+
+
+def test_a_toy_objective_is_one_registry_entry_and_trains_through_autograd(register):
+    """A pairwise hinge, mean max(0, 1 - (Q_w - Q_l)), given only its layout and torch loss:
+    it trains end to end (autograd; linfit.c has no code for it) and learns the planted
+    direction."""
+    register(Objective(
+        "hinge", "pairwise hinge", "pairs", pairs=True, fits_bias=False,
+        loss=lambda cfg, s, b: torch.relu(1 - (s[0::2] - s[1::2])).mean()))
+    tr, te = make(100, 16, 12, seed=1), make(200, 16, 12, seed=2)
+    pairs = tr.pairs(4, np.random.default_rng(0))
+    lines: list[str] = []
+    probe, hist = train_probe(tr.features, None, tr.groups, pairs,
+                              TrainConfig(objective="hinge", lr=3e-3, min_steps=1000, epochs=20),
+                              log=lines.append, data_fingerprint=False)
+    assert "autograd (hinge has no closed-form gradient)" in lines[0], lines[0]
+    assert probe.objective == "hinge" and probe.info["train_config"]["objective"] == "hinge"
+    assert hist["loss"][-1] < 0.5 * hist["loss"][0]
+    random_pick, oracle = te.rewards.mean(), selection_reward(te.quality, te)
+    assert selection_reward(probe.score(te.features), te) > random_pick + 0.6 * (oracle - random_pick)
+    with pytest.raises(QProbeError, match="needs preference pairs"):  # the entry's `pairs`
+        train_probe(tr.features, tr.rewards, tr.groups, None, TrainConfig(objective="hinge"))
+
+
+def _mse_grad(cfg, s_all, blk, scale, g_all):
+    """dL/ds = 2 (s - r) / B, written out for the toy below."""
+    s, g = s_all[blk.start:blk.end], g_all[blk.start:blk.end]
+    torch.sub(s, blk.rewards, out=g)
+    loss = g.dot(g)
+    g.mul_(2.0 * scale)
+    return loss
+
+
+@pytest.mark.parametrize("code", [None, 0])
+def test_an_objective_without_a_c_path_trains_in_the_torch_step(register, monkeypatch, code):
+    """MSE under a new name with a closed-form gradient: no C code (None), or a code linfit.c
+    gives another objective (0 is q's; it warns): the C step is skipped and the torch step
+    trains it, bit for bit as it trains q."""
+    register(Objective("mse", "MSE, again", "rows", native=code, start_bias=float,
+                       loss=lambda cfg, s, b: q_loss(s, b.rewards), grad=_mse_grad))
+    tr = make(60, 8, 10, seed=3)
+    kw = dict(lr=3e-3, min_steps=0, epochs=10, batch_size=100)
+    lines: list[str] = []
+    if code is not None and native.library() is not None:
+        with pytest.warns(RuntimeWarning, match="'mse' has native code 0, which linfit.c calls"):
+            got, _ = train_probe(tr.features, tr.rewards, tr.groups,
+                                 config=TrainConfig(objective="mse", **kw), log=lines.append)
+    else:
+        got, _ = train_probe(tr.features, tr.rewards, tr.groups,
+                             config=TrainConfig(objective="mse", **kw), log=lines.append)
+    assert "torch step" in lines[0], lines[0]
+    assert native.library() is None or "C step: no C path for mse" in lines[0]
+    monkeypatch.setattr(native, "for_objective", lambda objective: None)  # q: the torch step too
+    want, _ = train_probe(tr.features, tr.rewards, tr.groups,
+                          config=TrainConfig(objective="q", **kw))
+    for (k, a), b in zip(got.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_the_registry_refuses_a_second_entry_of_one_name_and_names_unknown_ones():
+    with pytest.raises(ValueError, match="already registered"):
+        objectives.register(objectives.get("q"))
+    with pytest.raises(QProbeError, match="unknown objective 'nope'"):
+        objectives.get("nope")
+    with pytest.raises(QProbeError, match="objective must be one of"):
+        TrainConfig(objective="nope").validate()

@@ -10,7 +10,8 @@ import torch
 
 from _synth import make, selection_reward
 from qprobe import Probe, QProbeError
-from qprobe.train import TrainConfig, train_probe
+from qprobe.train import TrainConfig, data, objectives, train_probe
+from qprobe.train.engines import torch_step
 
 FAST = dict(lr=3e-3, min_steps=1000, epochs=20)  # small problems: a larger lr, fewer steps
 
@@ -128,8 +129,8 @@ def test_user_errors_are_one_line_qprobe_errors(planted):
         ({}, dict(rewards=np.full(len(tr.rewards), np.nan)), "no rows with a reward"),
         ({}, dict(groups=tr.groups[:-1]), "groups must have shape"),
     ]
-    for kw, data, msg in bad:
-        args = dict(features=tr.features, rewards=tr.rewards, groups=tr.groups) | data
+    for kw, arrays, msg in bad:
+        args = dict(features=tr.features, rewards=tr.rewards, groups=tr.groups) | arrays
         with pytest.raises(QProbeError, match=msg) as e:
             train_probe(**args, **kw, data_fingerprint=False)
         assert "\n" not in str(e.value)
@@ -182,29 +183,28 @@ def _ragged(seed: int = 0):
 
 @pytest.mark.parametrize("objective", ["q", "ce", "pg", "bt", "dpo"])
 def test_fused_block_gradients_equal_autograd_of_the_batch_loss(objective):
-    """Float64: the fused step's closed-form dL/ds per block gives the gradient autograd gives
-    for objectives.py's batch loss, for block sizes from one row (or unit) to the whole batch."""
-    import qprobe.train as T
-
+    """Float64: the fused step's closed-form dL/ds per block (Objective.grad) gives the gradient
+    autograd gives for the objective's batch loss, for block sizes from one row (or unit) to the
+    whole batch."""
     x, r, groups, pairs = _ragged()
     cfg = TrainConfig(objective=objective, beta=0.3, group_size=4)
-    order, batches = T._layout(cfg, np.arange(300), r, groups,
-                               pairs if objective in ("bt", "dpo") else None,
-                               np.random.default_rng(1), 100, 4)
+    order, batches = data.layout(cfg, np.arange(300), r, groups,
+                                 pairs if objective in ("bt", "dpo") else None,
+                                 np.random.default_rng(1), 100, 4)
     xl = torch.from_numpy(x[order])  # [L, 7] float64
     for b in batches:
         for f in ("rewards", "baseline"):
             if getattr(b, f) is not None:
                 setattr(b, f, getattr(b, f).double())
     for rows in (1, 7, 30, 1000):
-        fused = T._FusedLinear(cfg, 7, batches, block_rows=rows, dtype=torch.float64)
+        fused = torch_step.FusedLinear(cfg, 7, batches, block_rows=rows, dtype=torch.float64)
         for b in batches:
             layer = torch.nn.Linear(7, 1).double()
             torch.nn.init.normal_(layer.weight)
             loss = fused.step(layer, xl, b)
             got = layer.weight.grad.clone(), layer.bias.grad.clone()
             layer.zero_grad()
-            want = T._batch_loss(cfg, layer(xl[b.start:b.end]).squeeze(-1), b)
+            want = objectives.get(objective).loss(cfg, layer(xl[b.start:b.end]).squeeze(-1), b)
             want.backward()
             assert torch.allclose(loss, want, rtol=1e-12)
             assert torch.allclose(got[0], layer.weight.grad, rtol=1e-10, atol=1e-14), rows
@@ -212,18 +212,37 @@ def test_fused_block_gradients_equal_autograd_of_the_batch_loss(objective):
                 assert torch.allclose(got[1], layer.bias.grad, rtol=1e-10, atol=1e-14), rows
 
 
-@pytest.mark.parametrize("objective", ["q", "ce", "pg", "bt", "dpo"])
-def test_fused_step_trains_the_same_probe_as_the_autograd_step(planted, objective, monkeypatch):
-    """Float32 end to end: 20 epochs with the fused step and with the previous two-pass autograd
-    step give the same parameters up to float32 rounding."""
-    import qprobe.train as T
+@pytest.fixture
+def autograd_copy():
+    """Registers a copy of a built-in objective without its closed-form gradient and C code
+    (so autograd trains it); removed again after the test."""
+    added = []
 
+    def copy(name: str) -> str:
+        entry = dataclasses.replace(objectives.get(name), name=f"{name}-autograd", grad=None,
+                                    native=None)
+        added.append(objectives.register(entry).name)
+        return entry.name
+
+    yield copy
+    for name in added:
+        objectives.REGISTRY.pop(name)
+
+
+@pytest.mark.parametrize("objective", ["q", "ce", "pg", "bt", "dpo"])
+def test_fused_step_trains_the_same_probe_as_the_autograd_step(planted, objective,
+                                                               autograd_copy):
+    """Float32 end to end: 20 epochs with the default (fused) step and with autograd through the
+    probe and torch's Adam give the same parameters up to float32 rounding."""
     tr, _ = planted
     pairs = tr.pairs(4, np.random.default_rng(0)) if objective in ("bt", "dpo") else None
     cfg = TrainConfig(objective=objective, lr=3e-3, min_steps=0, epochs=20, batch_size=200)
     got, _ = train_probe(tr.features, tr.rewards, tr.groups, pairs, cfg, data_fingerprint=False)
-    monkeypatch.setattr(T, "LEGACY_STEP", True)
-    want, _ = train_probe(tr.features, tr.rewards, tr.groups, pairs, cfg, data_fingerprint=False)
+    lines: list[str] = []
+    want, _ = train_probe(tr.features, tr.rewards, tr.groups, pairs,
+                          dataclasses.replace(cfg, objective=autograd_copy(objective)),
+                          log=lines.append, data_fingerprint=False)
+    assert "autograd" in lines[0]
     w_got, w_want = got.net[0].weight, want.net[0].weight
     assert torch.allclose(w_got, w_want, rtol=1e-4, atol=1e-5)
     if objective in ("q", "ce"):  # pg/bt/dpo: the bias has gradient 0 (the fused step keeps it)
@@ -259,16 +278,13 @@ def test_fused_step_gives_the_same_bits_on_one_or_two_threads(planted, objective
 
 
 def test_shards_split_a_batch_at_unit_boundaries_into_halves():
-    import qprobe.train as T
-
-    cfg = TrainConfig(objective="pg", group_size=10)
-    b = T._Batch(0, 100, units=np.array([10] * 7 + [5, 10, 10, 5]))
+    b = data.Batch(0, 100, 11, units=np.array([10] * 7 + [5, 10, 10, 5]))
     n = 100
-    b.index = torch.as_tensor(T._padded([np.arange(s, s + u) for s, u in
-                                         zip(np.concatenate([[0], np.cumsum(b.units)[:-1]]),
-                                             b.units)]))
+    b.index = torch.as_tensor(data.padded([np.arange(s, s + u) for s, u in
+                                           zip(np.concatenate([[0], np.cumsum(b.units)[:-1]]),
+                                               b.units)]))
     b.rewards = torch.zeros(b.index.shape)
-    shards = T._make_blocks(cfg, b, rows=30, pad=n, shards=2)
+    shards = torch_step.make_blocks("groups", b, rows=30, pad=n, shards=2)
     rows = [[(blk.start, blk.end) for blk in sh] for sh in shards]
     assert rows == [[(0, 30), (30, 50)], [(50, 75), (75, 100)]]
     for sh in shards:  # blocks never exceed the row budget unless one unit does
@@ -277,13 +293,11 @@ def test_shards_split_a_batch_at_unit_boundaries_into_halves():
 
 @pytest.mark.parametrize("optimizer,wd", [("adam", 0.0), ("adam", 0.1), ("adamw", 0.5)])
 def test_the_fused_steps_adam_is_torchs(optimizer, wd):
-    """qprobe.train._Adam takes the steps torch.optim.Adam / AdamW take."""
-    import qprobe.train as T
-
+    """The fused step's Adam takes the steps torch.optim.Adam / AdamW take."""
     torch.manual_seed(0)
     a = [torch.randn(5, requires_grad=True), torch.randn(1, requires_grad=True)]
     b = [t.detach().clone().requires_grad_(True) for t in a]
-    ours = T._Adam(a, 1e-2, wd, optimizer == "adamw")
+    ours = torch_step.Adam(a, 1e-2, wd, optimizer == "adamw")
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     theirs = cls(b, lr=1e-2, weight_decay=wd)
     for _ in range(50):

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _LAZY = {
     "Probe": "qprobe.probe",
-    "TrainConfig": "qprobe.train_config",
+    "TrainConfig": "qprobe.train.config",
     "train_probe": "qprobe.train",
     "Rollouts": "qprobe.rollouts",
     "RolloutWriter": "qprobe.rollouts",

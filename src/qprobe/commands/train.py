@@ -57,7 +57,7 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def register(subparsers: Any) -> None:
-    from qprobe.train_config import TrainConfig  # torch-free: keeps `qprobe --help` fast
+    from qprobe.train.config import TrainConfig  # torch-free: keeps `qprobe --help` fast
 
     p = subparsers.add_parser(
         "train",
@@ -75,7 +75,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from qprobe.probe import fingerprint
     from qprobe.rollouts import Rollouts
-    from qprobe.train import PAIR_OBJECTIVES, TrainConfig, arrays_from_rollouts, train_probe
+    from qprobe.train import TrainConfig, arrays_from_rollouts, objectives, train_probe
 
     cfg = config_from_args(TrainConfig, args)
     cfg.validate()
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     data = arrays_from_rollouts(r, cfg.objective)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     fp = fingerprint(data["features"],
-                     None if cfg.objective in PAIR_OBJECTIVES else data["rewards"],
+                     None if objectives.get(cfg.objective).pairs else data["rewards"],
                      data["prompt_ids"], data["pairs"])
     probe, _ = train_probe(
         data["features"], data["rewards"], data["groups"], data["pairs"], cfg,

@@ -2,7 +2,8 @@
 
 `qprobe train` turns every field into a flag and `qprobe run` YAML uses the same names; the
 `help` metadata is the one description of each hyper-parameter. Defaults are the paper's; see
-`qprobe.train` for why they also work on small data.
+`qprobe.train` for why they also work on small data. The objectives (names, help, what each
+needs) come from the registry in `qprobe.train.objectives`.
 """
 
 from __future__ import annotations
@@ -11,21 +12,19 @@ import math
 from dataclasses import dataclass, field
 
 from qprobe.errors import QProbeError
+from qprobe.train import objectives
 
-OBJECTIVES = ("q", "ce", "pg", "bt", "dpo")
 BASELINES = ("none", "mean", "prompt")
-PAIR_OBJECTIVES = ("bt", "dpo")
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of probe training (paper defaults; see module docstring for small data)."""
+    """Hyper-parameters of probe training (paper defaults; see qprobe.train for small data)."""
 
     objective: str = field(default="q", metadata={
-        "help": "training objective: q (MSE to reward), ce (BCE, reward in [0,1]), pg (policy "
-                "gradient in groups of one prompt), bt (Bradley-Terry on pairs), dpo (DPO on the "
-                "best-of-k policy, pairs + the prompt's other samples)",
-        "choices": OBJECTIVES})
+        "help": "training objective: " + ", ".join(
+            f"{o.name} ({o.help})" for o in objectives.REGISTRY.values()),
+        "choices": objectives.names()})
     beta: float = field(default=0.1, metadata={
         "help": "selection temperature stored with the probe; pg and dpo also train with it"})
     lr: float = field(default=5e-5, metadata={"help": "learning rate"})
@@ -67,13 +66,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise QProbeError on a value the user must fix."""
+        known = objectives.names()
+        obj = objectives.REGISTRY.get(self.objective)
         checks = [
-            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
+            (obj is not None, f"objective must be one of {known}"),
             (self.optimizer in ("adam", "adamw"), "optimizer must be adam or adamw"),
             (self.precision in ("float32", "float16"), "precision must be float32 or float16"),
             (self.baseline in BASELINES, f"baseline must be one of {BASELINES}"),
             (math.isfinite(self.beta) and self.beta >= 0, "beta must be >= 0"),
-            (self.beta > 0 or self.objective not in ("pg", "dpo"),
+            (self.beta > 0 or obj is None or not obj.uses_beta,
              f"beta must be > 0 to train {self.objective} (softmax(Q/beta))"),
             (math.isfinite(self.lr) and self.lr > 0, "lr must be > 0"),
             (self.batch_size >= 2, "batch_size must be >= 2"),

@@ -6,11 +6,11 @@
  * 3,450 steps) the Python and torch dispatch around them (~0.5 ms a step) cost as much as the
  * products themselves. Here a whole epoch runs in one call: no Python between steps.
  *
- * What it computes is qprobe/train.py's fused step (the torch reference, used where this file
- * cannot be built): the batch is cut into `shards` runs of whole units (q/ce: a row, pg: a group,
- * bt: a pair, dpo: a prompt); each shard reads its rows in cache-sized blocks of whole units:
- * s = X_blk w + bias, dL/ds of each unit in closed form (the formulas are in train.py's
- * `_block_grad`, checked there against objectives.py's autograd), then grad += X_blk^T dL/ds
+ * What it computes is engines/torch_step.py's fused step (the torch reference, used where this
+ * file cannot be built): the batch is cut into `shards` runs of whole units (q/ce: a row, pg: a
+ * group, bt: a pair, dpo: a prompt); each shard reads its rows in cache-sized blocks of whole
+ * units: s = X_blk w + bias, dL/ds of each unit in closed form (the same formulas as the
+ * objectives' `grad` in qprobe/train/objectives.py), then grad += X_blk^T dL/ds
  * while the block is still in cache. The shards' gradients are summed in shard order and Adam
  * (or AdamW) updates the probe in place, exactly as torch.optim.Adam computes it. With two
  * threads the shards run at the same time and each thread updates half of the weights; the
@@ -18,13 +18,20 @@
  *
  * Feature rows are float16 (read directly, F16C converts 8 values per instruction) or float32;
  * arithmetic is float32 with FMA for the products and float64 for the per-unit terms.
- * Built on first use by qprobe/linfit.py with the system C compiler. Functions that use AVX2 carry
- * their own target attribute, so the library loads on any x86-64 CPU; linfit.py only calls it
- * after qprobe_linfit_supported() says the CPU has AVX2, FMA and F16C.
+ * Built on first use by native.py (next to this file) with the system C compiler. Functions that
+ * use AVX2 carry their own target attribute, so the library loads on any x86-64 CPU; native.py
+ * only calls it after qprobe_linfit_supported() says the CPU has AVX2, FMA and F16C, and after
+ * checking that this file's interface is the one it mirrors (qprobe_linfit_abi,
+ * qprobe_linfit_field and qprobe_linfit_objective at the end of this file).
+ *
+ * Adding an objective here: a code in the enum below, its name in qprobe_linfit_objective, its
+ * case in unit_grad (and batch_scale if its loss is a mean over something else), and the code as
+ * `native` in its registry entry.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,10 +39,14 @@
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define MAX_SHARDS 8
+/* The interface's version: raise it with any change to Fit, Part, the objective codes or the
+ * exported functions' signatures, together with ABI in native.py. */
+#define LINFIT_ABI 1
 
-enum { OBJ_Q, OBJ_CE, OBJ_PG, OBJ_BT, OBJ_DPO };
+/* The objective codes: `native` in qprobe/train/objectives.py's registry entries. */
+enum { OBJ_Q, OBJ_CE, OBJ_PG, OBJ_BT, OBJ_DPO, OBJ_COUNT };
 
-/* One training run, laid out by qprobe.train._layout; mirrored by linfit.py's _Fit. */
+/* One training run, laid out by qprobe/train/data.py; mirrored by native.py's _Fit. */
 typedef struct {
     const void *x;               /* [L, D] feature rows, float16 (half = 1) or float32 */
     int64_t half, dim;
@@ -389,7 +400,8 @@ int qprobe_linfit_steps(Fit *f, const int64_t *order, int64_t nsteps, double *lo
 
 /* --- setup: feature statistics and the standardised training matrix --------------------------- */
 /* Two passes over the training rows, both bound by memory traffic: at the paper's MBPP size
- * torch took ~0.3 s for them, a tenth of the whole training budget. */
+ * torch took ~0.3 s for them, a tenth of the whole training budget. Mirrored by native.py's
+ * _Part. */
 typedef struct {
     const void *x;          /* [N, D] the dataset's features, float16 (in_half) or float32 */
     int64_t in_half, dim;
@@ -529,4 +541,47 @@ int qprobe_standardise(Part *p, int64_t threads) {
     parts[1].out = (char *)p->out + parts[0].n * p->dim * (p->out_half ? 2 : 4);
     on_halves(standardise, parts, threads);
     return parts[0].bad || parts[1].bad;
+}
+
+/* --- the interface, for native.py's check at load ----------------------------------------------- */
+int64_t qprobe_linfit_abi(void) { return LINFIT_ABI; }
+
+typedef struct {
+    const char *name;
+    int64_t offset;
+} Field;
+
+#define FIELD(type, f) {#f, (int64_t)offsetof(type, f)}
+static const Field FIT_FIELDS[] = {
+    FIELD(Fit, x), FIELD(Fit, half), FIELD(Fit, dim), FIELD(Fit, reward), FIELD(Fit, unit_start),
+    FIELD(Fit, shard_units), FIELD(Fit, batch_const), FIELD(Fit, pair_start),
+    FIELD(Fit, pair_rows), FIELD(Fit, objective), FIELD(Fit, shards), FIELD(Fit, threads),
+    FIELD(Fit, block_rows), FIELD(Fit, max_unit_rows), FIELD(Fit, beta), FIELD(Fit, w),
+    FIELD(Fit, bias), FIELD(Fit, m_w), FIELD(Fit, v_w), FIELD(Fit, m_b), FIELD(Fit, v_b),
+    FIELD(Fit, lr), FIELD(Fit, beta1), FIELD(Fit, beta2), FIELD(Fit, eps),
+    FIELD(Fit, weight_decay), FIELD(Fit, decoupled), FIELD(Fit, step)};
+static const Field PART_FIELDS[] = {
+    FIELD(Part, x), FIELD(Part, in_half), FIELD(Part, dim), FIELD(Part, rows), FIELD(Part, n),
+    FIELD(Part, shift), FIELD(Part, sum), FIELD(Part, sumsq), FIELD(Part, mean),
+    FIELD(Part, inv_std), FIELD(Part, out), FIELD(Part, out_half), FIELD(Part, bad)};
+
+/* Field i of a struct (which = 0: Fit, 1: Part) in declaration order: its name, and its offset
+ * into *offset; NULL past the end. i = -1: "sizeof" and the struct's size. */
+const char *qprobe_linfit_field(int64_t which, int64_t i, int64_t *offset) {
+    const Field *f = which == 0 ? FIT_FIELDS : PART_FIELDS;
+    const int64_t n = which == 0 ? (int64_t)(sizeof FIT_FIELDS / sizeof *f)
+                                 : (int64_t)(sizeof PART_FIELDS / sizeof *f);
+    if ((which != 0 && which != 1) || i < -1 || i >= n) return NULL;
+    if (i == -1) {
+        *offset = which == 0 ? (int64_t)sizeof(Fit) : (int64_t)sizeof(Part);
+        return "sizeof";
+    }
+    *offset = f[i].offset;
+    return f[i].name;
+}
+
+/* The registry name of objective `code` (as in qprobe/train/objectives.py), NULL past the end. */
+const char *qprobe_linfit_objective(int64_t code) {
+    static const char *const names[OBJ_COUNT] = {"q", "ce", "pg", "bt", "dpo"};
+    return code >= 0 && code < OBJ_COUNT ? names[code] : NULL;
 }
