@@ -96,3 +96,23 @@ def test_cv_refuses_bad_settings(tmp_path):
         cross_validate(r, BASE, GRID, folds=7)
     with pytest.raises(QProbeError, match="no feature set"):
         cross_validate(r, BASE, CVGrid(feature_sets=["L9-last"]), folds=2)
+
+
+def test_train_cli_cv_and_extras(tmp_path, capsys):
+    from qprobe.cli import main
+    from qprobe.probe import Probe
+
+    make_folder(tmp_path / "train", 4)
+    args = ["train", str(tmp_path / "train"), "--objective", "pg", "--epochs", "5",
+            "--min-steps", "200"]
+    assert main([*args, "--out", str(tmp_path / "p1"), "--cv", "3", "--cv-weight-decay", "0",
+                 "--cv-min-steps", "200", "--cv-loglik", "without,only"]) == 0
+    out = capsys.readouterr().out
+    assert "cv: chose" in out and out.count("cv [") == 3  # two feature sets + loglik only
+    p1 = Probe.load(tmp_path / "p1")
+    assert p1.info["cv"]["chosen"] == p1.info["cv"]["rows"][p1.info["cv"]["best"]]["label"]
+    assert main([*args, "--out", str(tmp_path / "p2"), "--feature-set", "none",
+                 "--extras", "logprob_mean"]) == 0
+    p2 = Probe.load(tmp_path / "p2")
+    assert p2.extras == ("logprob_mean",) and p2.dim == 1 and p2.feature_spec is None
+    assert main([*args, "--out", str(tmp_path / "p3"), "--extras", "nope"]) == 2

@@ -286,6 +286,9 @@ def build_inputs(features: np.ndarray | None, loglik: dict[str, np.ndarray] | No
 
     Extras are the model's own view of the sample: `logprob_mean` (mean token log-probability,
     what Codex-style reranking sorts by), `logprob_sum`, `logprob_tokens` (length)."""
+    bad = [e for e in extras if e not in EXTRAS]
+    if bad:
+        raise QProbeError(f"probe inputs: unknown extra input(s) {bad}; known: {list(EXTRAS)}")
     parts = []
     if features is not None:
         parts.append(np.asarray(features, dtype=np.float32))

@@ -69,7 +69,47 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="PROBE_DIR", help="probe folder to write")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     add_config_args(p, TrainConfig)
+    g = p.add_argument_group("inputs and model selection")
+    g.add_argument("--feature-set", default=None, metavar="NAME",
+                   help="feature set to train on, e.g. L12-mean (`qprobe embed` adds sets; "
+                   "default: the folder's own features; none: only --extras)")
+    g.add_argument("--extras", type=_csv(str), default=[], metavar="NAME,...",
+                   help="log-likelihood inputs after the features: logprob_mean, logprob_sum, "
+                   "logprob_tokens (needs log-likelihoods in the folder)")
+    g.add_argument("--cv", type=int, default=0, metavar="N",
+                   help="choose the feature set, log-likelihood inputs and regularisation by "
+                   "N-fold cross-validation over the training prompts (0: off); the table goes "
+                   "into the probe's config.json")
+    g.add_argument("--cv-feature-sets", type=_csv(str), default=None, metavar="A,B,...",
+                   help="--cv: feature sets to try (default: every complete set)")
+    g.add_argument("--cv-loglik", type=_csv(str), default=["without", "with", "only"],
+                   metavar="MODES", help="--cv: log-likelihood inputs to try: without, with, only")
+    g.add_argument("--cv-weight-decay", type=_csv(float), default=[0.0, 0.1], metavar="X,Y",
+                   help="--cv: weight decay values to try (default: 0,0.1)")
+    g.add_argument("--cv-min-steps", type=_csv(int), default=[1000, 10000], metavar="N,M",
+                   help="--cv: optimiser step counts to try (default: 1000,10000)")
+    g.add_argument("--cv-seed", type=int, default=0, help="--cv: seed of the prompt folds")
     p.set_defaults(func=run)
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}"
+                                             ) from None
+    return parse
+
+
+def _own_set(r: Any) -> str:
+    from qprobe.rollouts import feature_set_name
+
+    if r.feature_spec is None:
+        from qprobe.errors import QProbeError
+
+        raise QProbeError(f"{r.path}: no features; pass --feature-set or only --extras")
+    return feature_set_name(r.feature_spec)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,16 +120,31 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, args)
     cfg.validate()
     r = Rollouts(args.rollouts)  # one-line QProbeError on a bad folder
-    data = arrays_from_rollouts(r, cfg.objective)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    fp = fingerprint(data["features"],
-                     None if objectives.get(cfg.objective).pairs else data["rewards"],
-                     data["prompt_ids"], data["pairs"])
-    probe, _ = train_probe(
-        data["features"], data["rewards"], data["groups"], data["pairs"], cfg,
-        feature_spec=data["feature_spec"], prompt_ids=data["prompt_ids"], log=log,
-        data_fingerprint=fp,
-    )
+    if args.cv:
+        from qprobe.cv import CVGrid, train_with_cv
+
+        grid = CVGrid(feature_sets=args.cv_feature_sets, loglik=args.cv_loglik,
+                      weight_decay=args.cv_weight_decay, min_steps=args.cv_min_steps)
+        probe, _ = train_with_cv(r, cfg, grid, folds=args.cv, seed=args.cv_seed, log=log)
+    else:
+        from qprobe.cv import Candidate, fit
+
+        if args.feature_set or args.extras:
+            fs = args.feature_set or _own_set(r)
+            c = Candidate(None if fs == "none" else fs, tuple(args.extras), cfg.weight_decay,
+                          cfg.min_steps)
+            probe, _ = fit(r, c, cfg, log=log)
+        else:
+            data = arrays_from_rollouts(r, cfg.objective)
+            fp = fingerprint(data["features"],
+                             None if objectives.get(cfg.objective).pairs else data["rewards"],
+                             data["prompt_ids"], data["pairs"])
+            probe, _ = train_probe(
+                data["features"], data["rewards"], data["groups"], data["pairs"], cfg,
+                feature_spec=data["feature_spec"], prompt_ids=data["prompt_ids"], log=log,
+                data_fingerprint=fp,
+            )
     probe.info["training_data"]["rollouts"] = str(r.path)
     out = probe.save(args.out)
     m = probe.info["metrics"]
