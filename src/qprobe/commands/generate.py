@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from qprobe.backends import SamplingParams, load_embedder, load_model
     from qprobe.errors import QProbeError
-    from qprobe.generate import QProbePolicy
+    from qprobe.policy import QProbePolicy
     from qprobe.probe import Probe
     from qprobe.tasks import get_task
 
