@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from qprobe.commands.flags import add_flags, from_args
+
+
+@dataclass
+class ScoreOptions:
+    input: str = field(default="", metadata={
+        "positional": True, "metavar": "INPUT", "help": "completions .jsonl or rollouts folder"})
+    task: str = field(default="", metadata={
+        "required": True, "help": "task name, task .jsonl, or module:function"})
+    split: str | None = field(default=None, metadata={
+        "help": "check that every prompt_id belongs to this split"})
+    data: str | None = field(default=None, metadata={
+        "help": "data folder for the task (default: $QPROBE_DATA, ...)"})
+    out: str | None = field(default=None, metadata={
+        "help": "output .jsonl ('-' = stdout; default INPUT.scored.jsonl)"})
+    timeout: float = field(default=3.0, metadata={"help": "seconds per program"})
+    workers: int = field(default=0, metadata={"help": "sandbox workers; 0 = 2 x cores"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,13 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "timeout / error / sandbox_error for code) and detail. Or INPUT is a rollouts folder: "
         "its reward column and verdict column are filled in or refreshed in place.",
     )
-    p.add_argument("input", metavar="INPUT", help="completions .jsonl or rollouts folder")
-    p.add_argument("--task", required=True, help="task name, task .jsonl, or module:function")
-    p.add_argument("--split", help="check that every prompt_id belongs to this split")
-    p.add_argument("--data", help="data folder for the task (default: $QPROBE_DATA, ...)")
-    p.add_argument("--out", help="output .jsonl ('-' = stdout; default INPUT.scored.jsonl)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (3)")
-    p.add_argument("--workers", type=int, default=0, help="sandbox workers (0 = 2 x cores)")
+    add_flags(p, ScoreOptions)
     p.set_defaults(func=run)
 
 
@@ -46,17 +58,19 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from qprobe.errors import QProbeError
+    from qprobe.fileio import atomic_write_text
     from qprobe.sandbox import SandboxConfig
     from qprobe.tasks import get_task
     from qprobe.tasks.code import CodeTask
 
-    src = Path(args.input)
+    o = from_args(ScoreOptions, args)
+    src = Path(o.input)
     if not src.exists():
         raise QProbeError(f"score: {src} does not exist")
     task = get_task(
-        args.task,
-        data=args.data,
-        sandbox=SandboxConfig(timeout=args.timeout, workers=args.workers),
+        o.task,
+        data=o.data,
+        sandbox=SandboxConfig(timeout=o.timeout, workers=o.workers),
     )
     store = None
     if src.is_dir():
@@ -71,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = _read_rows(src)
     ids = [str(r["prompt_id"]) for r in rows]
-    if args.split:
-        wanted = {r["id"] for r in task.prompts(args.split)}
+    if o.split:
+        wanted = {r["id"] for r in task.prompts(o.split)}
         bad = [i for i in ids if i not in wanted]
         if bad:
-            raise QProbeError(f"score: prompt_id {bad[0]!r} is not in {task.name} split {args.split}")
+            raise QProbeError(f"score: prompt_id {bad[0]!r} is not in {task.name} split {o.split}")
     prompts = []
     for r, pid in zip(rows, ids):
         p = r.get("prompt")
@@ -108,14 +122,12 @@ def run(args: argparse.Namespace) -> int:
         out_rows = [dict(r, reward=s.reward, status=s.status, detail=s.detail)
                     for r, s in zip(rows, scores)]  # fmt: skip
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
-        if args.out == "-":
+        if o.out == "-":
             sys.stdout.write(text)
             where = "stdout"
         else:
-            dest = Path(args.out) if args.out else src.with_name(src.name.split(".")[0] + ".scored.jsonl")
-            tmp = dest.with_name(dest.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, dest)
+            dest = Path(o.out) if o.out else src.with_name(src.name.split(".")[0] + ".scored.jsonl")
+            atomic_write_text(dest, text)
             where = str(dest)
     counts: dict[str, int] = {}
     for s in scores:

@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qprobe.fileio import atomic_write, atomic_write_text
+
 BASELINE_COLORS = {"pass@1": "0.4", "pass@k": "0.0", "greedy": "tab:brown", "few_shot": "tab:pink"}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _public(obj: Any) -> Any:
@@ -148,7 +142,7 @@ def results_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_reward_vs_k(res: dict[str, Any], path: Path) -> None:
+def plot_reward_vs_k(res: dict[str, Any], path: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +177,7 @@ def plot_reward_vs_k(res: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -194,7 +188,7 @@ def _probe_at(run: dict[str, Any], k: int, beta: float) -> float:
     return float("nan")
 
 
-def plot_curve(res: dict[str, Any], path: Path) -> None:
+def plot_curve(res: dict[str, Any], path: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,11 +217,11 @@ def plot_curve(res: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
-def plot_score_vs_reward(res: dict[str, Any], path: Path, bins: int = 10) -> None:
+def plot_score_vs_reward(res: dict[str, Any], path: Any, bins: int = 10) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,7 +249,7 @@ def plot_score_vs_reward(res: dict[str, Any], path: Path, bins: int = 10) -> Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -264,17 +258,15 @@ def write_report(res: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     public = _public(res)
-    _atomic_text(out / "results.json", json.dumps(public, indent=2) + "\n")
-    _atomic_text(out / "results.md", results_markdown(public))
+    # key order as built (not sorted): the file reads test sets first, config last
+    atomic_write_text(out / "results.json", json.dumps(public, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(public))
     for name, fn, needed in (
         ("reward_vs_k.png", plot_reward_vs_k, True),
         ("reward_vs_train_prompts.png", plot_curve, "curve" in res and res["curve"]["sizes"]),
         ("score_vs_reward.png", plot_score_vs_reward, True),
     ):
-        if not needed:
-            continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=out)
-        os.close(fd)
-        fn(res if name == "score_vs_reward.png" else public, Path(tmp))
-        os.replace(tmp, out / name)
+        if needed:
+            data = res if name == "score_vs_reward.png" else public  # it needs the arrays
+            atomic_write(out / name, lambda f, fn=fn, data=data: fn(data, f))
     return out
