@@ -95,7 +95,7 @@ def _argument(f: dataclasses.Field, hint: Any) -> tuple[list[str], dict[str, Any
         if action == "append":  # one value per flag, of the list's item type
             kw["type"] = md.get("type", typing.get_args(hint)[0])
     elif hint is bool:
-        kw["action"] = argparse.BooleanOptionalAction  # it adds "(default: ...)" itself
+        kw["action"] = argparse.BooleanOptionalAction
     elif "type" in md:
         kw["type"] = md["type"]
     elif typing.get_origin(hint) is tuple:
@@ -108,8 +108,7 @@ def _argument(f: dataclasses.Field, hint: Any) -> tuple[list[str], dict[str, Any
     for key in ("metavar", "choices", "nargs", "required"):
         if key in md:
             kw[key] = md[key]
-    show = (default not in (None, "", []) and action not in ("store_true", "store_false")
-            and kw.get("action") is not argparse.BooleanOptionalAction
+    show = (default not in (None, "", [], ()) and action not in ("store_true", "store_false")
             and not kw.get("required") and md.get("show_default", True))  # fmt: skip
     text = md.get("help", "")
     kw["help"] = None if text is None else text + (f" (default: {_show(default)})" if show else "")
