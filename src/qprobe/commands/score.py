@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qprobe.commands.flags import add_flags, from_args
 
@@ -55,23 +56,16 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from qprobe.errors import QProbeError
-    from qprobe.fileio import atomic_write_text
     from qprobe.sandbox import SandboxConfig
     from qprobe.tasks import get_task
-    from qprobe.tasks.code import CodeTask
 
     o = from_args(ScoreOptions, args)
     src = Path(o.input)
     if not src.exists():
         raise QProbeError(f"score: {src} does not exist")
-    task = get_task(
-        o.task,
-        data=o.data,
-        sandbox=SandboxConfig(timeout=o.timeout, workers=o.workers),
-    )
+    task = get_task(o.task, data=o.data,
+                    sandbox=SandboxConfig(timeout=o.timeout, workers=o.workers))  # fmt: skip
     store = None
     if src.is_dir():
         from qprobe.rollouts import Rollouts
@@ -90,6 +84,35 @@ def run(args: argparse.Namespace) -> int:
         bad = [i for i in ids if i not in wanted]
         if bad:
             raise QProbeError(f"score: prompt_id {bad[0]!r} is not in {task.name} split {o.split}")
+    scores = _score(task, rows, ids)
+    if store is not None:
+        store.set_rewards(
+            [s.reward for s in scores],
+            extra_columns={"verdict": [s.status for s in scores],
+                           "verdict_detail": [s.detail for s in scores]},
+        )  # fmt: skip
+        where = str(src)
+    else:
+        where = _write_rows(rows, scores, src, o.out)
+    counts: dict[str, int] = {}
+    for s in scores:
+        counts[s.status] = counts.get(s.status, 0) + 1
+    scored = [s.reward for s in scores if s.reward is not None]
+    mean = f"{sum(scored) / len(scored):.4f}" if scored else "n/a"
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"scored {len(scores)} completions -> {where}: mean reward {mean} ({summary})",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _score(task: Any, rows: list[dict], ids: list[str]) -> list:
+    """The task's `Score` of each row (prompts looked up by id where a row has none), with a
+    progress bar; closes the task."""
+    from tqdm import tqdm
+
+    from qprobe.errors import QProbeError
+    from qprobe.tasks.code import CodeTask
+
     prompts = []
     for r, pid in zip(rows, ids):
         p = r.get("prompt")
@@ -104,37 +127,24 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(task, CodeTask):
         kw["progress"] = bar.update
     try:
-        scores = task.score(prompts, [r["completion"] for r in rows], prompt_id=ids, **kw)
+        return task.score(prompts, [r["completion"] for r in rows], prompt_id=ids, **kw)
     finally:
         if not kw:
             bar.update(len(rows))
         bar.close()
         task.close()
 
-    if store is not None:
-        store.set_rewards(
-            [s.reward for s in scores],
-            extra_columns={"verdict": [s.status for s in scores],
-                           "verdict_detail": [s.detail for s in scores]},
-        )  # fmt: skip
-        where = str(src)
-    else:
-        out_rows = [dict(r, reward=s.reward, status=s.status, detail=s.detail)
-                    for r, s in zip(rows, scores)]  # fmt: skip
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
-        if o.out == "-":
-            sys.stdout.write(text)
-            where = "stdout"
-        else:
-            dest = Path(o.out) if o.out else src.with_name(src.name.split(".")[0] + ".scored.jsonl")
-            atomic_write_text(dest, text)
-            where = str(dest)
-    counts: dict[str, int] = {}
-    for s in scores:
-        counts[s.status] = counts.get(s.status, 0) + 1
-    scored = [s.reward for s in scores if s.reward is not None]
-    mean = f"{sum(scored) / len(scored):.4f}" if scored else "n/a"
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"scored {len(scores)} completions -> {where}: mean reward {mean} ({summary})",
-          file=sys.stderr)  # fmt: skip
-    return 0
+
+def _write_rows(rows: list[dict], scores: list, src: Path, out: str | None) -> str:
+    """Write each row with its reward, status and detail as JSONL; returns where it went."""
+    from qprobe.fileio import atomic_write_text
+
+    out_rows = [dict(r, reward=s.reward, status=s.status, detail=s.detail)
+                for r, s in zip(rows, scores)]  # fmt: skip
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
+    if out == "-":
+        sys.stdout.write(text)
+        return "stdout"
+    dest = Path(out) if out else src.with_name(src.name.split(".")[0] + ".scored.jsonl")
+    atomic_write_text(dest, text)
+    return str(dest)
