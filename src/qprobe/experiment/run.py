@@ -111,9 +111,9 @@ def run_experiment(
             results["test"][ts.label] = evaluate_test_set(ctx, ts, test_dirs[ts.label], probes, base)
             say(f"evaluated {ts.label}")
         if cfg.curve.sizes:  # the learning curve (figure 2) on the first test set
-            results["curve"] = learning_curve(cfg, *train.arrays, len(train.prompts),
-                                              _rollouts(test_dirs[cfg.test[0].label]), ctx.spec,
-                                              say)  # fmt: skip
+            first_test = _rollouts(test_dirs[cfg.test[0].label])
+            results["curve"] = learning_curve(cfg, train.features, train.rewards, train.group,
+                                              len(train.prompts), first_test, ctx.spec, say)  # fmt: skip
     ctx.timings["total_s"] = time.perf_counter() - t_start
     return write_results(ctx, results, train_dir, train)
 
@@ -232,10 +232,6 @@ class TrainSet:
     prompts: list[str]  # group index -> prompt id
     prompt_ids: Any  # [N]
     n_samples: int
-
-    @property
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.features, self.rewards, self.group
 
 
 def _rollouts(path: Path) -> Any:
