@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qprobe.cli import build_parser
-from qprobe.demo import demo_config
+from qprobe.experiment import demo_config
 from qprobe.tasks import get_task
 
 

@@ -12,7 +12,7 @@ from qprobe.backends import SamplingParams, load_model
 from qprobe.cli import main
 from qprobe.errors import FeatureSpecMismatch, QProbeError
 from qprobe.features import FeatureSpec
-from qprobe.generate import QProbePolicy, best_of_k
+from qprobe.policy import QProbePolicy, best_of_k
 from qprobe.probe import Probe
 from tiny_lm import save_tiny
 

@@ -25,7 +25,7 @@ SRC = str(Path(qprobe.__file__).resolve().parents[1])
 CHILD = r"""
 import json, os, sys
 sys.path.insert(0, SRC)
-from qprobe.sandbox import _worker as w
+from qprobe.sandbox import _isolation as w
 w.unshare(w.CLONE_NEWNS)
 w.mount("none", "/", None, w.MS_REC | w.MS_PRIVATE, None)
 w.expose_python()

@@ -246,3 +246,21 @@ def test_download_only_when_asked(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "mbpp").iterdir()) == ["mbpp.jsonl"]
     with pytest.raises(QProbeError, match="no download for 'humaneval'"):
         dl.download("humaneval", tmp_path)
+
+
+def test_downloads_live_in_the_one_cache_root(tmp_path, monkeypatch):
+    # $QPROBE_CACHE decides where data, models and kernels go; $XDG_CACHE_HOME does not.
+    from qprobe import fileio, models
+    from qprobe.tasks import download as dl
+    from qprobe.tasks.base import cache_dir, data_roots
+
+    monkeypatch.setenv("QPROBE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == fileio.cache_root() / "data" == tmp_path / "cache" / "data"
+    assert data_roots()[-1] == cache_dir()
+    assert models.cache_root is fileio.cache_root
+    src = DATA / "mbpp" / "mbpp.jsonl"
+    monkeypatch.setitem(dl.SOURCES, "mbpp", [(src.as_uri(), "mbpp/mbpp.jsonl", None)])
+    (path,) = dl.download("mbpp")
+    assert path == tmp_path / "cache" / "data" / "mbpp" / "mbpp.jsonl" and path.is_file()
+    assert not (tmp_path / "xdg").exists()

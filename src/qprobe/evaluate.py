@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.policy import expected_reward
+
 # --------------------------------------------------------------------------------------------
 # per-prompt estimators
 
@@ -71,14 +73,6 @@ def argmax_expected_reward(scores: np.ndarray, rewards: np.ndarray, k: int) -> f
     return float(_rank_weights(len(scores), k) @ rewards[order])
 
 
-def _softmax_reward(q: np.ndarray, r: np.ndarray, beta: float) -> np.ndarray:
-    """sum_i softmax(q/beta)_i r_i over the last axis. q, r: [..., k] -> [...]."""
-    z = q / beta
-    z = z - z.max(axis=-1, keepdims=True)
-    w = np.exp(z)
-    return (w * r).sum(axis=-1) / w.sum(axis=-1)
-
-
 def softmax_expected_reward(
     scores: np.ndarray,
     rewards: np.ndarray,
@@ -109,7 +103,7 @@ def softmax_expected_reward(
     else:
         rng = rng if rng is not None else np.random.default_rng(0)
         idx = np.argsort(rng.random((mc_subsets, n)), axis=1)[:, :k]  # [S, k] uniform k-subsets
-    return float(_softmax_reward(scores[idx], rewards[idx], beta).mean())
+    return float(expected_reward(scores[idx], rewards[idx], beta).mean())  # [S] -> mean
 
 
 def concordance(scores: np.ndarray, rewards: np.ndarray) -> float | None:

@@ -8,7 +8,8 @@
   the first load converts it into `<cache>/models/<sha256 of the file>/` (save_pretrained,
   written to a temporary folder and renamed into place), and later loads take seconds.
 
-The cache lives in `$QPROBE_CACHE` or `~/.cache/qprobe`.
+The cache is `qprobe.fileio.cache_root()`: `$QPROBE_CACHE`, else `~/.cache/qprobe` (re-exported
+here as `cache_root`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from qprobe.errors import QProbeError
+from qprobe.fileio import atomic_write, atomic_write_text, cache_root
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN_CODER_FILE = "Qwen2.5-Coder-0.5B-Instruct.gguf"
@@ -34,12 +37,6 @@ ALIASES = {
     "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-instruct",
     "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b-instruct",
 }
-
-
-def cache_root() -> Path:
-    """The qprobe cache folder ($QPROBE_CACHE, else ~/.cache/qprobe)."""
-    env = os.environ.get("QPROBE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qprobe"
 
 
 def _package_dir(module: str) -> Path | None:
@@ -76,19 +73,16 @@ def qwen_coder_file() -> Path:
             )
         parts.append(f)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".join-")
-    try:
-        with os.fdopen(fd, "wb") as w:
-            for f in parts:
-                with open(f, "rb") as r:
-                    shutil.copyfileobj(r, w, 1 << 22)
-        size = os.path.getsize(tmp)
-        if size != QWEN_CODER_BYTES:
-            raise QProbeError(f"qwen2.5-coder-0.5b: joined parts are {size} bytes, expected {QWEN_CODER_BYTES}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def join(w: IO[bytes]) -> None:
+        for f in parts:
+            with open(f, "rb") as r:
+                shutil.copyfileobj(r, w, 1 << 22)
+        if w.tell() != QWEN_CODER_BYTES:  # raising leaves nothing in place
+            raise QProbeError(f"qwen2.5-coder-0.5b: joined parts are {w.tell()} bytes, "
+                              f"expected {QWEN_CODER_BYTES}")
+
+    atomic_write(out, join)
     return out
 
 
@@ -131,10 +125,7 @@ def file_sha256(path: Path) -> str:
     known[key] = digest
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=".hashes-")
-        with os.fdopen(fd, "w") as w:
-            json.dump(known, w)
-        os.replace(tmp, memo)
+        atomic_write_text(memo, json.dumps(known))
     except OSError:
         pass  # the memo is an optimisation only
     return digest

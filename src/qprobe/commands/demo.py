@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+
+from qprobe.commands.flags import add_flags, from_args
+
+
+@dataclass
+class DemoOptions:
+    out: str = field(default="runs/demo", metadata={"help": "output folder"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling, subsets, bootstrap"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,20 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "problems, train probes (q, ce, pg x 3 seeds), evaluate on 40 held-out problems and write "
         "a report. Rerunning resumes from what is already in the output folder.",
     )
-    p.add_argument("--out", default="runs/demo", help="output folder (runs/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling, subsets, bootstrap (0)")
+    add_flags(p, DemoOptions)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from qprobe.demo import demo_config
-    from qprobe.experiment import run_experiment
+    from qprobe.experiment import demo_config, run_experiment
 
+    o = from_args(DemoOptions, args)
     t0 = time.perf_counter()
-    cfg = demo_config(out=args.out, seed=args.seed)
-    res = run_experiment(cfg)
+    res = run_experiment(demo_config(out=o.out, seed=o.seed))
     print()
     print(open(f"{res['report']}/results.md").read())
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; report: {res['report']}")

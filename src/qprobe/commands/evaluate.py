@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass, field
+
+from qprobe.commands.flags import add_flags, comma_list, from_args
 
 
-def _ints(s: str) -> list[int]:
-    try:
-        out = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"k values must be >= 1, got {s!r}")
-    return out
-
-
-def _floats(s: str) -> list[float]:
-    try:
-        out = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
-    if not out or min(out) < 0:
-        raise argparse.ArgumentTypeError(f"beta values must be >= 0, got {s!r}")
-    return out
+@dataclass
+class EvaluateOptions:
+    rollouts: str = field(default="", metadata={
+        "positional": True, "metavar": "ROLLOUTS_DIR",
+        "help": "scored test rollouts (with features)"})
+    probe: str | None = field(default=None, metadata={
+        "metavar": "PROBE_DIR", "help": "probe folder (without it: only the baselines)"})
+    k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], metadata={
+        "type": comma_list(int, "integers", lambda v: v >= 1, "k values must be >= 1"),
+        "help": "k values"})
+    beta: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1, 1.0], metadata={
+        "type": comma_list(float, "numbers", lambda v: v >= 0, "beta values must be >= 0"),
+        "help": "beta values; 0 = argmax"})
+    greedy: str | None = field(default=None, metadata={
+        "metavar": "ROLLOUTS_DIR",
+        "help": "scored rollouts of greedy decoding, for the greedy baseline"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples"})
+    seed: int = field(default=0, metadata={"help": "seed of bootstrap and subset sampling"})
+    json: str | None = field(default=None, metadata={
+        "metavar": "OUT", "help": "also write all numbers as JSON"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,55 +37,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="table of pass@1, pass@k and a probe's expected reward at each k and beta",
         description="Evaluate a probe on a scored test rollout folder: base pass@1 (mean reward), "
         "pass@k (unbiased, the oracle skyline) and the probe's analytic expected reward over "
-        "random k-subsets of each prompt's samples, with 95%% bootstrap CIs over prompts.",
+        "random k-subsets of each prompt's samples, with 95% bootstrap CIs over prompts.",
     )
-    p.add_argument("rollouts", metavar="ROLLOUTS_DIR", help="scored test rollouts (with features)")
-    p.add_argument(
-        "--probe",
-        metavar="PROBE_DIR",
-        default=None,
-        help="probe folder (without it: only the baselines)",
-    )
-    p.add_argument("--k", type=_ints, default=[1, 2, 4, 8, 16], help="k values (1,2,4,8,16)")
-    p.add_argument(
-        "--beta",
-        type=_floats,
-        default=[0.0, 0.01, 0.1, 1.0],
-        help="beta values; 0 = argmax (0,0.01,0.1,1)",
-    )
-    p.add_argument(
-        "--greedy",
-        metavar="ROLLOUTS_DIR",
-        default=None,
-        help="scored rollouts of greedy decoding, for the greedy baseline",
-    )
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and subset sampling")
-    p.add_argument("--json", metavar="OUT", default=None, help="also write all numbers as JSON")
+    add_flags(p, EvaluateOptions)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from qprobe.evaluate import evaluate_rollouts, format_table
+    from pathlib import Path
 
-    res = evaluate_rollouts(
-        args.rollouts,
-        args.probe,
-        args.k,
-        args.beta,
-        greedy_dir=args.greedy,
-        n_boot=args.bootstrap,
-        seed=args.seed,
-    )
-    title = f"evaluate {args.rollouts}" + (f" with probe {args.probe}" if args.probe else "")
+    from qprobe.evaluate import evaluate_rollouts, format_table
+    from qprobe.fileio import atomic_write_text
+
+    o = from_args(EvaluateOptions, args)
+    res = evaluate_rollouts(o.rollouts, o.probe, o.k, o.beta, greedy_dir=o.greedy,
+                            n_boot=o.bootstrap, seed=o.seed)  # fmt: skip
+    title = f"evaluate {o.rollouts}" + (f" with probe {o.probe}" if o.probe else "")
     print(format_table(res, title))
-    if args.json:
-        out = Path(args.json)
+    if o.json:
+        out = Path(o.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        d = {"rollouts": str(args.rollouts), "probe": args.probe, **res.to_dict()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(d, f, indent=2)
-        os.replace(tmp, out)
+        d = {"rollouts": str(o.rollouts), "probe": o.probe, **res.to_dict()}
+        atomic_write_text(out, json.dumps(d, indent=2))
         print(f"wrote {out}")
     return 0

@@ -5,6 +5,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
+
+from qprobe.commands.flags import add_flags, from_args
+from qprobe.defaults import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str = field(default="", metadata={
+        "positional": True, "metavar": "PROMPT", "help": "the prompt ('-' reads it from stdin)"})
+    model: str = field(default="default", metadata={
+        "show_default": False,
+        "help": "model: 'default' (embedded SmolLM2-135M), a .gguf, a folder, or an "
+                "http(s):// OpenAI-compatible server (then --embedder is needed)"})
+    probe: str = field(default="", metadata={
+        "required": True, "metavar": "PROBE_DIR", "help": "trained probe folder"})
+    k: int = field(default=8, metadata={"help": "number of candidates"})
+    beta: float | None = field(default=None, metadata={
+        "help": "selection temperature; 0 = argmax (default: the probe's beta)"})
+    embedder: str | None = field(default=None, metadata={
+        "help": "local model computing the features when --model is an API server"})
+    temperature: float = field(default=TEMPERATURE, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=TOP_P, metadata={"help": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "tokens per completion"})
+    stop: list[str] = field(default_factory=list, metadata={
+        "action": "append", "help": "stop string (repeatable)"})
+    task: str | None = field(default=None, metadata={
+        "help": "also stop at this task's stop strings (e.g. times-tables, mbpp)"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling and choice"})
+    all: bool = field(default=False, metadata={
+        "action": "store_true",
+        "help": "print JSON with every candidate, its score and selection weight"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,86 +46,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample K completions of PROMPT from MODEL, score each with the probe on the "
         "model's own features, and print the completion the policy softmax(Q/beta) chooses.",
     )
-    p.add_argument("prompt", metavar="PROMPT", help="the prompt ('-' reads it from stdin)")
-    p.add_argument(
-        "--model",
-        default="default",
-        help="model: 'default' (embedded SmolLM2-135M), a .gguf, a folder, or an "
-        "http(s):// OpenAI-compatible server (then --embedder is needed)",
-    )
-    p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="trained probe folder")
-    p.add_argument("--k", type=int, default=8, help="number of candidates (default 8)")
-    p.add_argument(
-        "--beta",
-        type=float,
-        default=None,
-        help="selection temperature; 0 = argmax (default: the probe's beta)",
-    )
-    p.add_argument(
-        "--embedder",
-        default=None,
-        help="local model computing the features when --model is an API server",
-    )
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (0.95)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion (256)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument(
-        "--task",
-        default=None,
-        help="also stop at this task's stop strings (e.g. times-tables, mbpp)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling and choice (0)")
-    p.add_argument(
-        "--all",
-        action="store_true",
-        help="print JSON with every candidate, its score and selection weight",
-    )
+    add_flags(p, GenerateOptions)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from qprobe.backends import SamplingParams, load_embedder, load_model
     from qprobe.errors import QProbeError
-    from qprobe.generate import QProbePolicy
+    from qprobe.policy import QProbePolicy
     from qprobe.probe import Probe
     from qprobe.tasks import get_task
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    probe = Probe.load(args.probe)
+    o = from_args(GenerateOptions, args)
+    prompt = sys.stdin.read() if o.prompt == "-" else o.prompt
+    probe = Probe.load(o.probe)
     spec = probe.feature_spec
     if spec is None:
-        raise QProbeError(f"{args.probe}: probe has no feature spec; cannot pick a model layer")
+        raise QProbeError(f"{o.probe}: probe has no feature spec; cannot pick a model layer")
     params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        stop=list(args.stop) + (list(get_task(args.task).stop) if args.task else []),
-        seed=args.seed,
+        temperature=o.temperature,
+        top_p=o.top_p,
+        max_new_tokens=o.max_new_tokens,
+        stop=list(o.stop) + (list(get_task(o.task).stop) if o.task else []),
+        seed=o.seed,
     )
-    is_api = str(args.model).startswith(("http://", "https://"))
+    is_api = str(o.model).startswith(("http://", "https://"))
     embedder = None
-    if args.embedder:
-        embedder = load_embedder(args.embedder, layer=spec.layer, position=spec.position)
+    if o.embedder:
+        embedder = load_embedder(o.embedder, layer=spec.layer, position=spec.position)
     elif is_api:
         raise QProbeError(
             "generate: an API --model needs --embedder (the local model of the probe)"
         )
     if is_api:
-        model = load_model(args.model)
+        model = load_model(o.model)
     else:
         model = load_model(
-            args.model,
+            o.model,
             layer=spec.layer,
             position=spec.position,
             features=embedder is None,
             feature_dtype=spec.dtype,
         )
     policy = QProbePolicy(
-        model, probe, k=args.k, beta=args.beta, params=params, embedder=embedder, seed=args.seed
+        model, probe, k=o.k, beta=o.beta, params=params, embedder=embedder, seed=o.seed
     )
     choice = policy.generate([prompt])[0]
-    if args.all:
+    if o.all:
         print(json.dumps({"beta": policy.beta, "k": policy.k, **choice.to_dict()}, indent=2))
     else:
         print(choice.text)

@@ -3,6 +3,26 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+
+from qprobe.commands.flags import add_flags, from_args
+
+
+@dataclass
+class RunOptions:
+    config: str = field(default="", metadata={
+        "positional": True, "metavar": "EXPERIMENT.yaml",
+        "help": "experiment file (see experiments/)"})
+    out: str | None = field(default=None, metadata={
+        "help": "output folder (overrides the file's `out`)"})
+    limit: int | None = field(default=None, metadata={
+        "help": "cap every prompt set at N prompts (a quick smoke run)"})
+    set: list[str] = field(default_factory=list, metadata={
+        "action": "append", "metavar": "KEY=VALUE", "show_default": False,
+        "help": "override a config value, e.g. --set sampling.k=4 --set eval.ks=[1,2,4]"})
+    check: bool = field(default=False, metadata={
+        "action": "store_true",
+        "help": "only parse and validate the file, print the resolved config"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,26 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "test rollouts (cached, resumable), greedy and few-shot baselines, probes for every "
         "objective x seed, evaluation and a report folder (results.md, results.json, plots).",
     )
-    p.add_argument("config", metavar="EXPERIMENT.yaml", help="experiment file (see experiments/)")
-    p.add_argument("--out", default=None, help="output folder (overrides the file's `out`)")
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="cap every prompt set at N prompts (a quick smoke run)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set sampling.k=4 --set eval.ks=[1,2,4]",
-    )
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="only parse and validate the file, print the resolved config",
-    )
+    add_flags(p, RunOptions)
     p.set_defaults(func=run)
 
 
@@ -42,15 +43,16 @@ def run(args: argparse.Namespace) -> int:
     from qprobe.errors import QProbeError
     from qprobe.experiment import load_config, run_experiment
 
-    cfg = load_config(args.config, args.set)
-    if args.out:
-        cfg.out = args.out
-    if args.limit is not None and args.limit < 1:
-        raise QProbeError(f"--limit must be >= 1, got {args.limit}")
-    if args.check:
+    o = from_args(RunOptions, args)
+    cfg = load_config(o.config, o.set)
+    if o.out:
+        cfg.out = o.out
+    if o.limit is not None and o.limit < 1:
+        raise QProbeError(f"--limit must be >= 1, got {o.limit}")
+    if o.check:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    res = run_experiment(cfg, limit=args.limit)
+    res = run_experiment(cfg, limit=o.limit)
     print()
     print(open(f"{res['report']}/results.md").read())
     print(f"report: {res['report']}")

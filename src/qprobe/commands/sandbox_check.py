@@ -6,6 +6,9 @@ import argparse
 import json
 import os
 import secrets
+from dataclasses import dataclass, field
+
+from qprobe.commands.flags import add_flags, from_args
 
 # (name, program, status it must get): each program passes only when the protection holds.
 CHECKS = [
@@ -30,6 +33,12 @@ CHECKS = [
 ]  # fmt: skip
 
 
+@dataclass
+class SandboxCheckOptions:
+    json: bool = field(default=False, metadata={"action": "store_true", "help": "print JSON"})
+    timeout: float = field(default=1.0, metadata={"help": "per-program timeout here, seconds"})
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sandbox-check",
@@ -38,18 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "drop, private /proc and /tmp), and run small programs that pass only if each "
         "protection holds. Exit 0 when all hold, 1 otherwise.",
     )
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=1.0, help="per-program timeout here (1 s)")
+    add_flags(p, SandboxCheckOptions)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from qprobe.sandbox import Sandbox, SandboxConfig, isolation_ok
 
+    o = from_args(SandboxCheckOptions, args)
     secret = secrets.token_hex(16)
     os.environ["QPROBE_SANDBOX_CHECK"] = secret  # must not be visible to programs
     try:
-        with Sandbox(SandboxConfig(timeout=args.timeout, workers=2)) as sb:
+        with Sandbox(SandboxConfig(timeout=o.timeout, workers=2)) as sb:
             rep = sb.isolation()
             progs = [code.replace("{secret}", secret) for _, code, _ in CHECKS]
             verdicts = sb.run_all(progs)
@@ -60,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         for (name, _, want), v in zip(CHECKS, verdicts)
     ]
     ok = all(r["ok"] for r in results)
-    if args.json:
+    if o.json:
         print(json.dumps({"isolation": rep, "strong": isolation_ok(rep), "checks": results,
                           "ok": ok}, indent=2))  # fmt: skip
         return 0 if ok else 1

@@ -4,9 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from qprobe.commands.flags import add_flags, from_args
+
+
+@dataclass
+class ScoreOptions:
+    input: str = field(default="", metadata={
+        "positional": True, "metavar": "INPUT", "help": "completions .jsonl or rollouts folder"})
+    task: str = field(default="", metadata={
+        "required": True, "help": "task name, task .jsonl, or module:function"})
+    split: str | None = field(default=None, metadata={
+        "help": "check that every prompt_id belongs to this split"})
+    data: str | None = field(default=None, metadata={
+        "help": "data folder for the task (default: $QPROBE_DATA, ...)"})
+    out: str | None = field(default=None, metadata={
+        "help": "output .jsonl ('-' = stdout; default INPUT.scored.jsonl)"})
+    timeout: float = field(default=3.0, metadata={"help": "seconds per program"})
+    workers: int = field(default=0, metadata={"help": "sandbox workers; 0 = 2 x cores"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,13 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "timeout / error / sandbox_error for code) and detail. Or INPUT is a rollouts folder: "
         "its reward column and verdict column are filled in or refreshed in place.",
     )
-    p.add_argument("input", metavar="INPUT", help="completions .jsonl or rollouts folder")
-    p.add_argument("--task", required=True, help="task name, task .jsonl, or module:function")
-    p.add_argument("--split", help="check that every prompt_id belongs to this split")
-    p.add_argument("--data", help="data folder for the task (default: $QPROBE_DATA, ...)")
-    p.add_argument("--out", help="output .jsonl ('-' = stdout; default INPUT.scored.jsonl)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (3)")
-    p.add_argument("--workers", type=int, default=0, help="sandbox workers (0 = 2 x cores)")
+    add_flags(p, ScoreOptions)
     p.set_defaults(func=run)
 
 
@@ -43,21 +56,16 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from qprobe.errors import QProbeError
     from qprobe.sandbox import SandboxConfig
     from qprobe.tasks import get_task
-    from qprobe.tasks.code import CodeTask
 
-    src = Path(args.input)
+    o = from_args(ScoreOptions, args)
+    src = Path(o.input)
     if not src.exists():
         raise QProbeError(f"score: {src} does not exist")
-    task = get_task(
-        args.task,
-        data=args.data,
-        sandbox=SandboxConfig(timeout=args.timeout, workers=args.workers),
-    )
+    task = get_task(o.task, data=o.data,
+                    sandbox=SandboxConfig(timeout=o.timeout, workers=o.workers))  # fmt: skip
     store = None
     if src.is_dir():
         from qprobe.rollouts import Rollouts
@@ -71,11 +79,40 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = _read_rows(src)
     ids = [str(r["prompt_id"]) for r in rows]
-    if args.split:
-        wanted = {r["id"] for r in task.prompts(args.split)}
+    if o.split:
+        wanted = {r["id"] for r in task.prompts(o.split)}
         bad = [i for i in ids if i not in wanted]
         if bad:
-            raise QProbeError(f"score: prompt_id {bad[0]!r} is not in {task.name} split {args.split}")
+            raise QProbeError(f"score: prompt_id {bad[0]!r} is not in {task.name} split {o.split}")
+    scores = _score(task, rows, ids)
+    if store is not None:
+        store.set_rewards(
+            [s.reward for s in scores],
+            extra_columns={"verdict": [s.status for s in scores],
+                           "verdict_detail": [s.detail for s in scores]},
+        )  # fmt: skip
+        where = str(src)
+    else:
+        where = _write_rows(rows, scores, src, o.out)
+    counts: dict[str, int] = {}
+    for s in scores:
+        counts[s.status] = counts.get(s.status, 0) + 1
+    scored = [s.reward for s in scores if s.reward is not None]
+    mean = f"{sum(scored) / len(scored):.4f}" if scored else "n/a"
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"scored {len(scores)} completions -> {where}: mean reward {mean} ({summary})",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _score(task: Any, rows: list[dict], ids: list[str]) -> list:
+    """The task's `Score` of each row (prompts looked up by id where a row has none), with a
+    progress bar; closes the task."""
+    from tqdm import tqdm
+
+    from qprobe.errors import QProbeError
+    from qprobe.tasks.code import CodeTask
+
     prompts = []
     for r, pid in zip(rows, ids):
         p = r.get("prompt")
@@ -90,39 +127,24 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(task, CodeTask):
         kw["progress"] = bar.update
     try:
-        scores = task.score(prompts, [r["completion"] for r in rows], prompt_id=ids, **kw)
+        return task.score(prompts, [r["completion"] for r in rows], prompt_id=ids, **kw)
     finally:
         if not kw:
             bar.update(len(rows))
         bar.close()
         task.close()
 
-    if store is not None:
-        store.set_rewards(
-            [s.reward for s in scores],
-            extra_columns={"verdict": [s.status for s in scores],
-                           "verdict_detail": [s.detail for s in scores]},
-        )  # fmt: skip
-        where = str(src)
-    else:
-        out_rows = [dict(r, reward=s.reward, status=s.status, detail=s.detail)
-                    for r, s in zip(rows, scores)]  # fmt: skip
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
-        if args.out == "-":
-            sys.stdout.write(text)
-            where = "stdout"
-        else:
-            dest = Path(args.out) if args.out else src.with_name(src.name.split(".")[0] + ".scored.jsonl")
-            tmp = dest.with_name(dest.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, dest)
-            where = str(dest)
-    counts: dict[str, int] = {}
-    for s in scores:
-        counts[s.status] = counts.get(s.status, 0) + 1
-    scored = [s.reward for s in scores if s.reward is not None]
-    mean = f"{sum(scored) / len(scored):.4f}" if scored else "n/a"
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"scored {len(scores)} completions -> {where}: mean reward {mean} ({summary})",
-          file=sys.stderr)  # fmt: skip
-    return 0
+
+def _write_rows(rows: list[dict], scores: list, src: Path, out: str | None) -> str:
+    """Write each row with its reward, status and detail as JSONL; returns where it went."""
+    from qprobe.fileio import atomic_write_text
+
+    out_rows = [dict(r, reward=s.reward, status=s.status, detail=s.detail)
+                for r, s in zip(rows, scores)]  # fmt: skip
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
+    if out == "-":
+        sys.stdout.write(text)
+        return "stdout"
+    dest = Path(out) if out else src.with_name(src.name.split(".")[0] + ".scored.jsonl")
+    atomic_write_text(dest, text)
+    return str(dest)

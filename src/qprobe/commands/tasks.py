@@ -4,6 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
+
+from qprobe.commands.flags import add_flags, from_args
+
+
+@dataclass
+class TasksOptions:
+    action: str = field(default="list", metadata={
+        "positional": True, "nargs": "?", "choices": ["list", "download"], "show_default": False,
+        "help": None})
+    name: str | None = field(default=None, metadata={
+        "positional": True, "nargs": "?",
+        "help": "data set to download (mbpp, gsm8k, hh-harmless)"})
+    data: str | None = field(default=None, metadata={
+        "help": "data folder (default: $QPROBE_DATA, ../shared/data, cache)"})
+    to: str | None = field(default=None, metadata={
+        "help": "download destination (default: the user cache folder)"})
+    json: bool = field(default=False, metadata={"action": "store_true", "help": "print JSON"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,11 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List the registered tasks with their splits and sizes (reading the local "
         "data), or `download NAME` to fetch a data set into the cache (needs internet).",
     )
-    p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
-    p.add_argument("name", nargs="?", help="data set to download (mbpp, gsm8k, hh-harmless)")
-    p.add_argument("--data", help="data folder (default: $QPROBE_DATA, ../shared/data, cache)")
-    p.add_argument("--to", help="download destination (default: the user cache folder)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_flags(p, TasksOptions)
     p.set_defaults(func=run)
 
 
@@ -25,22 +39,23 @@ def run(args: argparse.Namespace) -> int:
     from qprobe.errors import QProbeError
     from qprobe.tasks import describe, get_task, list_tasks
 
-    if args.action == "download":
+    o = from_args(TasksOptions, args)
+    if o.action == "download":
         from qprobe.tasks.download import download
 
-        if not args.name:
+        if not o.name:
             raise QProbeError("tasks download: which data set? e.g. `qprobe tasks download mbpp`")
-        for path in download(args.name, args.to):
+        for path in download(o.name, o.to):
             print(f"downloaded {path}")
         return 0
     out = []
     for name in list_tasks():
         try:
-            splits, error = get_task(name, data=args.data).splits(), None
+            splits, error = get_task(name, data=o.data).splits(), None
         except QProbeError as e:
             splits, error = {}, str(e)
         out.append({"task": name, "splits": splits, "description": describe(name), "error": error})
-    if args.json:
+    if o.json:
         print(json.dumps(out, indent=2))
         return 0
     width = max(len(t["task"]) for t in out)

@@ -6,13 +6,6 @@ for what the isolation does and does not protect against, and `qprobe sandbox-ch
 in effect on this machine.
 """
 
-from qprobe.sandbox.pool import (
-    STATUSES,
-    Sandbox,
-    SandboxConfig,
-    Verdict,
-    isolation_ok,
-    run_programs,
-)
+from qprobe.sandbox.pool import STATUSES, Sandbox, SandboxConfig, Verdict, isolation_ok
 
-__all__ = ["STATUSES", "Sandbox", "SandboxConfig", "Verdict", "isolation_ok", "run_programs"]
+__all__ = ["STATUSES", "Sandbox", "SandboxConfig", "Verdict", "isolation_ok"]

@@ -3,7 +3,8 @@
 Started by `qprobe.sandbox.pool` as `python -I _worker.py CONFIG_JSON` with a scrubbed
 environment. It imports only the standard library (never qprobe, numpy or torch), so a forked
 child starts with a small, secret-free address space. At start it enters new network, IPC and
-UTS namespaces (plus a user namespace when not root) and pre-imports common modules; then, per
+UTS namespaces (plus a user namespace when not root; `_isolation.py`, the Linux side of the
+isolation) and pre-imports common modules; then, per
 program, it forks a supervisor that makes a fresh PID + mount namespace, mounts a fresh /proc and
 a size-limited tmpfs work dir, and forks the program as an unprivileged uid under rlimits.
 
@@ -26,6 +27,7 @@ import builtins
 import ctypes
 import errno
 import gc
+import importlib.util
 import json
 import os
 import random
@@ -39,58 +41,29 @@ import tempfile
 import time
 import traceback
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
-MS_REC, MS_PRIVATE = 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_DUMPABLE = 1, 38, 4
-
 SETUP_FAILED = 125  # exit code of P/C when the sandbox could not be set up (not the program)
 _AssertionError = AssertionError  # captured before any program can rebind builtins
 
-libc = ctypes.CDLL(None, use_errno=True)
 _real_exit = os._exit
 _write = os.write
 
 
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
+def _load_isolation():
+    """`_isolation.py` beside this file, loaded by path (`python -I` puts no folder of ours on
+    sys.path, and importing it through the qprobe package would import qprobe)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_isolation.py")
+    spec = importlib.util.spec_from_file_location("_qprobe_sandbox_isolation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def unshare(flags: int) -> None:
-    _check(libc.unshare(ctypes.c_int(flags)), "unshare")
-
-
-def mount(src: str, target: str, fstype, flags: int, data) -> None:
-    _check(
-        libc.mount(
-            src.encode(),
-            target.encode(),
-            fstype.encode() if fstype else None,
-            ctypes.c_ulong(flags),
-            data.encode() if data else None,
-        ),
-        f"mount {target}",
-    )
-
-
-def prctl(option: int, arg: int) -> None:
-    _check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), "prctl")
-
-
-def _write_file(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+iso = _load_isolation()
+CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER = (
+    iso.CLONE_NEWIPC, iso.CLONE_NEWNS, iso.CLONE_NEWPID, iso.CLONE_NEWUSER)
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_DUMPABLE = (
+    iso.PR_SET_PDEATHSIG, iso.PR_SET_NO_NEW_PRIVS, iso.PR_SET_DUMPABLE)
+libc, unshare, prctl, write_file = iso.libc, iso.unshare, iso.prctl, iso.write_file
 
 
 # ---------------------------------------------------------------- framing
@@ -118,160 +91,7 @@ def send(fd: int, msg: dict) -> None:
         data = data[os.write(fd, data) :]
 
 
-# ---------------------------------------------------------------- setup (once per worker)
-
-
-def enter_namespaces(cfg: dict) -> dict:
-    """Enter the strongest namespaces this kernel allows; return what is in effect."""
-    rep = {
-        "root": os.geteuid() == 0,
-        "userns": False,
-        "netns": False,
-        "ipcns": False,
-        "utsns": False,
-        "mountns": False,
-        "pidns": False,
-        "procfs": False,
-        "tmpfs": False,
-        "uid_drop": False,
-        "no_new_privs": False,
-        "readonly_fs": False,
-        "errors": [],
-    }
-    if cfg.get("isolation") == "none":
-        return rep
-    if not rep["root"]:
-        uid, gid = os.geteuid(), os.getegid()
-        try:
-            unshare(CLONE_NEWUSER)
-            _write_file("/proc/self/setgroups", "deny")
-            _write_file("/proc/self/uid_map", f"0 {uid} 1")
-            _write_file("/proc/self/gid_map", f"0 {gid} 1")
-            rep["userns"] = True
-        except OSError as e:
-            rep["errors"].append(f"user namespace: {e}")
-            return rep
-    for key, flag in (("netns", CLONE_NEWNET), ("ipcns", CLONE_NEWIPC), ("utsns", CLONE_NEWUTS)):
-        try:
-            unshare(flag)
-            rep[key] = True
-        except OSError as e:
-            rep["errors"].append(f"{key}: {e}")
-    try:
-        unshare(CLONE_NEWNS)
-        mount("none", "/", None, MS_REC | MS_PRIVATE, None)
-        rep["mountns"] = True
-    except OSError as e:
-        rep["errors"].append(f"mount namespace: {e}")
-    if rep["mountns"] and rep["root"]:
-        try:
-            rep["hidden"] = expose_python()
-        except OSError as e:
-            rep["errors"].append(f"exposing the interpreter: {e}")
-    if rep["mountns"]:
-        try:
-            readonly_root()
-            rep["readonly_fs"] = True
-        except OSError as e:
-            rep["errors"].append(f"read-only filesystem: {e}")
-    # Probe the per-program namespaces once, in a throwaway child.
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        got = {}
-        try:
-            unshare(CLONE_NEWPID | (CLONE_NEWNS if rep["mountns"] else 0))
-            got["pidns"] = True
-            p = os.fork()
-            if p == 0:
-                res = {}
-                for key, fn in (("procfs", _mount_proc), ("tmpfs", lambda: _mount_tmp(cfg, 1, rep["userns"]))):
-                    try:
-                        if rep["mountns"]:
-                            fn()
-                            res[key] = True
-                    except OSError as e:
-                        res[key + "_error"] = str(e)
-                os.write(wfd, json.dumps(res).encode())
-                _real_exit(0)
-            os.waitpid(p, 0)
-        except OSError as e:
-            got["pidns_error"] = str(e)
-        os.write(wfd, json.dumps(got).encode() + b"\n")
-        _real_exit(0)
-    os.close(wfd)
-    raw = b""
-    while chunk := os.read(rfd, 65536):
-        raw += chunk
-    os.close(rfd)
-    os.waitpid(pid, 0)
-    for part in raw.replace(b"}{", b"}\n{").splitlines():
-        for k, v in json.loads(part).items():
-            if k.endswith("_error"):
-                rep["errors"].append(f"{k[:-6]}: {v}")
-            else:
-                rep[k] = v
-    rep["uid_drop"] = True  # root: setuid to a per-slot uid; userns: a nested user namespace
-    rep["no_new_privs"] = True
-    return rep
-
-
-def _others_can_enter(path: str) -> bool:
-    return bool(os.stat(path).st_mode & 0o001)
-
-
-def expose_python() -> list:
-    """Make the interpreter readable by the unprivileged program uid, hiding what is around it.
-
-    When Python lives in a private directory (e.g. /root/.pyenv with /root mode 0700), mount an
-    empty read-only tmpfs over that directory and bind-mount only the interpreter's own folders
-    back into it. Done once per worker; every program's mount namespace is a copy of this one.
-    """
-    needed = {os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}
-    needed |= {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}
-    needed.add(os.path.dirname(os.path.realpath(sys.executable)))
-    hide: dict = {}
-    for path in sorted(needed):
-        parts = path.split("/")
-        for i in range(2, len(parts) + 1):
-            anc = "/".join(parts[:i])
-            if not _others_can_enter(anc):
-                hide.setdefault(anc, set()).add(path)
-                break
-    for top, paths in hide.items():
-        # Keep only the outermost needed folders under this hidden one.
-        keep = [p for p in sorted(paths) if not any(p.startswith(q + "/") for q in paths if q != p)]
-        fds = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in keep]
-        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-        for p, fd in fds:
-            os.makedirs(p, mode=0o755, exist_ok=True)
-            for d in range(len(top.split("/")), len(p.split("/")) + 1):
-                os.chmod("/".join(p.split("/")[:d]), 0o755)
-            mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC, None)
-            mount("none", p, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
-            os.close(fd)
-        mount("none", top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-    return sorted(hide)
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in ("attr_set", "attr_clr", "propagation", "userns_fd")]
-
-
-def readonly_root() -> None:
-    """Make every mount read-only in this mount namespace (mount_setattr, Linux >= 5.12).
-
-    Programs then write only to the fresh tmpfs mounted per program (/tmp, /dev/shm, ...). This
-    matters most without root: there the program's uid is the user's own uid, so without it a
-    program could modify the user's files.
-    """
-    attr = _MountAttr(attr_set=0x1)  # MOUNT_ATTR_RDONLY
-    at_fdcwd, at_recursive, sys_mount_setattr = -100, 0x8000, 442
-    ret = libc.syscall(
-        sys_mount_setattr, at_fdcwd, b"/", at_recursive, ctypes.byref(attr), ctypes.sizeof(attr)
-    )
-    _check(ret, "mount_setattr /")
+# ---------------------------------------- setup (once per worker; the namespaces: _isolation)
 
 
 def preload(modules: list) -> None:
@@ -284,22 +104,6 @@ def preload(modules: list) -> None:
 
 
 # ---------------------------------------------------------------- per program
-
-
-def _mount_proc() -> None:
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-
-
-def _mount_tmp(cfg: dict, uid: int, userns: bool) -> None:
-    size = int(cfg.get("tmpfs_mb", 64))
-    owner = ",mode=1777" if userns else f",uid={uid},gid={uid},mode=0700"
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m{owner}")
-    for other in ("/var/tmp", "/dev/shm", "/run/lock"):
-        if os.path.isdir(other):
-            try:
-                mount("tmpfs", other, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=1777")
-            except OSError:
-                pass
 
 
 def _limits(job: dict) -> None:
@@ -328,9 +132,9 @@ def _drop_privileges(rep: dict, uid: int) -> None:
     elif rep["userns"]:
         # A nested user namespace owns nothing, so the capabilities we hold in it are useless.
         unshare(CLONE_NEWUSER)
-        _write_file("/proc/self/setgroups", "deny")
-        _write_file("/proc/self/uid_map", "1000 0 1")
-        _write_file("/proc/self/gid_map", "1000 0 1")
+        write_file("/proc/self/setgroups", "deny")
+        write_file("/proc/self/uid_map", "1000 0 1")
+        write_file("/proc/self/gid_map", "1000 0 1")
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     prctl(PR_SET_DUMPABLE, 0)
 
@@ -404,9 +208,9 @@ def init_main(job: dict, rep: dict, out_w: int, res_w: int, start: bytes, nonce:
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if rep["mountns"] and rep["pidns"] and rep["procfs"]:
-            _mount_proc()
+            iso.mount_proc()
         if rep["mountns"] and rep["tmpfs"]:
-            _mount_tmp(job, job["uid"], rep["userns"])
+            iso.mount_tmp(job, job["uid"], rep["userns"])
     except BaseException as e:
         _write(res_w, json.dumps({"setup_error": repr(e)}).encode())
         _real_exit(SETUP_FAILED)
@@ -456,6 +260,23 @@ def spawn(flags: int) -> int:
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
 
 
+class _Capture:
+    """What a program sends back: its output (the first `limit` bytes kept, all counted) and
+    its private result pipe (the first 64 kB)."""
+
+    def __init__(self, out_fd: int, limit: int) -> None:
+        self.out_fd, self.limit = out_fd, limit
+        self.out, self.out_total, self.res = bytearray(), 0, bytearray()
+
+    def add(self, fd: int, data: bytes) -> None:
+        if fd == self.out_fd:
+            self.out_total += len(data)
+            if len(self.out) < self.limit:
+                self.out += data[: self.limit - len(self.out)]
+        elif len(self.res) < 1 << 16:
+            self.res += data
+
+
 def supervise(job: dict, rep: dict) -> dict:
     """Run one program under a deadline (in the worker); return its verdict as a dict."""
     start, nonce = os.urandom(16), os.urandom(16)
@@ -481,18 +302,54 @@ def supervise(job: dict, rep: dict) -> dict:
             _real_exit(SETUP_FAILED)
     os.close(out_w)
     os.close(res_w)
-    out, out_total, res = bytearray(), 0, bytearray()
-    limit = int(job["output_limit"])
+    cap = _Capture(out_r, int(job["output_limit"]))
+    pid, status, timed_out, open_fds = _watch(pid, (out_r, res_r), t0 + float(job["timeout"]), cap)
+    if timed_out or not rep["pidns"]:
+        for kill in (lambda: os.kill(pid, signal.SIGKILL), lambda: os.killpg(pid, signal.SIGKILL)):
+            try:
+                if pid is not None:
+                    kill()
+            except OSError:
+                pass
+    if pid is not None:
+        _, status = os.waitpid(pid, 0)
+    if not rep["pidns"]:
+        _kill_uid(rep, job["uid"])
+    # Everything in the namespace is gone now; drain what is left in the pipes.
+    for fd in open_fds:
+        os.set_blocking(fd, False)
+        for _ in range(64):
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            cap.add(fd, data)
+    duration = time.monotonic() - t0
+    for fd in (out_r, res_r):
+        os.close(fd)
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    verdict = _verdict(bytes(cap.res), start, nonce, status, timed_out, job)
+    verdict.update(duration_s=round(duration, 4), output=cap.out.decode("utf-8", "replace"),
+                   output_bytes=cap.out_total)  # fmt: skip
+    return verdict
+
+
+def _watch(pid: int, fds: tuple, deadline: float, cap: _Capture) -> tuple:
+    """Read the program's pipes into `cap` until it exits or the deadline passes.
+
+    Returns (pid, or None once reaped; wait status; timed out; the fds still open)."""
     timed_out, exited, status = False, False, 0
-    deadline = t0 + float(job["timeout"])
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         pidfd = None
     poller = select.poll()
-    for fd in (out_r, res_r) + ((pidfd,) if pidfd is not None else ()):
+    for fd in fds + ((pidfd,) if pidfd is not None else ()):
         poller.register(fd, select.POLLIN)
-    open_fds = {out_r, res_r}
+    open_fds = set(fds)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -507,12 +364,8 @@ def supervise(job: dict, rep: dict) -> dict:
             if not data:
                 poller.unregister(fd)
                 open_fds.discard(fd)
-            elif fd == out_r:
-                out_total += len(data)
-                if len(out) < limit:
-                    out += data[: limit - len(out)]
-            elif len(res) < 1 << 16:
-                res += data
+            else:
+                cap.add(fd, data)
         if pidfd is None:
             p, status = os.waitpid(pid, os.WNOHANG)
             exited = p == pid
@@ -520,46 +373,9 @@ def supervise(job: dict, rep: dict) -> dict:
                 pid = None
         if exited:
             break
-    if timed_out or not rep["pidns"]:
-        for kill in (lambda: os.kill(pid, signal.SIGKILL), lambda: os.killpg(pid, signal.SIGKILL)):
-            try:
-                if pid is not None:
-                    kill()
-            except OSError:
-                pass
-    if pid is not None:
-        _, status = os.waitpid(pid, 0)
-    if not rep["pidns"]:
-        _kill_uid(rep, job["uid"])
-    # Everything in the namespace is gone now; drain what is left in the pipes.
-    for fd in list(open_fds):
-        os.set_blocking(fd, False)
-        for _ in range(64):
-            try:
-                data = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            if fd == out_r:
-                out_total += len(data)
-                if len(out) < limit:
-                    out += data[: limit - len(out)]
-            elif len(res) < 1 << 16:
-                res += data
-    duration = time.monotonic() - t0
-    for fd in (out_r, res_r, pidfd):
-        if fd is not None:
-            os.close(fd)
-    if workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    verdict = _verdict(bytes(res), start, nonce, status, timed_out, job)
-    verdict.update(
-        duration_s=round(duration, 4),
-        output=out.decode("utf-8", "replace"),
-        output_bytes=out_total,
-    )
-    return verdict
+    if pidfd is not None:
+        os.close(pidfd)
+    return pid, status, timed_out, open_fds
 
 
 def _kill_uid(rep: dict, uid: int) -> None:
@@ -623,7 +439,7 @@ def main() -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)  # stray prints must never corrupt the protocol
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    rep = enter_namespaces(cfg)
+    rep = iso.enter_namespaces(cfg)
     preload(cfg.get("preload", []))
     send(outp, {"hello": rep})
     while True:

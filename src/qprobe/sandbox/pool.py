@@ -303,9 +303,3 @@ class Sandbox:
 def isolation_ok(rep: dict) -> bool:
     """True when programs get their own network, pid namespace and an unprivileged identity."""
     return bool(rep.get("netns") and rep.get("pidns") and rep.get("uid_drop"))
-
-
-def run_programs(programs: list[str], config: SandboxConfig | None = None) -> list[Verdict]:
-    """Convenience: run programs in a fresh pool and return their verdicts in order."""
-    with Sandbox(config) as sb:
-        return sb.run_all(programs)

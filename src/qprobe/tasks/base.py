@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qprobe.errors import QProbeError
+from qprobe.fileio import cache_root
 
 
 @dataclass
@@ -93,9 +94,9 @@ ENV_VAR = "QPROBE_DATA"
 
 
 def cache_dir() -> Path:
-    """Where `qprobe tasks download` puts data: $XDG_CACHE_HOME/qprobe/data (~/.cache/...)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "qprobe" / "data"
+    """Where `qprobe tasks download` puts data: `data/` in the qprobe cache
+    (`qprobe.fileio.cache_root()`: $QPROBE_CACHE, else ~/.cache/qprobe)."""
+    return cache_root() / "data"
 
 
 def data_roots(data: str | os.PathLike | None = None) -> list[Path]:

@@ -1,7 +1,8 @@
 """`qprobe tasks download NAME`: fetch a data set from its official location into the cache.
 
-Only ever runs when the user asks. Files are written to a temporary name and renamed into
-place, and checked against a known sha256 where one is known.
+Only ever runs when the user asks. Files go to `data/` in the qprobe cache
+(`qprobe.fileio.cache_root()`) unless told otherwise; each is written atomically
+(`qprobe.fileio.atomic_write`) and checked against its sha256 where one is known.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import hashlib
 import os
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from qprobe.errors import QProbeError
+from qprobe.fileio import atomic_write
 from qprobe.tasks.base import cache_dir
 
 # name -> [(url, path under the data folder, sha256 or None)]
@@ -47,19 +50,20 @@ def download(name: str, to: str | os.PathLike | None = None, timeout: float = 60
     for url, rel, sha in SOURCES[name]:
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-                h = hashlib.sha256()
-                while chunk := r.read(1 << 20):
-                    h.update(chunk)
-                    f.write(chunk)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise QProbeError(f"download of {url} failed: {e}") from None
-        if sha and h.hexdigest() != sha:
-            tmp.unlink(missing_ok=True)
-            raise QProbeError(f"{url}: sha256 {h.hexdigest()} is not the expected {sha}")
-        os.replace(tmp, dest)
+        atomic_write(dest, lambda f, url=url, sha=sha: _fetch(url, sha, f, timeout))
         out.append(dest)
     return out
+
+
+def _fetch(url: str, sha: str | None, f: IO[bytes], timeout: float) -> None:
+    """Stream `url` into `f`; refuse it (nothing is written in place) if its sha256 differs."""
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            while chunk := r.read(1 << 20):
+                h.update(chunk)
+                f.write(chunk)
+    except OSError as e:
+        raise QProbeError(f"download of {url} failed: {e}") from None
+    if sha and h.hexdigest() != sha:
+        raise QProbeError(f"{url}: sha256 {h.hexdigest()} is not the expected {sha}")

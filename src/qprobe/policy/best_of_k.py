@@ -1,7 +1,7 @@
-"""Generation with a Q-probe: sample k completions, score each with the probe, return the choice.
+"""Best-of-k with a Q-probe: sample k completions, score each with the probe, return the choice.
 
     from qprobe.backends import load_model
-    from qprobe.generate import QProbePolicy
+    from qprobe.policy import QProbePolicy
     from qprobe.probe import Probe
 
     probe = Probe.load("probes/demo")
@@ -17,13 +17,15 @@ model). Either way the probe refuses features of another spec (FeatureSpecMismat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qprobe.backends.base import Embedder, LanguageModel, SamplingParams
 from qprobe.errors import QProbeError
-from qprobe.policy import choose, softmax_weights
+from qprobe.policy.select import choose, softmax_weights
+
+if TYPE_CHECKING:  # the backends are imported only when a policy is built
+    from qprobe.backends.base import Embedder, LanguageModel, SamplingParams
 
 
 @dataclass
@@ -74,7 +76,11 @@ class QProbePolicy:
             raise QProbeError(f"generate: k must be >= 1, got {k}")
         self.model, self.probe, self.k = model, probe, int(k)
         self.beta = float(probe.beta if beta is None else beta)
-        self.params = params if params is not None else SamplingParams(seed=seed)
+        if params is None:
+            from qprobe.backends.base import SamplingParams
+
+            params = SamplingParams(seed=seed)
+        self.params = params
         self.embedder = embedder
         self.rng = np.random.default_rng(seed)
         spec = model.feature_spec if embedder is None else embedder.feature_spec

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qprobe.experiment import ExperimentConfig, config_from_dict
+from qprobe.experiment.config import ExperimentConfig, config_from_dict
 
 DEMO: dict[str, Any] = {
     "name": "demo",

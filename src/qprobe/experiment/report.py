@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qprobe.fileio import atomic_write, atomic_write_text
+
 BASELINE_COLORS = {"pass@1": "0.4", "pass@k": "0.0", "greedy": "tab:brown", "few_shot": "tab:pink"}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _public(obj: Any) -> Any:
@@ -52,15 +46,15 @@ def results_markdown(res: dict[str, Any]) -> str:
     cfg = res["config"]
     k, beta = max(cfg["eval"]["ks"]), cfg["eval"]["beta"]
     s = cfg["sampling"]
+    fs = res["feature_spec"]
     lines = [
         f"# {res['name']}",
         "",
-        f"Model `{res['feature_spec']['model']}`, features at layer {res['feature_spec']['layer']} "
-        f"({res['feature_spec']['position']} token, dim {res['feature_spec']['dim']}). "
-        f"Train: `{cfg['train']['task']}` / {cfg['train']['split']}, {res['train']['n_prompts']} "
-        f"prompts x {s['k']} samples. Sampling: temperature {s['temperature']}, top-p {s['top_p']}, "
-        f"max {s['max_new_tokens']} new tokens. Probes: {', '.join(cfg['probes']['objectives'])} x "
-        f"seeds {cfg['probes']['seeds']}.",
+        f"Model `{fs['model']}`, features at layer {fs['layer']} ({fs['position']} token, dim "
+        f"{fs['dim']}). Train: `{cfg['train']['task']}` / {cfg['train']['split']}, "
+        f"{res['train']['n_prompts']} prompts x {s['k']} samples. Sampling: temperature "
+        f"{s['temperature']}, top-p {s['top_p']}, max {s['max_new_tokens']} new tokens. Probes: "
+        f"{', '.join(cfg['probes']['objectives'])} x seeds {cfg['probes']['seeds']}.",
         "",
         f"Rewards are means over test prompts with a 95% bootstrap CI over prompts. Probe rows: the "
         f"analytic expected reward of choosing among k = {k} samples with softmax(Q/beta), "
@@ -69,68 +63,12 @@ def results_markdown(res: dict[str, Any]) -> str:
         "",
     ]
     for label, t in res["test"].items():
-        p1 = t["pass@1"]["mean"]
-        pk = t["pass@k"][str(k)]["mean"]
-        lines += [
-            f"## {label} ({t['n_prompts']} prompts x {s['k']} samples)",
-            "",
-            "| method | reward [95% CI] | gain over pass@1 | headroom | seed spread |",
-            "|---|---|---|---|---|",
-            f"| base pass@1 | {_ci(t['pass@1'])} | | | |",
-        ]
-        if "greedy" in t:
-            lines.append(f"| greedy | {_ci(t['greedy'])} | {t['greedy']['mean'] - p1:+.3f} | | |")
-        if "few_shot" in t:
-            lines.append(
-                f"| {t['few_shot'].get('shots', '?')}-shot on successes (greedy) | "
-                f"{_ci(t['few_shot'])} | {t['few_shot']['mean'] - p1:+.3f} | | |"
-            )
-        for obj, pr in t["probes"].items():
-            g = pr["gain_over_pass@1"]
-            head = f"{g['mean'] / (pk - p1):.0%}" if pk > p1 else "-"  # no headroom: undefined
-            sm = pr["seed_means"]
-            lines.append(
-                f"| probe `{obj}` (k={k}, beta={beta}) | {_ci(pr['mean_over_seeds'])} | "
-                f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head} | "
-                f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seed{'s' if len(sm) > 1 else ''}) |"
-            )
-        lines.append(
-            f"| pass@{k} (skyline) | {_ci(t['pass@k'][str(k)])} | {pk - p1:+.3f} | {'100%' if pk > p1 else '-'} | |"
-        )
-        lines.append("")
-        ranks = {obj: pr["ranking"] for obj, pr in t["probes"].items() if pr.get("ranking")}
-        if ranks:
-            n_mixed = next(iter(ranks.values()))["prompts_with_differing_rewards"]
-            lines += [
-                f"Ranking (mean over seeds; 0.5 is chance): 'within prompt' is P(Q_i > Q_j | "
-                f"r_i > r_j) over pairs of one prompt's samples, averaged over the {n_mixed} "
-                "prompts whose samples' rewards differ (what best-of-k needs); 'pooled' is the "
-                "AUC over all samples, which also rewards telling easy prompts from hard ones.",
-                "",
-                "| probe | within prompt | pooled AUC |",
-                "|---|---|---|",
-            ]
-            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            for obj, rk in ranks.items():
-                lines.append(f"| `{obj}` | {fmt(rk['within_prompt'])} | {fmt(rk['pooled_auc'])} |")
-            lines.append("")
+        lines += _test_table(label, t, k, beta, s["k"])
+        lines += _ranking_table(t)
         for n in t.get("notes", []):
             lines.append(f"note: {n}  ")
     if "curve" in res:
-        c = res["curve"]
-        lines += [
-            "## Reward vs number of training prompts",
-            "",
-            f"`{c['objective']}` probes, k = {c['k']}, beta = {c['beta']}, on "
-            f"{next(iter(res['test']))}; {cfg['curve']['subsets']} random prompt subsets "
-            "per size.",
-            "",
-            "| train prompts | mean | min | max |",
-            "|---|---|---|---|",
-        ]
-        for size, vals in c["sizes"].items():
-            lines.append(f"| {size} | {np.mean(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
-        lines.append("")
+        lines += _curve_table(res)
     tm = res.get("timings", {})
     if tm:
         lines += [
@@ -148,7 +86,82 @@ def results_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_reward_vs_k(res: dict[str, Any], path: Path) -> None:
+def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: int) -> list[str]:
+    """One test set: pass@1, the baselines, each probe and the pass@k skyline."""
+    p1 = t["pass@1"]["mean"]
+    pk = t["pass@k"][str(k)]["mean"]
+    lines = [
+        f"## {label} ({t['n_prompts']} prompts x {n_samples} samples)",
+        "",
+        "| method | reward [95% CI] | gain over pass@1 | headroom | seed spread |",
+        "|---|---|---|---|---|",
+        f"| base pass@1 | {_ci(t['pass@1'])} | | | |",
+    ]
+    if "greedy" in t:
+        lines.append(f"| greedy | {_ci(t['greedy'])} | {t['greedy']['mean'] - p1:+.3f} | | |")
+    if "few_shot" in t:
+        lines.append(
+            f"| {t['few_shot'].get('shots', '?')}-shot on successes (greedy) | "
+            f"{_ci(t['few_shot'])} | {t['few_shot']['mean'] - p1:+.3f} | | |"
+        )
+    for obj, pr in t["probes"].items():
+        g = pr["gain_over_pass@1"]
+        head = f"{g['mean'] / (pk - p1):.0%}" if pk > p1 else "-"  # no headroom: undefined
+        sm = pr["seed_means"]
+        lines.append(
+            f"| probe `{obj}` (k={k}, beta={beta}) | {_ci(pr['mean_over_seeds'])} | "
+            f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head} | "
+            f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seed{'s' if len(sm) > 1 else ''}) |"
+        )
+    lines.append(
+        f"| pass@{k} (skyline) | {_ci(t['pass@k'][str(k)])} | {pk - p1:+.3f} | {'100%' if pk > p1 else '-'} | |"
+    )
+    lines.append("")
+    return lines
+
+
+def _ranking_table(t: dict[str, Any]) -> list[str]:
+    """How well each probe orders samples, within a prompt and pooled (empty if not known)."""
+    ranks = {obj: pr["ranking"] for obj, pr in t["probes"].items() if pr.get("ranking")}
+    if not ranks:
+        return []
+    n_mixed = next(iter(ranks.values()))["prompts_with_differing_rewards"]
+    lines = [
+        f"Ranking (mean over seeds; 0.5 is chance): 'within prompt' is P(Q_i > Q_j | "
+        f"r_i > r_j) over pairs of one prompt's samples, averaged over the {n_mixed} "
+        "prompts whose samples' rewards differ (what best-of-k needs); 'pooled' is the "
+        "AUC over all samples, which also rewards telling easy prompts from hard ones.",
+        "",
+        "| probe | within prompt | pooled AUC |",
+        "|---|---|---|",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for obj, rk in ranks.items():
+        lines.append(f"| `{obj}` | {fmt(rk['within_prompt'])} | {fmt(rk['pooled_auc'])} |")
+    lines.append("")
+    return lines
+
+
+def _curve_table(res: dict[str, Any]) -> list[str]:
+    """Reward vs number of training prompts: mean, min and max over the random subsets."""
+    c = res["curve"]
+    lines = [
+        "## Reward vs number of training prompts",
+        "",
+        f"`{c['objective']}` probes, k = {c['k']}, beta = {c['beta']}, on "
+        f"{next(iter(res['test']))}; {res['config']['curve']['subsets']} random prompt subsets "
+        "per size.",
+        "",
+        "| train prompts | mean | min | max |",
+        "|---|---|---|---|",
+    ]
+    for size, vals in c["sizes"].items():
+        lines.append(f"| {size} | {np.mean(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
+    lines.append("")
+    return lines
+
+
+def plot_reward_vs_k(res: dict[str, Any], path: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +196,7 @@ def plot_reward_vs_k(res: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -194,7 +207,7 @@ def _probe_at(run: dict[str, Any], k: int, beta: float) -> float:
     return float("nan")
 
 
-def plot_curve(res: dict[str, Any], path: Path) -> None:
+def plot_curve(res: dict[str, Any], path: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,11 +236,11 @@ def plot_curve(res: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
-def plot_score_vs_reward(res: dict[str, Any], path: Path, bins: int = 10) -> None:
+def plot_score_vs_reward(res: dict[str, Any], path: Any, bins: int = 10) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,7 +268,7 @@ def plot_score_vs_reward(res: dict[str, Any], path: Path, bins: int = 10) -> Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -264,17 +277,15 @@ def write_report(res: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     public = _public(res)
-    _atomic_text(out / "results.json", json.dumps(public, indent=2) + "\n")
-    _atomic_text(out / "results.md", results_markdown(public))
+    # key order as built (not sorted): the file reads test sets first, config last
+    atomic_write_text(out / "results.json", json.dumps(public, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(public))
     for name, fn, needed in (
         ("reward_vs_k.png", plot_reward_vs_k, True),
         ("reward_vs_train_prompts.png", plot_curve, "curve" in res and res["curve"]["sizes"]),
         ("score_vs_reward.png", plot_score_vs_reward, True),
     ):
-        if not needed:
-            continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=out)
-        os.close(fd)
-        fn(res if name == "score_vs_reward.png" else public, Path(tmp))
-        os.replace(tmp, out / name)
+        if needed:
+            data = res if name == "score_vs_reward.png" else public  # it needs the arrays
+            atomic_write(out / name, lambda f, fn=fn, data=data: fn(data, f))
     return out

@@ -1,0 +1,25 @@
+"""Policies: how a model's samples and a probe's scores become the text returned.
+
+- `select`: the selection maths, numpy only: softmax(Q / beta) weights, a seeded choice, the
+  analytic expected reward of the choice (also what `qprobe.evaluate` measures).
+- `best_of_k`: the best-of-k policy object: sample k completions, score them with the probe,
+  choose one (`QProbePolicy`, `best_of_k`, `Choice`).
+
+A new decoding policy (e.g. guided decoding, which scores partial sequences during generation
+through the local decode loop's step hook) goes in a module of its own beside `best_of_k`, takes
+the same (model, probe, beta, params, seed) and returns `Choice`-like results; add its public
+names here.
+"""
+
+from qprobe.policy.best_of_k import Choice, QProbePolicy, best_of_k
+from qprobe.policy.select import choose, choose_batch, expected_reward, softmax_weights
+
+__all__ = [
+    "Choice",
+    "QProbePolicy",
+    "best_of_k",
+    "choose",
+    "choose_batch",
+    "expected_reward",
+    "softmax_weights",
+]
