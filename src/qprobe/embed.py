@@ -27,6 +27,7 @@ where it stopped and never leaves a half shard.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import time
@@ -112,38 +113,41 @@ class GroupEncoder:
             out = self.model.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True)
             prompt_last = {layer: captured[layer][0, -1].float() for layer in self.layers}  # [D]
             h_prompt = out.last_hidden_state[0, -1]  # [D], after the final norm
-            longest = int(lens.max()) if n else 0
-            feats: dict[int, dict[str, np.ndarray]] = {}
-            if longest == 0:
-                for layer in self.layers:
-                    row = prompt_last[layer].cpu().numpy()
-                    feats[layer] = {"last": np.tile(row, (n, 1)), "mean": np.tile(row, (n, 1))}
-                return np.zeros(n), lens, feats
-            comp = torch.full((n, longest), pad_id, dtype=torch.long)  # right padded [n, C]
-            for i, c in enumerate(completions):
-                comp[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            comp = comp.to(self.dev)
-            cache.batch_repeat_interleave(n)
-            out = self.model.model(input_ids=comp, **{self._cache_kw: cache}, use_cache=True)
-            # Position j of the completion is predicted from the hidden state before it.
-            h = torch.cat([h_prompt.expand(n, 1, -1), out.last_hidden_state[:, :-1]], dim=1)
-            logprob = self._token_logprobs(h, comp, lens)  # [n]
-            valid = torch.arange(longest, device=self.dev)[None, :] < torch.as_tensor(lens, device=self.dev)[:, None]
-            for layer in self.layers:
-                hl = captured[layer].float()  # [n, C, D]
-                last_idx = torch.as_tensor(np.maximum(lens - 1, 0), device=self.dev)
-                last = hl[torch.arange(n, device=self.dev), last_idx]  # [n, D]
-                m = valid[..., None].to(hl.dtype)
-                mean = (hl * m).sum(1) / m.sum(1).clamp(min=1)  # [n, D]
-                empty = torch.as_tensor(lens == 0, device=self.dev)
-                if bool(empty.any()):
-                    last[empty] = prompt_last[layer]
-                    mean[empty] = prompt_last[layer]
-                feats[layer] = {"last": last.cpu().numpy(), "mean": mean.cpu().numpy()}
+            logprob = np.zeros(n)
+            feats = {layer: {pos: np.tile(prompt_last[layer].cpu().numpy(), (n, 1))
+                             for pos in ("last", "mean")} for layer in self.layers}
+            for rows in _length_chunks(lens):
+                self._encode_rows(rows, completions, lens, cache, h_prompt, captured, pad_id,
+                                  logprob, feats)
             return logprob, lens, feats
         finally:
             for hk in hooks:
                 hk.remove()
+
+    def _encode_rows(self, rows: np.ndarray, completions: list[list[int]], lens: np.ndarray,
+                     prompt_cache, h_prompt: torch.Tensor, captured: dict[int, torch.Tensor],
+                     pad_id: int, logprob: np.ndarray, feats: dict[int, dict[str, np.ndarray]]
+                     ) -> None:
+        """Run completions `rows` (similar lengths, none empty) after the shared prompt cache."""
+        n, ln = len(rows), lens[rows]
+        longest = int(ln.max())
+        comp = torch.full((n, longest), pad_id, dtype=torch.long)  # right padded [n, C]
+        for a, i in enumerate(rows):
+            comp[a, : ln[a]] = torch.tensor(completions[i], dtype=torch.long)
+        comp = comp.to(self.dev)
+        cache = copy.deepcopy(prompt_cache)  # the prompt's KV [1, ...] -> [n, ...]
+        cache.batch_repeat_interleave(n)
+        out = self.model.model(input_ids=comp, **{self._cache_kw: cache}, use_cache=True)
+        # Position j of the completion is predicted from the hidden state before it.
+        h = torch.cat([h_prompt.expand(n, 1, -1), out.last_hidden_state[:, :-1]], dim=1)
+        logprob[rows] = self._token_logprobs(h, comp, ln)  # [n]
+        valid = torch.arange(longest, device=self.dev)[None, :] < torch.as_tensor(ln, device=self.dev)[:, None]
+        m = valid[..., None].float()  # [n, C, 1]
+        last_idx = torch.as_tensor(ln - 1, device=self.dev)
+        for layer in self.layers:
+            hl = captured[layer].float()  # [n, C, D]
+            feats[layer]["last"][rows] = hl[torch.arange(n, device=self.dev), last_idx].cpu().numpy()
+            feats[layer]["mean"][rows] = ((hl * m).sum(1) / m.sum(1)).cpu().numpy()
 
     @staticmethod
     def _grab(store: dict[int, torch.Tensor], layer: int):
@@ -286,6 +290,21 @@ def model_for(cfg: EmbedConfig) -> str:
     if not name:
         raise QProbeError("embed: the folder's meta.json names no model; pass --model")
     return name
+
+
+def _length_chunks(lens: np.ndarray, waste: float = 1.25, min_rows: int = 4) -> list[np.ndarray]:
+    """Non-empty rows sorted by length, cut so that padding each chunk to its longest row costs
+    at most `waste` x its real tokens (chunks of fewer than `min_rows` rows are not cut off)."""
+    order = [int(i) for i in np.argsort(lens, kind="stable") if lens[i] > 0]
+    chunks: list[list[int]] = []
+    for i in order:
+        cur = chunks[-1] if chunks else None
+        if cur is not None and (len(cur) < min_rows or
+                                (len(cur) + 1) * lens[i] <= waste * (lens[cur].sum() + lens[i])):
+            cur.append(i)
+        else:
+            chunks.append([i])
+    return [np.asarray(c, dtype=np.int64) for c in chunks]
 
 
 def _retokenise(tok, text: str, kept: int | None) -> list[int]:
