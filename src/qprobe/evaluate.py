@@ -106,6 +106,27 @@ def softmax_expected_reward(
     return float(expected_reward(scores[idx], rewards[idx], beta).mean())  # [S] -> mean
 
 
+def with_extra_candidate_reward(
+    scores: np.ndarray, rewards: np.ndarray, extra_score: float, extra_reward: float, k: int,
+    beta: float, rng: np.random.Generator, subsets: int = 2000,
+) -> float:
+    """Expected reward when one fixed candidate (e.g. the greedy completion) is always among the
+    k, beside k-1 samples drawn without replacement from the prompt's n samples.
+
+    Monte Carlo over `subsets` random (k-1)-subsets (exact when k-1 = n): [n] scores/rewards."""
+    n = len(scores)
+    m = min(k - 1, n)
+    if m <= 0:
+        return float(extra_reward)
+    if m == n:
+        idx = np.arange(n)[None, :]  # [1, n]
+    else:
+        idx = np.argsort(rng.random((subsets, n)), axis=1)[:, :m]  # [S, m]
+    q = np.concatenate([np.full((len(idx), 1), extra_score), scores[idx]], axis=1)  # [S, m + 1]
+    r = np.concatenate([np.full((len(idx), 1), extra_reward), rewards[idx]], axis=1)
+    return float(expected_reward(q, r, beta).mean())
+
+
 def concordance(scores: np.ndarray, rewards: np.ndarray) -> float | None:
     """P(Q_i > Q_j | r_i > r_j) over the pairs of one prompt's samples with different rewards
     (ties in Q count one half): the AUC for 0/1 rewards. None when all rewards are equal.

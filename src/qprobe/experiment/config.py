@@ -84,6 +84,25 @@ class ProbesConfig:
             "help": "TrainConfig overrides, e.g. {lr: 1e-3, epochs: 50} (objective/seed are set)"
         },
     )
+    cv: int = field(default=0, metadata={
+        "help": "choose each objective's inputs (feature set, log-likelihoods) and regularisation "
+                "by this many folds of cross-validation over the train prompts (0: off; see "
+                "qprobe.cv); every seed then trains the chosen setting"})
+    cv_grid: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "qprobe.cv.CVGrid overrides, e.g. {min_steps: [1000, 10000], loglik: [without, "
+                "with, only]}"})
+
+
+@dataclass
+class EmbedStageConfig:
+    """Re-encoding of every rollouts folder (`qprobe embed`): log-likelihoods, feature sets."""
+
+    enabled: bool = field(default=False, metadata={
+        "help": "run `qprobe embed` on the train, test and greedy folders after collection"})
+    layers: list[int] | None = field(default=None, metadata={
+        "help": "blocks to read (null: about half depth, the collection layer, the last block)"})
+    positions: list[str] = field(default_factory=lambda: ["last", "mean"],
+                                 metadata={"help": "feature positions: last and/or mean"})
 
 
 @dataclass
@@ -99,6 +118,10 @@ class EvalConfig:
         metadata={"help": "selection temperatures evaluated (0 = argmax)"},
     )
     beta: float = field(default=0.1, metadata={"help": "beta of the headline table"})
+    with_greedy: bool = field(default=False, metadata={
+        "help": "also evaluate each probe choosing among the greedy completion plus k-1 random "
+                "samples (needs baselines.greedy and, for probes on re-encoded inputs, the "
+                "greedy folder embedded)"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% CIs"})
 
 
@@ -113,6 +136,9 @@ class BaselinesConfig:
             "help": "successful train completions shown before the prompt (0: no few-shot baseline)"
         },
     )
+    rerank: bool = field(default=True, metadata={
+        "help": "reranking by mean and by sum of token log-probability (where the test rollouts "
+                "have log-likelihoods)"})
 
 
 @dataclass
@@ -150,6 +176,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
+    embed: EmbedStageConfig = field(default_factory=EmbedStageConfig)
 
     def validate(self) -> None:
         where = f"experiment {self.name!r}"

@@ -104,6 +104,13 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
             f"| {t['few_shot'].get('shots', '?')}-shot on successes (greedy) | "
             f"{_ci(t['few_shot'])} | {t['few_shot']['mean'] - p1:+.3f} | | |"
         )
+    for name, what in (("rerank_mean_logprob", "mean"), ("rerank_sum_logprob", "sum")):
+        if name in t:
+            g = t[name]["gain"]
+            lines.append(
+                f"| rerank by {what} token log-prob (k={t[name]['k']}) | {_ci(t[name])} | "
+                f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | "
+                f"{_headroom(g['mean'], p1, pk)} | |")
     for obj, pr in t["probes"].items():
         g = pr["gain_over_pass@1"]
         head = f"{g['mean'] / (pk - p1):.0%}" if pk > p1 else "-"  # no headroom: undefined
@@ -113,9 +120,41 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
             f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head} | "
             f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seed{'s' if len(sm) > 1 else ''}) |"
         )
+        for bk, wg in pr.get("with_greedy", {}).items():
+            if bk.startswith("beta="):
+                lines.append(
+                    f"| probe `{obj}`, greedy + {wg_k(pr) - 1} samples ({bk}) | {_ci(wg)} | "
+                    f"{wg['mean'] - p1:+.3f} | {_headroom(wg['mean'] - p1, p1, pk)} | |")
     lines.append(
         f"| pass@{k} (skyline) | {_ci(t['pass@k'][str(k)])} | {pk - p1:+.3f} | {'100%' if pk > p1 else '-'} | |"
     )
+    lines.append("")
+    lines += _paired_table(t)
+    return lines
+
+
+def wg_k(pr: dict[str, Any]) -> int:
+    return int(pr.get("with_greedy", {}).get("k", 0))
+
+
+def _headroom(gain: float, p1: float, pk: float) -> str:
+    return f"{gain / (pk - p1):.0%}" if pk > p1 else "-"
+
+
+def _paired_table(t: dict[str, Any]) -> list[str]:
+    """Each probe against greedy and against mean-logprob reranking on the same prompts, and
+    what cross-validation chose for it."""
+    rows = [(obj, pr) for obj, pr in t["probes"].items() if pr.get("paired") or pr.get("cv_chosen")]
+    if not rows:
+        return []
+    lines = ["Paired comparisons (the probe's headline minus the other method, same prompts, "
+             "95% paired bootstrap CI), and the setting cross-validation on train chose:", "",
+             "| probe | vs greedy | vs rerank by mean log-prob | chosen on train |", "|---|---|---|---|"]
+    sg = lambda e: "-" if not e else f"{e['mean']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]"  # noqa: E731
+    for obj, pr in rows:
+        p = pr.get("paired", {})
+        lines.append(f"| `{obj}` | {sg(p.get('vs_greedy'))} | {sg(p.get('vs_rerank_mean_logprob'))} "
+                     f"| {pr.get('cv_chosen', 'fixed (no --cv)')} |")
     lines.append("")
     return lines
 

@@ -103,6 +103,9 @@ def run_experiment(
         train_dir, test_dirs = collect_sets(ctx)
     with ctx.timed("baselines_s"):
         base = collect_baselines(ctx, train_dir)
+    if cfg.embed.enabled:
+        with ctx.timed("embed_s"):
+            embed_sets(ctx, [train_dir, *test_dirs.values(), *base.greedy.values()])
     with ctx.timed("train_s"):
         train, probes = train_probes(ctx, train_dir)
     with ctx.timed("evaluate_s"):
@@ -219,6 +222,24 @@ def collect_baselines(ctx: Context, train_dir: Path) -> Baselines:
     return base
 
 
+# ---------------------------------------------------------------- 2b. re-encode
+
+
+def embed_sets(ctx: Context, folders: list[Path]) -> None:
+    """Log-likelihoods and feature sets for every folder (`qprobe embed`, resumable)."""
+    from qprobe.backends.hf import HFLanguageModel
+    from qprobe.embed import EmbedConfig, embed_rollouts
+
+    m = ctx.model
+    if not isinstance(m, HFLanguageModel):
+        raise QProbeError("embed: the experiment's model must be a local transformers model")
+    for folder in folders:
+        e = ctx.cfg.embed
+        embed_rollouts(EmbedConfig(rollouts=str(folder), layers=e.layers, positions=e.positions,
+                                   progress=ctx.progress),
+                       model_bundle=(m.model, m.tok.tokenizer, m.name), say=ctx.say)
+
+
 # ---------------------------------------------------------------- 3. probes
 
 
@@ -249,19 +270,41 @@ def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[st
     train = TrainSet(np.asarray(tr.features), tr.rewards, group, prompts, tr.prompt_ids, len(tr))
     probes: dict[tuple[str, int], Any] = {}
     for obj in ctx.cfg.probes.objectives:
+        chosen = choose_by_cv(ctx, tr, obj) if ctx.cfg.probes.cv else None
         for seed in ctx.cfg.probes.seeds:
-            probe, _hist = train_probe(
-                train.features,
-                train.rewards,
-                train.group,
-                config=ctx.cfg.train_config(obj, seed),
-                feature_spec=ctx.spec,
-                prompt_ids=train.prompt_ids,
-            )
+            if chosen is None:
+                probe, _hist = train_probe(
+                    train.features,
+                    train.rewards,
+                    train.group,
+                    config=ctx.cfg.train_config(obj, seed),
+                    feature_spec=ctx.spec,
+                    prompt_ids=train.prompt_ids,
+                )
+            else:
+                from qprobe.cv import fit
+
+                candidate, table = chosen
+                probe, _hist = fit(tr, candidate, ctx.cfg.train_config(obj, seed))
+                probe.info["cv"] = table
             probe.save(ctx.out / "probes" / f"{obj}-seed{seed}")
             probes[(obj, seed)] = probe
             ctx.say(f"trained probe {obj} seed {seed}")
     return train, probes
+
+
+def choose_by_cv(ctx: Context, tr: Any, obj: str) -> tuple[Any, dict[str, Any]]:
+    """The candidate (inputs, regularisation) that cross-validation over the train prompts
+    picks for one objective, and its table (stored in every seed's probe)."""
+    from qprobe.cv import Candidate, CVGrid, cross_validate
+
+    grid = CVGrid(**ctx.cfg.probes.cv_grid)
+    cv = cross_validate(tr, ctx.cfg.train_config(obj, ctx.cfg.seed), grid,
+                        folds=ctx.cfg.probes.cv, seed=ctx.cfg.seed, log=ctx.say)
+    best = cv["rows"][cv["best"]]
+    c = Candidate(**{**best["candidate"], "extras": tuple(best["candidate"]["extras"])})
+    ctx.say(f"cv {obj}: chose {c.label} ({best['mean']:.4f} +- {best['se']:.4f})")
+    return c, {**cv, "chosen": c.label}
 
 
 # ---------------------------------------------------------------- 4. evaluate
@@ -275,7 +318,6 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
     cfg, ev = ctx.cfg, ctx.cfg.eval
     te = _rollouts(test_dir)
     group, _prompts = te.groups()
-    feats = np.asarray(te.features)  # [N, D]
     rewards = te.rewards  # [N]
     res = evaluate_groups(group, rewards, None, ev.ks, [], n_boot=ev.n_boot, seed=cfg.seed)
     entry: dict[str, Any] = {
@@ -296,11 +338,24 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
     if ts.label in base.few_shot:
         entry["few_shot"] = baseline_entry(base.few_shot[ts.label], ev.n_boot, cfg.seed)
         entry["few_shot"]["shots"] = n_shots
+    ll = te.loglik()
+    if cfg.baselines.rerank and ll is not None:
+        for name, key in (("rerank_mean_logprob", "logprob_mean"), ("rerank_sum_logprob", "logprob_sum")):
+            entry[name] = rerank_entry(ctx, group, rewards, ll[key])
     entry["probes"] = {}
     scores_by: dict[str, list[np.ndarray]] = {}
+    greedy = _rollouts(base.greedy[ts.label]) if cfg.eval.with_greedy and ts.label in base.greedy else None
     for obj in cfg.probes.objectives:
-        scores = [probes[(obj, seed)].score(feats).astype(np.float64) for seed in cfg.probes.seeds]
+        scores = [probes[(obj, seed)].score_rollouts(te).astype(np.float64) for seed in cfg.probes.seeds]
         entry["probes"][obj] = evaluate_probe(ctx, group, rewards, scores)
+        if greedy is not None:
+            entry["probes"][obj]["with_greedy"] = with_greedy_entry(
+                ctx, te, greedy, [probes[(obj, seed)] for seed in cfg.probes.seeds], scores)
+        entry["probes"][obj]["paired"] = paired_gains(ctx, te, entry["probes"][obj]["_values"],
+                                                      base, ts, ll)
+        if "cv" in probes[(obj, cfg.probes.seeds[0])].info:
+            cv = probes[(obj, cfg.probes.seeds[0])].info["cv"]
+            entry["probes"][obj]["cv_chosen"] = cv["chosen"]
         scores_by[obj] = scores
     entry["_scores"] = scores_by  # for the plots; dropped from results.json
     entry["_rewards"] = rewards
@@ -333,7 +388,86 @@ def evaluate_probe(ctx: Context, group: np.ndarray, rewards: np.ndarray,
         "seed_std": float(np.std(seed_means)),
         "ranking": _mean_ranking(ranks),
         "runs": runs,
+        "_values": vals,  # [P] per-prompt headline reward, prompts in group order
     }
+
+
+def rerank_entry(ctx: Context, group: np.ndarray, rewards: np.ndarray, scores: np.ndarray
+                 ) -> dict[str, Any]:
+    """Choosing the sample the model itself finds likeliest (argmax of a log-likelihood score):
+    the headline at the largest k, its gain over pass@1, and every k."""
+    from qprobe.evaluate import evaluate_groups
+
+    ev = ctx.cfg.eval
+    res = evaluate_groups(group, rewards, scores, ev.ks, [0.0], n_boot=ev.n_boot, seed=ctx.cfg.seed)
+    k = max(res.ks)
+    return {**dataclasses.asdict(res.probe[(k, 0.0)]), "k": k,
+            "gain": dataclasses.asdict(res.gain[(k, 0.0)]),
+            "by_k": {str(kk): dataclasses.asdict(res.probe[(kk, 0.0)]) for kk in res.ks}}
+
+
+def paired_gains(ctx: Context, te: Any, vals: np.ndarray, base: Baselines, ts: DataConfig,
+                 ll: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The probe's headline per-prompt reward minus greedy's and minus mean-logprob
+    reranking's on the same prompts, with paired bootstrap CIs."""
+    from qprobe.evaluate import Estimate, argmax_expected_reward, split_groups
+
+    ev, k = ctx.cfg.eval, max(ctx.cfg.eval.ks)
+    group, prompts = te.groups()
+    rewards = te.rewards
+    keep = ~np.isnan(rewards)
+    present = sorted(set(group[keep].tolist()))  # the prompts `vals` covers, in group order
+    if len(present) != len(vals):
+        return {}
+    out: dict[str, Any] = {}
+    if ts.label in base.greedy:
+        g = _rollouts(base.greedy[ts.label])
+        g_of = dict(zip(g.prompt_ids.tolist(), g.rewards.tolist()))
+        diffs = [v - g_of[prompts[i]] for i, v in zip(present, vals)
+                 if prompts[i] in g_of and not np.isnan(g_of[prompts[i]])]
+        out["vs_greedy"] = dataclasses.asdict(Estimate.of(np.asarray(diffs), ev.n_boot, ctx.cfg.seed))
+    if ll is not None:
+        parts = split_groups(group[keep], rewards[keep], ll["logprob_mean"][keep])
+        rr = np.array([argmax_expected_reward(sc, r, min(k, len(r))) for r, sc in parts])
+        out["vs_rerank_mean_logprob"] = dataclasses.asdict(
+            Estimate.of(vals - rr, ev.n_boot, ctx.cfg.seed))
+    return out
+
+
+def with_greedy_entry(ctx: Context, te: Any, greedy: Any, probes: list[Any],
+                      scores: list[np.ndarray]) -> dict[str, Any]:
+    """The probe choosing among the greedy completion plus k-1 random samples (k = max), at
+    beta = 0 and the headline beta, averaged over seeds, with CIs over prompts."""
+    from qprobe.evaluate import Estimate, with_extra_candidate_reward
+
+    ev, k = ctx.cfg.eval, max(ctx.cfg.eval.ks)
+    gi = {p: i for i, p in enumerate(greedy.prompt_ids.tolist())}
+    g_rew = greedy.rewards
+    group, prompts = te.groups()
+    rewards = te.rewards
+    out: dict[str, Any] = {"k": k}
+    for beta in sorted({0.0, ev.beta}):
+        per_seed = []
+        for probe, sc in zip(probes, scores):
+            g_sc = probe.score_rollouts(greedy).astype(np.float64)
+            rng = np.random.default_rng([ctx.cfg.seed, k])
+            vals = []
+            for g, pid in enumerate(prompts):
+                m = (group == g) & ~np.isnan(rewards)
+                j = gi.get(pid)
+                if j is None or np.isnan(g_rew[j]) or not m.any():
+                    continue
+                vals.append(with_extra_candidate_reward(sc[m], rewards[m], g_sc[j], g_rew[j], k,
+                                                        beta, rng))
+            per_seed.append(np.asarray(vals))
+        v = np.mean(per_seed, axis=0)
+        g = np.array([g_rew[gi[pid]] for g_, pid in enumerate(prompts)
+                      if gi.get(pid) is not None and not np.isnan(g_rew[gi[pid]])
+                      and ((group == g_) & ~np.isnan(rewards)).any()])
+        out[f"beta={beta:g}"] = {
+            **dataclasses.asdict(Estimate.of(v, ev.n_boot, ctx.cfg.seed)),
+            "vs_greedy": dataclasses.asdict(Estimate.of(v - g, ev.n_boot, ctx.cfg.seed))}
+    return out
 
 
 def _mean_ranking(ranks: list[dict[str, Any]]) -> dict[str, Any]:
