@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qprobe.backends import SamplingParams
-from qprobe.backends.decode import sample_tokens, uniforms
 from qprobe.backends.hf import HFLanguageModel, default_layer, resolve_layer
+from qprobe.backends.hf.sampling import sample_tokens, uniforms
 from qprobe.errors import QProbeError
 from tiny_lm import build_model, build_tokenizer
 
@@ -104,7 +104,7 @@ def test_finished_rows_leave_the_batch():
 def test_prefill_in_chunks_changes_nothing(monkeypatch):
     """Long prompt batches are prefilled a few prompts at a time, shortest first, each chunk
     padded to its own longest prompt; the samples and features are those of one prefill."""
-    from qprobe.backends import decode
+    from qprobe.backends.hf import llama
 
     torch.set_num_threads(1)
     lm = HFLanguageModel(build_model("llama", seed=6), build_tokenizer(), identity="tiny",
@@ -114,7 +114,7 @@ def test_prefill_in_chunks_changes_nothing(monkeypatch):
     calls = []
     prefill = lm._dec._prefill
     monkeypatch.setattr(lm._dec, "_prefill", lambda ids, *a: (calls.append(len(ids)), prefill(ids, *a))[1])
-    monkeypatch.setattr(decode, "PREFILL_TOKENS", 30)  # 1 + 14 tokens, then 16
+    monkeypatch.setattr(llama, "PREFILL_TOKENS", 30)  # 1 + 14 tokens, then 16
     parts = lm.sample(PROMPTS, 3, params)
     assert calls == [2, 1]
     assert [s.token_ids for g in parts for s in g] == [s.token_ids for g in whole for s in g]
@@ -126,7 +126,7 @@ def test_prefill_in_chunks_changes_nothing(monkeypatch):
 def test_shared_prompt_prefix_runs_once_and_changes_nothing(arch, monkeypatch):
     """Tokens every prompt of a batch starts with (a few-shot prefix) are prefilled once and
     shared; samples, features and greedy output are those of the plain path."""
-    from qprobe.backends import decode
+    from qprobe.backends.hf import loop
 
     torch.set_num_threads(1)
     lm = HFLanguageModel(build_model(arch, seed=8), build_tokenizer(), identity="tiny",
@@ -139,7 +139,7 @@ def test_shared_prompt_prefix_runs_once_and_changes_nothing(arch, monkeypatch):
         seen.append(0 if prefix is None else len(prefix)), prefill(ids, valid, layer, prefix))[1])
     shared = lm.sample(prompts, 3, params)
     greedy = lm.sample(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
-    monkeypatch.setattr(decode, "MIN_SHARED_PREFIX", 10**9)
+    monkeypatch.setattr(loop, "MIN_SHARED_PREFIX", 10**9)
     plain = lm.sample(prompts, 3, params)
     assert seen == [38, 38, 0]  # the 38 characters of the instruction, once per batch
     assert [s.token_ids for g in shared for s in g] == [s.token_ids for g in plain for s in g]
@@ -215,7 +215,8 @@ def test_eos_ends_a_completion():
 
 def test_generic_decoder_matches_fast_decoder():
     """The transformers-forward fallback and qprobe's own forward give the same samples."""
-    from qprobe.backends.decode import FastDecoder, GenericDecoder
+    from qprobe.backends.hf.generic import GenericDecoder
+    from qprobe.backends.hf.llama import FastDecoder
 
     torch.set_num_threads(1)
     model, tok = build_model("llama", seed=2), build_tokenizer()

@@ -582,3 +582,8 @@ class OpenAIBackend(LanguageModel):
         if not np.isfinite(feats).all():
             raise QProbeError(f"POST {self.base_url}/embeddings: non-finite values in embeddings")
         return feats
+
+
+def load_model(base_url: str, **kw: Any) -> OpenAIBackend:
+    """The backend registry's entry: `OpenAIBackend(base_url, **kw)`."""
+    return OpenAIBackend(base_url, **kw)
