@@ -71,6 +71,8 @@ class Sample:
                  distribution (temperature 1, no top-p truncation), over exactly the tokens of
                  `text` (EOS and what the stop-string cut removed are not counted); None when
                  the backend cannot tell.
+    num_tokens: how many tokens `logprob_sum` and `text` hold (len(token_ids) when token_ids are
+                given; an API may know the count without the ids); None when unknown.
     """
 
     text: str
@@ -78,6 +80,11 @@ class Sample:
     finish_reason: str
     feature: np.ndarray | None = None
     logprob_sum: float | None = None
+    num_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_tokens is None and self.token_ids:
+            self.num_tokens = len(self.token_ids)
 
 
 class LanguageModel(ABC):

@@ -171,8 +171,8 @@ class HFLanguageModel(LanguageModel):
                 layer=self.layer, position=self.position, features=self.features,
                 eos_ids=self.eos_ids, detok=self.tok.decode, hook=hook, prompt_offset=i,
             )
-            out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum)
-                        for r in g] for g in rows)
+            out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum,
+                               num_tokens=len(r.token_ids)) for r in g] for g in rows)
         return out
 
     def embedder(self) -> HFEmbedder:
