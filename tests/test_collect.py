@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import shutil
 
 import numpy as np
 import pyarrow as pa
