@@ -398,3 +398,34 @@ def test_a_hook_that_changes_nothing_changes_no_bit(arch):
     key = [[(s.token_ids, s.text, s.finish_reason, s.feature.tobytes(), s.logprob_sum)
             for g in run for s in g] for run in runs]
     assert key[0] == key[1] == key[2]
+
+
+def test_the_registry_picks_the_backend(tmp_path):
+    """An explicit key picks the backend; without one an http(s):// model is the OpenAI
+    backend and anything else the local one. Imports stay lazy."""
+    import subprocess
+    import sys
+
+    import qprobe
+    from qprobe.backends import BACKENDS, load_model, resolve
+    from qprobe.backends.openai import OpenAIBackend
+    from tiny_lm import save_tiny
+
+    assert set(BACKENDS) == {"hf", "openai"}
+    assert resolve("http://127.0.0.1:8000").key == "openai" and resolve("https://h/v1").key == "openai"
+    assert resolve(None).key == resolve("default").key == resolve("org/model").key == "hf"
+    assert resolve("org/model", backend="openai").key == "openai"
+    assert not resolve("http://h").own_features and resolve(None).own_features
+    with pytest.raises(QProbeError, match="unknown backend 'vllm'; known: hf, openai"):
+        resolve("x", backend="vllm")
+    with pytest.raises(QProbeError, match="base URL"):  # the key wins over the name's form
+        load_model("some/folder", backend="openai")
+    api = qprobe.load_model("http://127.0.0.1:1", model="m", layer=3)  # local options ignored
+    assert isinstance(api, OpenAIBackend) and api.name == "m" and api.max_batch_rows == 128
+    assert api.feature_spec is None and api.chat is False
+    torch.set_num_threads(1)
+    local = load_model(str(save_tiny(tmp_path / "tiny")), backend="hf", chat=False, layer=1)
+    assert isinstance(local, HFLanguageModel) and local.feature_spec.layer == 1
+    code = "import qprobe.backends, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -13,6 +13,11 @@ exponential backoff and full jitter on 408/429/5xx, timeouts and connection erro
 is read from an environment variable at request time and never stored on the object, logged,
 or put into errors.
 
+Log-probabilities: each request asks for the sampled tokens' log-probabilities (completions:
+`logprobs=1`; chat: `logprobs=true`); their sum over the tokens of the kept text becomes
+`Sample.logprob_sum` (and their count `Sample.num_tokens`). A server that refuses the option is
+asked again without it, and one that returns none leaves both None; either is said once in the log.
+
 `n = k`: each prompt first asks for all k samples in one request. Servers that ignore `n`
 (llama-cpp-python's server) or cap it return fewer choices; the backend learns the cap and asks
 for the rest in further requests, so every prompt gets exactly k samples. A server that rejects
@@ -35,6 +40,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from http.client import HTTPException as _HTTPException
@@ -112,6 +118,11 @@ class OpenAIConfig:
     )
     feature_dtype: str = field(
         default="float16", metadata={"help": "Storage dtype recorded in the feature spec."}
+    )
+    logprobs: bool = field(
+        default=True, metadata={"help": "Ask for the sampled tokens' log-probabilities (their sum "
+                                "is recorded as logprob_sum); turned off by itself when the "
+                                "server refuses them."},
     )
 
     def __post_init__(self) -> None:
@@ -239,8 +250,12 @@ class HttpClient:
         with self._rng_lock:
             return self._rng.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """`method` base_url + `path` with a JSON body; returns the decoded JSON answer."""
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                fatal: Callable[[int, str], bool] | None = None) -> Any:
+        """`method` base_url + `path` with a JSON body; returns the decoded JSON answer.
+
+        fatal(status, detail): True for an error the caller knows is not transient (raised at
+        once as `APIStatusError`, like a 4xx, instead of retried)."""
         url = self.base_url + path
         data = None if body is None else json.dumps(body).encode()
         attempts = self.max_retries + 1
@@ -260,7 +275,7 @@ class HttpClient:
                 return self._decode(raw, method, url)
             except urllib.error.HTTPError as e:
                 detail = self._error_detail(e)
-                if not _retryable_status(e.code):
+                if not _retryable_status(e.code) or (fatal is not None and fatal(e.code, detail)):
                     hint = " (redirects are not followed; give the final URL)" if 300 <= e.code < 400 else ""
                     raise APIStatusError(
                         self._redact(f"{method} {url} -> HTTP {e.code}{hint}: {detail}"), e.code
@@ -322,6 +337,57 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def _about_logprobs(status: int, detail: str) -> bool:
+    """An error that names log-probabilities (e.g. llama-cpp-python without logits_all: 500)."""
+    return "logprob" in detail.lower()
+
+
+def _token_pieces(logprobs: Any) -> list[tuple[bytes, float]] | None:
+    """(bytes, log-prob) per completion token of a choice's `logprobs`, in either form:
+    completions {"tokens", "token_logprobs"}, or chat / llama.cpp {"content": [{"token",
+    "logprob", "bytes"}]}. None when absent or malformed."""
+    if not isinstance(logprobs, dict):
+        return None
+    if isinstance(logprobs.get("content"), list):
+        pieces = []
+        for t in logprobs["content"]:
+            if not isinstance(t, dict):
+                return None
+            raw = t.get("bytes")
+            b = bytes(raw) if isinstance(raw, list) else str(t.get("token", "")).encode()
+            pieces.append((b, t.get("logprob")))
+    elif isinstance(logprobs.get("tokens"), list) and isinstance(logprobs.get("token_logprobs"), list):
+        pieces = [(str(t).encode(), x) for t, x in zip(logprobs["tokens"], logprobs["token_logprobs"])]
+    else:
+        return None
+    if any(isinstance(x, bool) or not isinstance(x, int | float) for _, x in pieces):
+        return None
+    return [(b, float(x)) for b, x in pieces]
+
+
+def kept_logprobs(logprobs: Any, kept: str) -> tuple[float, int] | None:
+    """(sum of log-probs, count) of the tokens fully inside the kept text, as the local loop
+    counts them: a token straddling a stop-string cut and anything after the text (the stop
+    string, an EOS the server reports) are left out. None when the server gave no log-probs or
+    its tokens do not spell the text."""
+    pieces = _token_pieces(logprobs)
+    if pieces is None:
+        return None
+    target = kept.encode()
+    total, count, pos = 0.0, 0, 0
+    for b, lp in pieces:
+        if pos == len(target):
+            break
+        if pos + len(b) > len(target):  # straddles the cut: dropped, but must agree with the text
+            if not b.startswith(target[pos:]):
+                return None
+            return total, count
+        if target[pos : pos + len(b)] != b:
+            return None
+        total, count, pos = total + lp, count + 1, pos + len(b)
+    return (total, count) if pos == len(target) else None
+
+
 def pool_embedding(emb: Any, position: str, where: str) -> np.ndarray:
     """One server embedding -> float32 [dim].
 
@@ -341,6 +407,9 @@ def pool_embedding(emb: Any, position: str, where: str) -> np.ndarray:
 class OpenAIBackend(LanguageModel):
     """A `LanguageModel` served over the OpenAI HTTP API.
 
+    max_batch_rows: rows (prompts x k) `collect` hands one `sample` call; requests go out
+    `concurrency` at a time whatever the batch, so this only sets the shard size.
+
     base_url: `http(s)://host:port` (then `/v1` is appended) or the full API root, e.g.
               `https://api.example.com/v1`.
     embedder: None (samples carry no features), a local `Embedder`, or "server" for the
@@ -358,6 +427,7 @@ class OpenAIBackend(LanguageModel):
             raise QProbeError(f"openai backend: embedder must be None, 'server' or an Embedder, "
                               f"got {embedder!r}")
         self.embedder = embedder
+        self.max_batch_rows = 128
         c = self.config
         self.http = HttpClient(base_url, c.api_key_env, c.timeout, c.max_retries, c.backoff,
                                c.max_backoff)
@@ -366,6 +436,8 @@ class OpenAIBackend(LanguageModel):
         self._n_cap: int | None = c.max_n
         self._spec: FeatureSpec | None = None
         self._lock = threading.Lock()
+        self._logprobs = c.logprobs  # switched off when the server refuses them
+        self._said: set[str] = set()  # log lines said once
         self.requests_sent = 0  # completion requests (for progress reports and tests)
         # Tokens generated, as the server's `usage` reports them (Sample.token_ids stays empty:
         # APIs return text, not token ids), for tokens/s in progress reports.
@@ -402,11 +474,6 @@ class OpenAIBackend(LanguageModel):
         """True when prompts go to /v1/chat/completions as user messages (recorded in meta)."""
         return self.config.endpoint == "chat"
 
-    def describe(self) -> dict[str, Any]:
-        """What to record in rollout meta: no key, only the name of its variable."""
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model,
-                "endpoint": self.config.endpoint, "api_key_env": self.config.api_key_env}
-
     @property
     def feature_spec(self) -> FeatureSpec | None:
         if self.embedder is None:
@@ -423,7 +490,15 @@ class OpenAIBackend(LanguageModel):
 
     # -- sampling
 
-    def _body(self, prompt: str, n: int, params: SamplingParams, seed: int) -> tuple[str, dict]:
+    def _say_once(self, message: str) -> None:
+        with self._lock:
+            if message in self._said:
+                return
+            self._said.add(message)
+        log.warning("%s", message)
+
+    def _body(self, prompt: str, n: int, params: SamplingParams, seed: int,
+              logprobs: bool) -> tuple[str, dict]:
         body: dict[str, Any] = {
             "model": self.model,
             "n": n,
@@ -439,19 +514,31 @@ class OpenAIBackend(LanguageModel):
             if self.config.system_prompt:
                 messages.insert(0, {"role": "system", "content": self.config.system_prompt})
             body["messages"] = messages
+            if logprobs:
+                body["logprobs"], body["top_logprobs"] = True, 0
             return "/chat/completions", body
         body["prompt"] = prompt
+        if logprobs:
+            body["logprobs"] = 1
         return "/completions", body
 
     def _request(self, prompt: str, n: int, params: SamplingParams, first: int) -> list[Sample]:
         """One completion request asking for n samples; returns the samples it got (maybe < n)."""
-        path, body = self._body(prompt, n, params, request_seed(params.seed, prompt, first))
+        asked = self._logprobs
+        path, body = self._body(prompt, n, params, request_seed(params.seed, prompt, first), asked)
         with self._lock:
             self.requests_sent += 1
         try:
-            out = self.http.request("POST", path, body)
+            out = self.http.request("POST", path, body, fatal=_about_logprobs if asked else None)
         except APIStatusError as e:
-            if n > 1 and e.status in (400, 422):  # some servers reject n > 1: ask one at a time
+            rejected = e.status in (400, 422)
+            if asked and (_about_logprobs(e.status, str(e)) or (rejected and n == 1)):
+                with self._lock:
+                    self._logprobs = False
+                self._say_once(f"{self.base_url + path} refused logprobs (HTTP {e.status}); asking "
+                               "without them: logprob_sum stays empty")
+                return []
+            if n > 1 and rejected:  # some servers reject n > 1: ask one at a time
                 log.warning("%s rejected n=%d (HTTP %d); asking for one completion per request",
                             self.base_url + path, n, e.status)
                 with self._lock:
@@ -474,7 +561,13 @@ class OpenAIBackend(LanguageModel):
                 text = ch.get("text") or ""
             text, was_cut = cut_at_stop(str(text), list(params.stop))
             reason = "stop" if was_cut else ("length" if ch.get("finish_reason") == "length" else "stop")
-            samples.append(Sample(text=text, token_ids=[], finish_reason=reason))
+            lp = kept_logprobs(ch.get("logprobs"), text) if asked else None
+            if asked and lp is None:
+                self._say_once(f"{self.base_url + path}: no usable token logprobs in the answer "
+                               "(absent, or not spelling the text); logprob_sum stays empty")
+            samples.append(Sample(text=text, token_ids=[], finish_reason=reason,
+                                  logprob_sum=None if lp is None else lp[0],
+                                  num_tokens=None if lp is None else lp[1]))
         if 0 < len(samples) < n:
             with self._lock:
                 if self._n_cap is None or len(samples) < self._n_cap:

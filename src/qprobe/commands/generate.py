@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model: 'default' (embedded SmolLM2-135M), a .gguf, a folder, or an "
         "http(s):// OpenAI-compatible server (then --embedder is needed)",
     )
+    p.add_argument("--backend", default=None,
+                   help="backend: hf or openai (default: openai for an http(s):// --model, else hf)")
     p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="trained probe folder")
     p.add_argument("--k", type=int, default=8, help="number of candidates (default 8)")
     p.add_argument(
@@ -53,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qprobe.backends import SamplingParams, load_embedder, load_model
+    from qprobe.backends import SamplingParams, load_embedder, load_model, resolve
     from qprobe.errors import QProbeError
     from qprobe.generate import QProbePolicy
     from qprobe.probe import Probe
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         stop=list(args.stop) + (list(get_task(args.task).stop) if args.task else []),
         seed=args.seed,
     )
-    is_api = str(args.model).startswith(("http://", "https://"))
+    is_api = not resolve(args.model, args.backend).own_features  # text only: needs an embedder
     embedder = None
     if args.embedder:
         embedder = load_embedder(args.embedder, layer=spec.layer, position=spec.position)
@@ -80,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
             "generate: an API --model needs --embedder (the local model of the probe)"
         )
     if is_api:
-        model = load_model(args.model)
+        model = load_model(args.model, backend=args.backend)
     else:
         model = load_model(
             args.model,
+            backend=args.backend,
             layer=spec.layer,
             position=spec.position,
             features=embedder is None,
