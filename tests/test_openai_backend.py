@@ -23,14 +23,12 @@ from llama_server import (
     free_port,
 )
 from qprobe.backends.base import SamplingParams
+from qprobe.backends.http import APIStatusError, normalize_base_url, parse_retry_after
 from qprobe.backends.openai import (
-    APIStatusError,
     OpenAIBackend,
     OpenAIConfig,
     cut_at_stop,
     kept_logprobs,
-    normalize_base_url,
-    parse_retry_after,
     request_seed,
 )
 from qprobe.errors import QProbeError
@@ -188,6 +186,7 @@ def test_retries_on_429_5xx_drops_and_timeouts(proxy_factory, caplog):
     with caplog.at_level(logging.WARNING, logger="qprobe.backends.openai"):
         out = be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
     assert len(out[0]) == 1
+    assert {r.name for r in caplog.records} == {"qprobe.backends.openai.http"}
     assert [p["action"] for p in proxy.seen] == [429, 503, "drop", "hang", 500, "pass"]
     assert "HTTP 429" in caplog.text and "HTTP 503" in caplog.text
     assert "no answer within 1 s" in caplog.text
