@@ -56,7 +56,7 @@ class LlamaServer:
             "interrupt_requests": False,
             "models": [
                 {**common, "model_alias": MODEL_ALIAS, "logits_all": True},
-                {**common, "model_alias": NO_LOGPROBS_ALIAS},
+                {**common, "model_alias": NO_LOGPROBS_ALIAS, "logits_all": False},
                 {**common, "model_alias": EMBED_ALIAS, "embedding": True},
             ],
         }

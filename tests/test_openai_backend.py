@@ -281,6 +281,7 @@ def test_server_logprobs_are_the_models_own(server):
     prompts = ["The capital of France is", "def add(a, b):"]
     out = be.sample(prompts, k=2, params=params(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=4))
     lm = load_model("default", chat=False, features=False)
+    checked = 0
     for prompt, group in zip(prompts, out):
         p_ids = lm.tok.prompt_ids(prompt)
         for s in group:
@@ -292,7 +293,11 @@ def test_server_logprobs_are_the_models_own(server):
                 logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].double(), -1)
             pos = torch.arange(len(p_ids) - 1, ids.shape[1] - 1)
             ref = float(logp[pos, ids[0, len(p_ids):]].sum())
-            assert s.logprob_sum == pytest.approx(ref, abs=0.05 + 0.05 * len(c_ids))
+            # llama.cpp runs the Q4_1 weights with quantised activations: per token it differs
+            # from the fp32 re-encoding by up to ~0.2 here; a shift by one token, by several.
+            assert s.logprob_sum == pytest.approx(ref, abs=0.1 + 0.1 * len(c_ids))
+            checked += 1
+    assert checked >= 2
 
 
 def test_chat_endpoint_asks_for_logprobs(proxy_factory):
