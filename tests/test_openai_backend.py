@@ -402,6 +402,9 @@ def test_collect_into_a_rollout_store_and_resume(server, proxy_factory, tmp_path
     assert sorted(zip(r.column("prompt_id"), r.column("sample_idx"))) == [
         (f"p{i}", j) for i in range(3) for j in range(2)]
     assert r.meta["model"] == MODEL_ALIAS and KEY not in json.dumps(r.meta)
+    # the API gives text and log-probs, not token ids
+    assert r.column("token_ids") == [None] * 6 and all(x <= 0 for x in r.column("logprob_sum"))
+    assert all(n >= 0 for n in r.column("num_tokens"))
     sent = len(proxy.posts("/v1/completions"))
     again = collect(cfg, lm=be)
     assert again["new_rows"] == 0 and len(proxy.posts("/v1/completions")) == sent
