@@ -109,6 +109,8 @@ def collect(cfg: CollectConfig, lm: LanguageModel | None = None) -> dict[str, An
             if len(splits) != 1:
                 raise QProbeError(f"collect: task {cfg.task} has splits {', '.join(splits)}; pass --split")
             split = next(iter(splits))
+        if not task.prompts(split, limit=cfg.limit):  # before loading a model for nothing
+            raise QProbeError(f"collect: task {cfg.task} split {split} has no prompts")
         if lm is None:
             lm = load_collect_model(cfg)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
