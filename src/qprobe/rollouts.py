@@ -54,6 +54,9 @@ BASE_SCHEMA = pa.schema(
         ("reward", pa.float32()),
     ]
 )
+# Optional columns `qprobe collect` writes, with their types (other extra columns are inferred;
+# a shard whose values are all null keeps the type).
+COLUMN_TYPES = {"num_tokens": pa.int64(), "logprob_sum": pa.float32(), "token_ids": pa.list_(pa.int32())}
 # meta keys that describe the run's progress, not its identity: they may change on resume.
 NON_IDENTITY_KEYS = {"format", "feature_spec", "created", "updated", "progress", "summary"}
 STALE_SECONDS = 600  # without a lock, leftovers older than this are a crashed writer's
@@ -131,9 +134,9 @@ def _rows_to_table(rows: Sequence[dict[str, Any]], where: str) -> pa.Table:
             columns[name].append(value)
     arrays, fields = [], []
     for name, values in columns.items():
-        base = BASE_SCHEMA.field(name) if name in BASE_SCHEMA.names else None
+        typ = BASE_SCHEMA.field(name).type if name in BASE_SCHEMA.names else COLUMN_TYPES.get(name)
         try:
-            arr = pa.array(values, type=base.type if base else None)
+            arr = pa.array(values, type=typ)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise QProbeError(f"{where}: column {name!r}: {e}") from None
         arrays.append(arr)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from qprobe import defaults
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
 
@@ -22,13 +23,16 @@ class SamplingParams:
     """How to sample completions (the paper's code experiments: temperature 0.8, top-p 0.95)."""
 
     temperature: float = field(
-        default=0.8, metadata={"help": "Softmax temperature; 0 means greedy (argmax) decoding."}
+        default=defaults.TEMPERATURE,
+        metadata={"help": "Softmax temperature; 0 means greedy (argmax) decoding."},
     )
     top_p: float = field(
-        default=0.95, metadata={"help": "Nucleus sampling: keep the smallest top set with this mass."}
+        default=defaults.TOP_P,
+        metadata={"help": "Nucleus sampling: keep the smallest top set with this mass."},
     )
     max_new_tokens: int = field(
-        default=256, metadata={"help": "Upper bound on generated tokens per completion."}
+        default=defaults.MAX_NEW_TOKENS,
+        metadata={"help": "Upper bound on generated tokens per completion."},
     )
     stop: list[str] = field(
         default_factory=list,
@@ -60,20 +64,43 @@ class Sample:
     text: the completion, cut before the first stop string (EOS never included).
     token_ids: the completion tokens fully contained in `text` (a token straddling the stop
                string is dropped; the feature belongs to the last token kept here).
+               Empty when the backend does not know them (an API returns text).
     finish_reason: "stop" (EOS or stop string) or "length" (max_new_tokens reached).
     feature: the Q-probe feature [dim] (backend's FeatureSpec), or None if not computed.
+    logprob_sum: sum of the completion tokens' log-probabilities under the model's own
+                 distribution (temperature 1, no top-p truncation), over exactly the tokens of
+                 `text` (EOS and what the stop-string cut removed are not counted); None when
+                 the backend cannot tell.
+    num_tokens: how many tokens `logprob_sum` and `text` hold (len(token_ids) when token_ids are
+                given; an API may know the count without the ids); None when unknown.
     """
 
     text: str
     token_ids: list[int]
     finish_reason: str
     feature: np.ndarray | None = None
+    logprob_sum: float | None = None
+    num_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_tokens is None and self.token_ids:
+            self.num_tokens = len(self.token_ids)
 
 
 class LanguageModel(ABC):
-    """A model that samples k completions per prompt, with features when it can."""
+    """A model that samples k completions per prompt, with features when it can.
+
+    Besides `feature_spec` and `sample`, callers read these attributes (every backend sets them,
+    as plain attributes or properties):
+      name            the model's identity, recorded in rollout meta;
+      chat            whether prompts are sent as chat messages (a chat template, a chat endpoint);
+      max_batch_rows  rows (prompts x k) worth giving one `sample` call: `collect` batches and
+                      writes shards by it.
+    """
 
     name: str = ""
+    chat: bool = False
+    max_batch_rows: int = 128
 
     @property
     @abstractmethod

@@ -7,11 +7,13 @@ An API gives us text, not hidden states, so the Q-probe feature comes from elsew
   `layer=-1`, meaning "whatever vector the server's embedding endpoint returns" (see
   docs/api-backend.md).
 
-HTTP is plain `urllib` plus a thread pool for bounded concurrency: no SDK dependency. Retries with
-exponential backoff and full jitter on 408/429/5xx, timeouts and connection errors, honouring
-`Retry-After`; other 4xx statuses raise one `QProbeError` naming the URL and status. The API key
-is read from an environment variable at request time and never stored on the object, logged,
-or put into errors.
+HTTP is `http.HttpClient` (plain `urllib`, bounded retries, the key read per request and never
+kept) plus a thread pool for bounded concurrency: no SDK dependency.
+
+Log-probabilities: each request asks for the sampled tokens' log-probabilities (completions:
+`logprobs=1`; chat: `logprobs=true`); their sum over the tokens of the kept text becomes
+`Sample.logprob_sum` (and their count `Sample.num_tokens`). A server that refuses the option is
+asked again without it, and one that returns none leaves both None; either is said once in the log.
 
 `n = k`: each prompt first asks for all k samples in one request. Servers that ignore `n`
 (llama-cpp-python's server) or cap it return fewer choices; the backend learns the cap and asks
@@ -23,26 +25,17 @@ reproduces the same samples where the server honours `seed`.
 
 from __future__ import annotations
 
-import email.utils
-import ipaddress
-import json
 import logging
-import os
-import random
 import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
-from http.client import HTTPException as _HTTPException
 from typing import Any
 
 import numpy as np
 
 from qprobe.backends.base import Embedder, LanguageModel, Sample, SamplingParams
+from qprobe.backends.http import APIStatusError, HttpClient
 from qprobe.errors import QProbeError
 from qprobe.features import DTYPES, POSITIONS, FeatureSpec
 
@@ -113,6 +106,11 @@ class OpenAIConfig:
     feature_dtype: str = field(
         default="float16", metadata={"help": "Storage dtype recorded in the feature spec."}
     )
+    logprobs: bool = field(
+        default=True, metadata={"help": "Ask for the sampled tokens' log-probabilities (their sum "
+                                "is recorded as logprob_sum); turned off by itself when the "
+                                "server refuses them."},
+    )
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -137,177 +135,6 @@ class OpenAIConfig:
             raise QProbeError("openai backend: api_key_env must name an environment variable")
 
 
-class APIStatusError(QProbeError):
-    """The server answered with an HTTP status we do not retry (e.g. 401, 404)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-# ----------------------------------------------------------------------------- HTTP
-
-
-def normalize_base_url(url: str) -> str:
-    """`http://host:port` -> `http://host:port/v1`; a URL with a path is kept as given."""
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise QProbeError(f"openai backend: base URL must be http(s)://host[:port][/path], got {url!r}")
-    if parts.username or parts.password:
-        raise QProbeError("openai backend: put credentials in the API key environment variable, "
-                          "not in the base URL")
-    if parts.query or parts.fragment:
-        raise QProbeError(f"openai backend: base URL must not have a query or fragment: {url!r}")
-    path = parts.path.rstrip("/")
-    if path == "":
-        path = "/v1"
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-def is_loopback(url: str) -> bool:
-    """True for localhost / 127.0.0.0/8 / ::1 URLs (these bypass any HTTP proxy settings)."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), else None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Redirects are refused: following one could carry the Authorization header elsewhere."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
-        return None
-
-
-def _retryable_status(status: int) -> bool:
-    return status in (408, 429) or status >= 500
-
-
-class HttpClient:
-    """JSON over HTTP with bounded retries. Thread-safe; holds no secrets."""
-
-    def __init__(self, base_url: str, api_key_env: str, timeout: float, max_retries: int,
-                 backoff: float, max_backoff: float) -> None:
-        self.base_url = normalize_base_url(base_url)
-        self.api_key_env = api_key_env
-        self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        handlers: list[Any] = [_NoRedirect()]
-        if is_loopback(self.base_url):
-            handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
-        self._opener = urllib.request.build_opener(*handlers)
-        self._rng = random.Random()
-        self._rng_lock = threading.Lock()
-        self._sleep = time.sleep  # tests record the waits here instead of sleeping
-
-    def __repr__(self) -> str:
-        return f"HttpClient({self.base_url!r}, api_key_env={self.api_key_env!r})"
-
-    def _key(self) -> str:
-        return os.environ.get(self.api_key_env, "").strip()
-
-    def _redact(self, text: str) -> str:
-        key = self._key()
-        return text.replace(key, "***") if key else text
-
-    def _wait(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.max_backoff)
-        with self._rng_lock:
-            return self._rng.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """`method` base_url + `path` with a JSON body; returns the decoded JSON answer."""
-        url = self.base_url + path
-        data = None if body is None else json.dumps(body).encode()
-        attempts = self.max_retries + 1
-        reason = ""
-        for attempt in range(attempts):
-            headers = {"Accept": "application/json", "User-Agent": "qprobe"}
-            if data is not None:
-                headers["Content-Type"] = "application/json"
-            key = self._key()
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
-            req = urllib.request.Request(url, data=data, headers=headers, method=method)
-            retry_after = None
-            try:
-                with self._opener.open(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-                return self._decode(raw, method, url)
-            except urllib.error.HTTPError as e:
-                detail = self._error_detail(e)
-                if not _retryable_status(e.code):
-                    hint = " (redirects are not followed; give the final URL)" if 300 <= e.code < 400 else ""
-                    raise APIStatusError(
-                        self._redact(f"{method} {url} -> HTTP {e.code}{hint}: {detail}"), e.code
-                    ) from None
-                retry_after = parse_retry_after(e.headers.get("Retry-After") if e.headers else None)
-                reason = f"HTTP {e.code}: {detail}"
-            except (TimeoutError, OSError) as e:  # URLError, connection reset, socket timeout
-                inner = getattr(e, "reason", e)
-                reason = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
-                if isinstance(inner, TimeoutError) or isinstance(e, TimeoutError):
-                    reason = f"no answer within {self.timeout:g} s"
-            except _HTTPException as e:  # e.g. RemoteDisconnected, IncompleteRead
-                reason = f"{type(e).__name__}: {e}"
-            if attempt + 1 < attempts:
-                delay = self._wait(attempt, retry_after)
-                log.warning("%s %s: %s; retry %d/%d in %.2f s", method, url,
-                            self._redact(reason), attempt + 1, self.max_retries, delay)
-                self._sleep(delay)
-        raise QProbeError(self._redact(f"{method} {url} failed after {attempts} attempt(s): {reason}"))
-
-    def _decode(self, raw: bytes, method: str, url: str) -> Any:
-        try:
-            out = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise QProbeError(f"{method} {url}: the server's answer is not JSON "
-                              f"({raw[:80]!r})") from None
-        if isinstance(out, dict) and out.get("error") and "choices" not in out and "data" not in out:
-            raise QProbeError(self._redact(f"{method} {url}: server error: {str(out['error'])[:300]}"))
-        return out
-
-    def _error_detail(self, e: urllib.error.HTTPError) -> str:
-        try:
-            raw = e.read(2000).decode("utf-8", "replace")
-        except Exception:  # noqa: BLE001 - the status alone is still informative
-            raw = ""
-        try:
-            obj = json.loads(raw)
-            if isinstance(obj, dict):
-                err = obj.get("error", obj.get("detail", obj))
-                if isinstance(err, dict):
-                    err = err.get("message", err)
-                raw = str(err)
-        except json.JSONDecodeError:
-            pass
-        return " ".join(raw.split())[:300] or (e.reason or "")
-
-
 # ----------------------------------------------------------------------------- backend
 
 
@@ -320,6 +147,57 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Cut `text` before the earliest stop string; returns (text, whether it was cut)."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _about_logprobs(status: int, detail: str) -> bool:
+    """An error that names log-probabilities (e.g. llama-cpp-python without logits_all: 500)."""
+    return "logprob" in detail.lower()
+
+
+def _token_pieces(logprobs: Any) -> list[tuple[bytes, float]] | None:
+    """(bytes, log-prob) per completion token of a choice's `logprobs`, in either form:
+    completions {"tokens", "token_logprobs"}, or chat / llama.cpp {"content": [{"token",
+    "logprob", "bytes"}]}. None when absent or malformed."""
+    if not isinstance(logprobs, dict):
+        return None
+    if isinstance(logprobs.get("content"), list):
+        pieces = []
+        for t in logprobs["content"]:
+            if not isinstance(t, dict):
+                return None
+            raw = t.get("bytes")
+            b = bytes(raw) if isinstance(raw, list) else str(t.get("token", "")).encode()
+            pieces.append((b, t.get("logprob")))
+    elif isinstance(logprobs.get("tokens"), list) and isinstance(logprobs.get("token_logprobs"), list):
+        pieces = [(str(t).encode(), x) for t, x in zip(logprobs["tokens"], logprobs["token_logprobs"])]
+    else:
+        return None
+    if any(isinstance(x, bool) or not isinstance(x, int | float) for _, x in pieces):
+        return None
+    return [(b, float(x)) for b, x in pieces]
+
+
+def kept_logprobs(logprobs: Any, kept: str) -> tuple[float, int] | None:
+    """(sum of log-probs, count) of the tokens fully inside the kept text, as the local loop
+    counts them: a token straddling a stop-string cut and anything after the text (the stop
+    string, an EOS the server reports) are left out. None when the server gave no log-probs or
+    its tokens do not spell the text."""
+    pieces = _token_pieces(logprobs)
+    if pieces is None:
+        return None
+    target = kept.encode()
+    total, count, pos = 0.0, 0, 0
+    for b, lp in pieces:
+        if pos == len(target):
+            break
+        if pos + len(b) > len(target):  # straddles the cut: dropped, but must agree with the text
+            if not b.startswith(target[pos:]):
+                return None
+            return total, count
+        if target[pos : pos + len(b)] != b:
+            return None
+        total, count, pos = total + lp, count + 1, pos + len(b)
+    return (total, count) if pos == len(target) else None
 
 
 def pool_embedding(emb: Any, position: str, where: str) -> np.ndarray:
@@ -341,6 +219,9 @@ def pool_embedding(emb: Any, position: str, where: str) -> np.ndarray:
 class OpenAIBackend(LanguageModel):
     """A `LanguageModel` served over the OpenAI HTTP API.
 
+    max_batch_rows: rows (prompts x k) `collect` hands one `sample` call; requests go out
+    `concurrency` at a time whatever the batch, so this only sets the shard size.
+
     base_url: `http(s)://host:port` (then `/v1` is appended) or the full API root, e.g.
               `https://api.example.com/v1`.
     embedder: None (samples carry no features), a local `Embedder`, or "server" for the
@@ -358,6 +239,7 @@ class OpenAIBackend(LanguageModel):
             raise QProbeError(f"openai backend: embedder must be None, 'server' or an Embedder, "
                               f"got {embedder!r}")
         self.embedder = embedder
+        self.max_batch_rows = 128
         c = self.config
         self.http = HttpClient(base_url, c.api_key_env, c.timeout, c.max_retries, c.backoff,
                                c.max_backoff)
@@ -366,6 +248,8 @@ class OpenAIBackend(LanguageModel):
         self._n_cap: int | None = c.max_n
         self._spec: FeatureSpec | None = None
         self._lock = threading.Lock()
+        self._logprobs = c.logprobs  # switched off when the server refuses them
+        self._said: set[str] = set()  # log lines said once
         self.requests_sent = 0  # completion requests (for progress reports and tests)
         # Tokens generated, as the server's `usage` reports them (Sample.token_ids stays empty:
         # APIs return text, not token ids), for tokens/s in progress reports.
@@ -402,11 +286,6 @@ class OpenAIBackend(LanguageModel):
         """True when prompts go to /v1/chat/completions as user messages (recorded in meta)."""
         return self.config.endpoint == "chat"
 
-    def describe(self) -> dict[str, Any]:
-        """What to record in rollout meta: no key, only the name of its variable."""
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model,
-                "endpoint": self.config.endpoint, "api_key_env": self.config.api_key_env}
-
     @property
     def feature_spec(self) -> FeatureSpec | None:
         if self.embedder is None:
@@ -423,7 +302,15 @@ class OpenAIBackend(LanguageModel):
 
     # -- sampling
 
-    def _body(self, prompt: str, n: int, params: SamplingParams, seed: int) -> tuple[str, dict]:
+    def _say_once(self, message: str) -> None:
+        with self._lock:
+            if message in self._said:
+                return
+            self._said.add(message)
+        log.warning("%s", message)
+
+    def _body(self, prompt: str, n: int, params: SamplingParams, seed: int,
+              logprobs: bool) -> tuple[str, dict]:
         body: dict[str, Any] = {
             "model": self.model,
             "n": n,
@@ -439,19 +326,31 @@ class OpenAIBackend(LanguageModel):
             if self.config.system_prompt:
                 messages.insert(0, {"role": "system", "content": self.config.system_prompt})
             body["messages"] = messages
+            if logprobs:
+                body["logprobs"], body["top_logprobs"] = True, 0
             return "/chat/completions", body
         body["prompt"] = prompt
+        if logprobs:
+            body["logprobs"] = 1
         return "/completions", body
 
     def _request(self, prompt: str, n: int, params: SamplingParams, first: int) -> list[Sample]:
         """One completion request asking for n samples; returns the samples it got (maybe < n)."""
-        path, body = self._body(prompt, n, params, request_seed(params.seed, prompt, first))
+        asked = self._logprobs
+        path, body = self._body(prompt, n, params, request_seed(params.seed, prompt, first), asked)
         with self._lock:
             self.requests_sent += 1
         try:
-            out = self.http.request("POST", path, body)
+            out = self.http.request("POST", path, body, fatal=_about_logprobs if asked else None)
         except APIStatusError as e:
-            if n > 1 and e.status in (400, 422):  # some servers reject n > 1: ask one at a time
+            rejected = e.status in (400, 422)
+            if asked and (_about_logprobs(e.status, str(e)) or (rejected and n == 1)):
+                with self._lock:
+                    self._logprobs = False
+                self._say_once(f"{self.base_url + path} refused logprobs (HTTP {e.status}); asking "
+                               "without them: logprob_sum stays empty")
+                return []
+            if n > 1 and rejected:  # some servers reject n > 1: ask one at a time
                 log.warning("%s rejected n=%d (HTTP %d); asking for one completion per request",
                             self.base_url + path, n, e.status)
                 with self._lock:
@@ -474,7 +373,13 @@ class OpenAIBackend(LanguageModel):
                 text = ch.get("text") or ""
             text, was_cut = cut_at_stop(str(text), list(params.stop))
             reason = "stop" if was_cut else ("length" if ch.get("finish_reason") == "length" else "stop")
-            samples.append(Sample(text=text, token_ids=[], finish_reason=reason))
+            lp = kept_logprobs(ch.get("logprobs"), text) if asked else None
+            if asked and lp is None:
+                self._say_once(f"{self.base_url + path}: no usable token logprobs in the answer "
+                               "(absent, or not spelling the text); logprob_sum stays empty")
+            samples.append(Sample(text=text, token_ids=[], finish_reason=reason,
+                                  logprob_sum=None if lp is None else lp[0],
+                                  num_tokens=None if lp is None else lp[1]))
         if 0 < len(samples) < n:
             with self._lock:
                 if self._n_cap is None or len(samples) < self._n_cap:
@@ -582,3 +487,8 @@ class OpenAIBackend(LanguageModel):
         if not np.isfinite(feats).all():
             raise QProbeError(f"POST {self.base_url}/embeddings: non-finite values in embeddings")
         return feats
+
+
+def load_model(base_url: str, **kw: Any) -> OpenAIBackend:
+    """The backend registry's entry: `OpenAIBackend(base_url, **kw)`."""
+    return OpenAIBackend(base_url, **kw)

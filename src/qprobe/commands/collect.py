@@ -7,6 +7,8 @@ import json
 import sys
 from dataclasses import fields
 
+from qprobe import defaults
+from qprobe.backends.registry import BACKENDS
 from qprobe.collect import CollectConfig
 
 _HELP = {f.name: f.metadata.get("help", "") for f in fields(CollectConfig)}
@@ -23,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help=_HELP["out"])
     p.add_argument("--model", default=None, help=_HELP["model"] + " A .gguf file, a transformers "
-                   "folder, a hub id, or qwen2.5-coder-0.5b.")
+                   "folder, a hub id, qwen2.5-coder-0.5b, or an http(s):// OpenAI-compatible server.")
+    p.add_argument("--backend", choices=list(BACKENDS), default=None, help=_HELP["backend"])
     p.add_argument("--task", required=True, help=_HELP["task"])
     p.add_argument("--split", default=None, help=_HELP["split"])
     p.add_argument("--k", type=int, default=16, help=_HELP["k"] + " (16)")
@@ -32,9 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-dtype", choices=["float16", "float32"], default="float16",
                    help=_HELP["feature_dtype"])
     p.add_argument("--limit", type=int, default=None, help=_HELP["limit"])
-    p.add_argument("--max-new-tokens", type=int, default=256, help=_HELP["max_new_tokens"] + " (256)")
-    p.add_argument("--temperature", type=float, default=0.8, help=_HELP["temperature"] + " (0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help=_HELP["top_p"] + " (0.95)")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+                   help=_HELP["max_new_tokens"] + f" ({defaults.MAX_NEW_TOKENS})")
+    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE,
+                   help=_HELP["temperature"] + f" ({defaults.TEMPERATURE})")
+    p.add_argument("--top-p", type=float, default=defaults.TOP_P,
+                   help=_HELP["top_p"] + f" ({defaults.TOP_P})")
     p.add_argument("--seed", type=int, default=0, help=_HELP["seed"] + " (0)")
     p.add_argument("--batch-prompts", type=int, default=None, help=_HELP["batch_prompts"])
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=_HELP["chat"])

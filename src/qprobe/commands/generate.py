@@ -19,6 +19,8 @@ class GenerateOptions:
         "show_default": False,
         "help": "model: 'default' (embedded SmolLM2-135M), a .gguf, a folder, or an "
                 "http(s):// OpenAI-compatible server (then --embedder is needed)"})
+    backend: str | None = field(default=None, metadata={
+        "help": "backend: hf or openai (default: openai for an http(s):// --model, else hf)"})
     probe: str = field(default="", metadata={
         "required": True, "metavar": "PROBE_DIR", "help": "trained probe folder"})
     k: int = field(default=8, metadata={"help": "number of candidates"})
@@ -51,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qprobe.backends import SamplingParams, load_embedder, load_model
+    from qprobe.backends import SamplingParams, load_embedder, load_model, resolve
     from qprobe.errors import QProbeError
     from qprobe.policy import QProbePolicy
     from qprobe.probe import Probe
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         stop=list(o.stop) + (list(get_task(o.task).stop) if o.task else []),
         seed=o.seed,
     )
-    is_api = str(o.model).startswith(("http://", "https://"))
+    is_api = not resolve(o.model, o.backend).own_features  # text only: needs an embedder
     embedder = None
     if o.embedder:
         embedder = load_embedder(o.embedder, layer=spec.layer, position=spec.position)
@@ -79,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
             "generate: an API --model needs --embedder (the local model of the probe)"
         )
     if is_api:
-        model = load_model(o.model)
+        model = load_model(o.model, backend=o.backend)
     else:
         model = load_model(
             o.model,
+            backend=o.backend,
             layer=spec.layer,
             position=spec.position,
             features=embedder is None,

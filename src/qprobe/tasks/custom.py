@@ -4,6 +4,8 @@
   passes when it runs to the end in the sandbox.
 - JSONL {"id", "prompt", "answer"}: a numeric answer (when the gold answer is a number: the last
   number in the completion, normalised) or else an exact answer (stripped strings equal).
+- JSONL {"id", "prompt"} only (`load_jsonl_task(path, plain=True)`, what `qprobe collect` uses):
+  prompts without a reward; rewards stay empty until `qprobe score` adds them.
 - `module:function` or `path/to/file.py:function`: a reward function with the signature
   `f(prompts, completions, **columns) -> list[float | None]` (no prompts of its own; use it with
   `qprobe score`), or a `Task` subclass / instance for a full task.
@@ -27,14 +29,17 @@ from qprobe.tasks.code import CODE_STOP, CodeTask
 from qprobe.tasks.gsm8k import AnswerTask, normalize
 
 
-def _load_rows(path: Path, need: str) -> dict[str, list[dict]]:
+def _load_rows(path: Path, need: str | None) -> dict[str, list[dict]]:
+    """The rows of a {"id", "prompt", need, "split"?} JSONL file by split (ids unique)."""
     splits: dict[str, list[dict]] = {}
     seen = set()
     for n, r in enumerate(read_jsonl(path), 1):
-        missing = {"id", "prompt", need} - r.keys()
+        missing = {"id", "prompt", *([need] if need else [])} - r.keys()
         if missing:
             raise QProbeError(f"{path}:{n}: missing field(s) {', '.join(sorted(missing))}")
-        if not isinstance(r["prompt"], str) or not isinstance(r[need], str | int | float):
+        if not isinstance(r["prompt"], str):
+            raise QProbeError(f"{path}:{n}: prompt must be a string")
+        if need and not isinstance(r[need], str | int | float):
             raise QProbeError(f"{path}:{n}: prompt must be a string and {need} a string/number")
         row = dict(r, id=str(r["id"]))
         if row["id"] in seen:
@@ -47,7 +52,7 @@ def _load_rows(path: Path, need: str) -> dict[str, list[dict]]:
 
 
 class _JsonlTask(Task):
-    need = ""
+    need: str | None = None
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -84,6 +89,17 @@ class CustomAnswerTask(_JsonlTask, AnswerTask):
             return super().match(completion, answer)
         got, want = completion.strip(), str(answer).strip()
         return got == want, got, want
+
+
+class PromptsTask(_JsonlTask):
+    """A JSONL file of {"id", "prompt"} rows: prompts to sample, no reward (every score is
+    "unscored")."""
+
+    stop: list[str] = []
+
+    def score(self, prompts: list[str], completions: list[str], **columns) -> list[Score]:
+        check_columns(self.name, prompts, completions, columns)
+        return [Score(None, "unscored") for _ in prompts]
 
 
 class CallableTask(Task):
@@ -147,8 +163,9 @@ def load_callable(spec: str, **kwargs) -> Task:
     raise QProbeError(f"task {spec}: {attr} is neither a Task nor a function")
 
 
-def load_jsonl_task(path: Path, sandbox: SandboxConfig | None = None) -> Task:
-    """Pick the custom task kind from the fields of the file's first row."""
+def load_jsonl_task(path: Path, sandbox: SandboxConfig | None = None, plain: bool = False) -> Task:
+    """Pick the custom task kind from the fields of the file's first row. plain: rows with only
+    {"id", "prompt"} are a `PromptsTask` (else they are refused: a task needs a reward)."""
     rows = read_jsonl(path)
     if not rows:
         raise QProbeError(f"{path}: no rows")
@@ -160,6 +177,8 @@ def load_jsonl_task(path: Path, sandbox: SandboxConfig | None = None) -> Task:
         from qprobe.tasks.preference import Preferences
 
         return Preferences(path)
+    if plain:
+        return PromptsTask(path)
     raise QProbeError(
         f"{path}: rows need 'tests' (code), 'answer' (exact/numeric) or 'chosen'+'rejected'"
     )

@@ -1,9 +1,11 @@
 """The local backend: a Hugging Face transformers causal LM (hub id, folder or GGUF file).
 
-`HFLanguageModel.sample` runs qprobe's own decode loop (`decode.py`: shared prompt cache,
-preallocated KV buffers, cheap top-p, features captured in flight). `HFEmbedder` computes the
-same features for given (prompt, completion) pairs with one batched transformers forward pass
-that stops after the feature layer, which is also how the decode loop is checked.
+`load_hf` loads it; `HFLanguageModel.sample` runs qprobe's own decode loop (`loop.py`, with
+`llama.FastDecoder` or `generic.GenericDecoder`: shared prompt cache, preallocated KV buffers,
+cheap top-p, features and log-probabilities captured in flight, an optional step hook).
+`HFEmbedder` computes the same features for given (prompt, completion) pairs with one batched
+transformers forward pass that stops after the feature layer, which is also how the decode loop
+is checked.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import numpy as np
 import torch
 
 from qprobe import models
-from qprobe.backends import decode
 from qprobe.backends.base import Embedder, LanguageModel, Sample, SamplingParams
+from qprobe.backends.hf.generic import GenericDecoder, StopForward, decoder_blocks
+from qprobe.backends.hf.llama import FastDecoder, supports
+from qprobe.backends.hf.loop import StepHook, run_batch
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
 
@@ -128,7 +132,7 @@ class HFLanguageModel(LanguageModel):
         self.model = model
         self.tok = _Tok(tokenizer, chat)
         self.name = identity
-        self.n_layers = len(decode.decoder_blocks(model))
+        self.n_layers = len(decoder_blocks(model))
         self.layer = resolve_layer(layer, self.n_layers)
         self.position = position
         self.features = features
@@ -136,7 +140,7 @@ class HFLanguageModel(LanguageModel):
         self._spec = _spec(identity, self.tok.chat, self.layer, position,
                            int(model.config.hidden_size), feature_dtype)
         # Llama-family models run qprobe's own forward; anything else transformers' forward.
-        self._dec = decode.FastDecoder(model) if decode.supports(model) else decode.GenericDecoder(model)
+        self._dec = FastDecoder(model) if supports(model) else GenericDecoder(model)
         self.eos_ids = self.tok.eos_ids(model)  # set() makes every row run to max_new_tokens
 
     @property
@@ -147,31 +151,34 @@ class HFLanguageModel(LanguageModel):
     def feature_spec(self) -> FeatureSpec | None:
         return self._spec if self.features else None
 
-    def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
+    def sample(self, prompts: list[str], k: int, params: SamplingParams, *,
+               hook: StepHook | None = None) -> list[list[Sample]]:
+        """k samples per prompt, max_batch_rows rows at a time; each carries its feature (when
+        features are on) and its log-probability sum under the model (temperature 1, no top-p).
+
+        hook: called at every decode step with the feature-layer hidden state and the logits of
+        the live rows, may change the logits before sampling (see `loop.StepHook`)."""
         if k < 1:
             raise QProbeError(f"k must be >= 1, got {k}")
         per_batch = max(1, self.max_batch_rows // k)
         out: list[list[Sample]] = []
         for i in range(0, len(prompts), per_batch):
             chunk = prompts[i : i + per_batch]
-            rows = decode.run_batch(
+            rows = run_batch(
                 self._dec, [self.tok.prompt_ids(p) for p in chunk], chunk, k,
                 temperature=params.temperature, top_p=params.top_p,
                 max_new_tokens=params.max_new_tokens, stop=list(params.stop), seed=params.seed,
                 layer=self.layer, position=self.position, features=self.features,
-                eos_ids=self.eos_ids, detok=self.tok.decode,
+                eos_ids=self.eos_ids, detok=self.tok.decode, hook=hook, prompt_offset=i,
             )
-            out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature) for r in g] for g in rows)
+            out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum,
+                               num_tokens=len(r.token_ids)) for r in g] for g in rows)
         return out
 
     def embedder(self) -> HFEmbedder:
         """An embedder computing the same features from text, sharing this model's weights."""
         return HFEmbedder(self.model, self.tok.tokenizer, identity=self.name, layer=self.layer,
                           position=self.position, chat=self.tok.chat, feature_dtype=self._spec.dtype)
-
-
-class _Stop(Exception):
-    pass
 
 
 class HFEmbedder(Embedder):
@@ -182,7 +189,7 @@ class HFEmbedder(Embedder):
                  max_batch_tokens: int = 8192) -> None:
         self.model = model
         self.tok = _Tok(tokenizer, chat)
-        self.blocks = decode.decoder_blocks(model)
+        self.blocks = decoder_blocks(model)
         self.n_layers = len(self.blocks)
         self.layer = resolve_layer(layer, self.n_layers)
         self.position = position
@@ -216,7 +223,7 @@ class HFEmbedder(Embedder):
 
         def hook(_mod, _inp, output):
             captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _Stop
+            raise StopForward
 
         handle = self.blocks[self.layer].register_forward_hook(hook)
         try:
@@ -238,7 +245,7 @@ class HFEmbedder(Embedder):
                 try:
                     # The hook stops the forward after block `layer` (no logits computed).
                     self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
                 h = captured[0].float().cpu()  # [b, t, D]
                 for a, r in enumerate(idx):
