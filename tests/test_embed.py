@@ -65,6 +65,11 @@ def test_embed_matches_a_plain_forward_and_the_stored_features(collected):
     chk = np.concatenate([pq.read_table(p).column("check_rel_err").to_numpy()
                           for p in sorted((out / EMBED_DIR).glob("loglik-*.parquet"))])
     assert chk.max() < 5e-3
+    # What sampling recorded (logprob_sum column) equals the re-encoding's log-likelihood.
+    emb = np.concatenate([pq.read_table(p).column("logprob_sum").to_numpy()
+                          for p in sorted((out / EMBED_DIR).glob("loglik-*.parquet"))])
+    assert "logprob_sum" in r.table.column_names
+    np.testing.assert_allclose(ll["logprob_sum"], emb, rtol=1e-4, atol=1e-4)
     for i in (0, 4, 11):
         prompt, comp = r.column("prompt")[i], r.column("completion")[i]
         lp, n, last1, mean1 = _reference(model, prompt, comp, 1)
@@ -86,10 +91,10 @@ def test_embed_resumes_and_refuses_other_sets(collected, tmp_path):
     assert main(["embed", str(out), "--layers", "2", "--positions", "mean",
                  "--limit-shards", "1", "--no-progress"]) == 0
     r = Rollouts(out)
-    assert "L2-mean" not in r.feature_sets and r.loglik() is None  # not every shard yet
+    assert "L2-mean" not in r.feature_sets  # not every shard yet
     assert main(["embed", str(out), "--layers", "2", "--positions", "mean", "--no-progress",
                  "--json"]) == 0
     r = Rollouts(out)
-    assert "L2-mean" in r.feature_sets and r.loglik() is not None
+    assert "L2-mean" in r.feature_sets
     assert main(["embed", str(out), "--layers", "0", "--no-progress"]) == 2  # other sets: refused
 

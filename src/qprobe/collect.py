@@ -201,8 +201,8 @@ def _run(lm, task, writer, rows: list[dict], k: int, params: SamplingParams, pre
         for o, rw in zip(out_rows, rewards):
             o["reward"] = None if rw is None else float(rw)
         features = np.stack(feats) if lm.feature_spec is not None else None
-        writer.append(out_rows, features)
-        n_rows += len(out_rows)
+        # Another writer on the same folder may have stored some of these meanwhile: keep theirs.
+        n_rows += writer.append(out_rows, features, skip_stored=True)
         bar.update(len(todo))
         dt = max(time.time() - t_start, 1e-9)
         bar.set_postfix_str(f"{n_tokens / dt:.0f} tok/s", refresh=False)

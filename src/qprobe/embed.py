@@ -187,7 +187,7 @@ def embed_rollouts(cfg: EmbedConfig, model_bundle: tuple | None = None, say=prin
     """Re-encode a rollouts folder (resumable); returns a summary dict.
 
     `model_bundle` = (hf_model, tokenizer, identity) skips loading (tests pass tiny models)."""
-    from qprobe.backends.hf import _Tok, load_hf, resolve_layer
+    from qprobe.backends.hf.model import _Tok, load_hf, resolve_layer
     from qprobe.rollouts import Rollouts
 
     path = Path(cfg.rollouts)
@@ -206,7 +206,7 @@ def embed_rollouts(cfg: EmbedConfig, model_bundle: tuple | None = None, say=prin
     if spec is not None and spec.model != identity + ("+chat" if chat else ""):
         raise QProbeError(f"embed: {path} was collected with {spec.model!r}, this model is "
                           f"{identity!r}; pass --model with the collection's model")
-    from qprobe.backends.decode import decoder_blocks
+    from qprobe.backends.hf.generic import decoder_blocks
 
     blocks = decoder_blocks(hf)
     n_layers = len(blocks)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,50 +46,14 @@ def few_shot_prefix(shots: list[tuple[str, str]]) -> str:
     return "".join(f"{p.rstrip()}\n{c.strip()}\n\n" for p, c in shots)
 
 
-# merge: replace with qprobe.collect.collect_task
-def collect_with_prefix(
-    model: Any,
-    task: Any,
-    split: str,
-    out_dir: Path,
-    params: Any,
-    limit: int | None,
-    prefix: str,
-    say: Any,
-) -> None:
-    """One completion per prompt with `prefix` put before the prompt (the few-shot baseline).
+def collect_with_prefix(model: Any, task: Any, split: str, out_dir: Path, params: Any,
+                        limit: int | None, prefix: str, say: Any) -> None:
+    """One completion per prompt with `prefix` put before the prompt (the few-shot baseline),
+    through the one collection loop (resumable, scored against the original prompt)."""
+    from qprobe.collect import collect_task
 
-    `qprobe.collect` samples a task's own prompts; this is the same loop (resumable, one shard
-    per batch, scored by the task against the original prompt) for prompts with a prefix.
-    """
-    from qprobe.rollouts import RolloutWriter
-
-    rows = task.prompts(split, limit=limit)
-    meta = {"task": task.name, "split": split, "k": 1, "sampling": params.to_dict(),
-            "prefix": prefix, "model": getattr(model, "name", "")}  # fmt: skip
-    w = RolloutWriter(out_dir, meta=meta, feature_spec=model.feature_spec)
-    todo = [r for r in rows if (str(r["id"]), 0) not in w.done]
-    if not todo:
-        say(f"{out_dir.name}: {len(rows)} prompts x 1 already collected")
-        return
-    t0 = time.perf_counter()
-    per_batch = max(1, min(128, getattr(model, "max_batch_rows", 16)))  # one row per prompt
-    for i in range(0, len(todo), per_batch):
-        chunk = todo[i : i + per_batch]
-        samples = model.sample([prefix + r["prompt"] for r in chunk], 1, params)
-        out_rows = [
-            {"prompt_id": str(r["id"]), "sample_idx": 0, "prompt": r["prompt"],
-             "completion": g[0].text, "finish_reason": g[0].finish_reason}
-            for r, g in zip(chunk, samples)
-        ]  # fmt: skip
-        columns = {c: [r.get(c) for r in chunk] for c in chunk[0] if c not in ("id", "prompt")}
-        rewards = task.reward([r["prompt"] for r in chunk], [o["completion"] for o in out_rows],
-                              prompt_id=[o["prompt_id"] for o in out_rows], **columns)  # fmt: skip
-        for o, rew in zip(out_rows, rewards):
-            o["reward"] = None if rew is None else float(rew)
-        feats = None if model.feature_spec is None else np.stack([g[0].feature for g in samples])
-        w.append(out_rows, feats)
-    say(f"{out_dir.name}: {len(todo)} prompts in {time.perf_counter() - t0:.0f}s")
+    collect_task(model, task, split, out_dir, k=1, params=params, limit=limit, prefix=prefix,
+                 batch_prompts=max(1, min(128, model.max_batch_rows)), progress=False, say=say)
 
 
 def baseline_entry(path: Path, n_boot: int, seed: int) -> dict[str, Any]:
