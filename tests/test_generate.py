@@ -97,3 +97,21 @@ def test_cli_generate_all_json(tiny, capsys) -> None:
     assert main(args + ["--all", "--max-new-tokens", "40", "--task", "times-tables"]) == 0
     cands = json.loads(capsys.readouterr().out)["candidates"]
     assert all("\n" not in c["text"] for c in cands)  # the task's stop string "\n" applies
+
+
+def test_policy_with_log_likelihood_inputs_and_greedy_candidate(tiny) -> None:
+    _, model, _, _ = tiny
+    # A probe on the mean token log-probability alone: argmax = the likeliest sample.
+    probe = Probe(1, beta=0.1, objective="pg", extras=("logprob_mean",))
+    with torch.no_grad():
+        probe.net[-1].weight.fill_(1.0)
+    c = best_of_k(model, probe, "ab", k=5, beta=0.0, params=PARAMS, include_greedy=True)
+    greedy = model.sample(["ab"], 1, SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=8,
+                                                    seed=3))[0][0]
+    rest = model.sample(["ab"], 4, PARAMS)[0]
+    assert c.candidates == [greedy.text] + [s.text for s in rest]
+    means = [s.logprob_sum / max(len(s.token_ids), 1) for s in [greedy, *rest]]
+    np.testing.assert_allclose(c.scores, means, rtol=1e-5, atol=1e-5)
+    assert c.chosen == int(np.argmax(means))
+    with pytest.raises(QProbeError, match="k must be >= 2"):
+        QProbePolicy(model, probe, k=1, include_greedy=True)

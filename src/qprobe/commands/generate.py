@@ -36,6 +36,9 @@ class GenerateOptions:
     task: str | None = field(default=None, metadata={
         "help": "also stop at this task's stop strings (e.g. times-tables, mbpp)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling and choice"})
+    include_greedy: bool = field(default=False, metadata={
+        "action": "store_true",
+        "help": "make the greedy completion one of the k candidates (k-1 samples beside it)"})
     all: bool = field(default=False, metadata={
         "action": "store_true",
         "help": "print JSON with every candidate, its score and selection weight"})
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if o.prompt == "-" else o.prompt
     probe = Probe.load(o.probe)
     spec = probe.feature_spec
-    if spec is None:
+    if spec is None and probe.feature_dim:
         raise QProbeError(f"{o.probe}: probe has no feature spec; cannot pick a model layer")
     params = SamplingParams(
         temperature=o.temperature,
@@ -74,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     )
     is_api = not resolve(o.model, o.backend).own_features  # text only: needs an embedder
     embedder = None
-    if o.embedder:
+    if spec is None:  # a probe on log-likelihoods alone: the model's own, no features
+        pass
+    elif o.embedder:
         embedder = load_embedder(o.embedder, layer=spec.layer, position=spec.position)
     elif is_api:
         raise QProbeError(
@@ -86,14 +91,12 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(
             o.model,
             backend=o.backend,
-            layer=spec.layer,
-            position=spec.position,
-            features=embedder is None,
-            feature_dtype=spec.dtype,
+            **({} if spec is None else {"layer": spec.layer, "position": spec.position,
+                                        "feature_dtype": spec.dtype}),
+            features=embedder is None and spec is not None,
         )
-    policy = QProbePolicy(
-        model, probe, k=o.k, beta=o.beta, params=params, embedder=embedder, seed=o.seed
-    )
+    policy = QProbePolicy(model, probe, k=o.k, beta=o.beta, params=params, embedder=embedder,
+                          seed=o.seed, include_greedy=o.include_greedy)
     choice = policy.generate([prompt])[0]
     if o.all:
         print(json.dumps({"beta": policy.beta, "k": policy.k, **choice.to_dict()}, indent=2))

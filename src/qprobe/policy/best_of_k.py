@@ -60,6 +60,10 @@ class QProbePolicy:
     model: the sampling backend. probe: a loaded `qprobe.probe.Probe`. beta: None = the probe's
     own beta; 0 = argmax. embedder: computes features when the model gives none (API models).
     seed: seeds both the sampling (via `params.seed` when `params` is None) and the choice.
+    include_greedy: candidate 0 is the greedy completion, the other k-1 are samples. The choice
+    is then no longer among i.i.d. draws from p0, so the KL-regularised limit of the paper's
+    theorem 4.1 does not apply (see docs/objectives.md); it is a practical floor: with a probe
+    that ranks well, the policy does at least about as well as greedy decoding.
     """
 
     def __init__(
@@ -71,9 +75,11 @@ class QProbePolicy:
         params: SamplingParams | None = None,
         embedder: Embedder | None = None,
         seed: int = 0,
+        include_greedy: bool = False,
     ) -> None:
-        if k < 1:
-            raise QProbeError(f"generate: k must be >= 1, got {k}")
+        if k < 1 + int(include_greedy):
+            raise QProbeError(f"generate: k must be >= {1 + int(include_greedy)}, got {k}")
+        self.include_greedy = bool(include_greedy)
         self.model, self.probe, self.k = model, probe, int(k)
         self.beta = float(probe.beta if beta is None else beta)
         if params is None:
@@ -84,6 +90,8 @@ class QProbePolicy:
         self.embedder = embedder
         self.rng = np.random.default_rng(seed)
         spec = model.feature_spec if embedder is None else embedder.feature_spec
+        if probe.feature_dim == 0:  # a probe on log-likelihoods alone reads no hidden state
+            return
         if spec is None:
             raise QProbeError(
                 f"generate: model {getattr(model, 'name', '?')!r} gives no features; "
@@ -93,16 +101,18 @@ class QProbePolicy:
 
     def generate(self, prompts: list[str]) -> list[Choice]:
         """One `Choice` per prompt (k samples each, scored in one batch)."""
-        samples = self.model.sample(list(prompts), self.k, self.params)
+        samples = self._candidates(list(prompts))
         flat = [s for group in samples for s in group]
-        if self.embedder is not None:
-            reps = [p for p, g in zip(prompts, samples) for _ in g]
-            feats = self.embedder.embed(reps, [s.text for s in flat])  # [P*k, D]
-        else:
-            if any(s.feature is None for s in flat):
-                raise QProbeError("generate: the model returned samples without features")
-            feats = np.stack([s.feature for s in flat])  # [P*k, D]
-        scores = self.probe.score(feats).astype(np.float64)  # [P*k]
+        feats = self._features(prompts, samples, flat) if self.probe.feature_dim else None
+        loglik = None
+        if self.probe.extras:
+            from qprobe.probe import loglik_of
+
+            loglik = loglik_of(flat)
+            if loglik is None:
+                raise QProbeError("generate: this probe reads log-likelihoods, which the model "
+                                  f"{self.model.name!r} did not return")
+        scores = self.probe.score(self.probe.inputs(feats, loglik)).astype(np.float64)  # [P*k]
         out, i = [], 0
         for prompt, group in zip(prompts, samples):
             q = scores[i : i + len(group)]  # [k]
@@ -122,6 +132,26 @@ class QProbePolicy:
         return out
 
 
+    def _candidates(self, prompts: list[str]) -> list[list[Any]]:
+        """k i.i.d. samples per prompt, or the greedy completion and k-1 samples."""
+        if not self.include_greedy:
+            return self.model.sample(prompts, self.k, self.params)
+        import dataclasses
+
+        greedy = self.model.sample(prompts, 1, dataclasses.replace(self.params, temperature=0.0))
+        rest = self.model.sample(prompts, self.k - 1, self.params)
+        return [g + r for g, r in zip(greedy, rest)]
+
+    def _features(self, prompts: list[str], samples: list[list[Any]], flat: list[Any]
+                  ) -> np.ndarray:
+        if self.embedder is not None:
+            reps = [p for p, g in zip(prompts, samples) for _ in g]
+            return self.embedder.embed(reps, [s.text for s in flat])  # [P*k, D]
+        if any(s.feature is None for s in flat):
+            raise QProbeError("generate: the model returned samples without features")
+        return np.stack([s.feature for s in flat])  # [P*k, D]
+
+
 def best_of_k(
     model: LanguageModel,
     probe: Any,
@@ -131,6 +161,8 @@ def best_of_k(
     params: SamplingParams | None = None,
     embedder: Embedder | None = None,
     seed: int = 0,
+    include_greedy: bool = False,
 ) -> Choice:
     """The probe's choice among k samples for one prompt (see `QProbePolicy`)."""
-    return QProbePolicy(model, probe, k, beta, params, embedder, seed).generate([prompt])[0]
+    return QProbePolicy(model, probe, k, beta, params, embedder, seed,
+                        include_greedy).generate([prompt])[0]
