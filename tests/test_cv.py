@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import qprobe.train
-from qprobe.cv import CVGrid, cross_validate, prompt_folds, train_with_cv
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
 from qprobe.rollouts import EMBED_DIR, Rollouts, write_rollouts
 from qprobe.train import TrainConfig
+from qprobe.train.cv import CVGrid, cross_validate, prompt_folds, train_with_cv
 
 SPEC = FeatureSpec(model="m", layer=1, position="last", dim=8)
 

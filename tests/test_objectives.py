@@ -263,3 +263,36 @@ def test_the_registry_refuses_a_second_entry_of_one_name_and_names_unknown_ones(
         objectives.get("nope")
     with pytest.raises(QProbeError, match="objective must be one of"):
         TrainConfig(objective="nope").validate()
+
+
+def test_alpha_policy_gradient_matches_finite_differences():
+    """pi(i) = softmax(Q_i / beta + alpha * m_i) with Q = X w (m: mean token log-prob). The pg
+    loss -mean_g sum_i p_i r_i has dL/dw = -sum_i p_i (r_i - rbar) x_i / (beta G) and
+    dL/dalpha = -sum_i p_i (r_i - rbar) m_i / G (docs/objectives.md); a linear probe with m as an
+    extra input is this policy with alpha = c / beta for m's weight c."""
+    import numpy as np
+    import torch
+
+    from qprobe.train.objectives import pg_loss
+
+    rng = np.random.default_rng(0)
+    G, k, D, beta = 5, 7, 4, 0.3
+    X = torch.tensor(rng.standard_normal((G, k, D)), dtype=torch.float64)
+    m = torch.tensor(rng.normal(-0.5, 0.2, (G, k)), dtype=torch.float64)
+    R = torch.tensor(rng.random((G, k)) < 0.4, dtype=torch.float64)
+    w = torch.tensor(rng.standard_normal(D), dtype=torch.float64)
+    alpha = 1.7
+
+    def loss(w, alpha):
+        return float(pg_loss(X @ w + beta * alpha * m, R, beta))
+
+    p = torch.softmax((X @ w) / beta + alpha * m, dim=-1)  # [G, k]
+    adv = R - (p * R).sum(-1, keepdim=True)
+    g_w = -(p * adv)[..., None].mul(X).sum((0, 1)) / (beta * G)
+    g_a = -float((p * adv * m).sum()) / G
+    eps = 1e-6
+    fd_w = [(loss(w + eps * e, alpha) - loss(w - eps * e, alpha)) / (2 * eps)
+            for e in torch.eye(D, dtype=torch.float64)]
+    fd_a = (loss(w, alpha + eps) - loss(w, alpha - eps)) / (2 * eps)
+    np.testing.assert_allclose(g_w.numpy(), fd_w, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(g_a, fd_a, rtol=1e-6, atol=1e-9)

@@ -122,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
     r = Rollouts(args.rollouts)  # one-line QProbeError on a bad folder
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     if args.cv:
-        from qprobe.cv import CVGrid, train_with_cv
+        from qprobe.train.cv import CVGrid, train_with_cv
 
         grid = CVGrid(feature_sets=args.cv_feature_sets, loglik=args.cv_loglik,
                       weight_decay=args.cv_weight_decay, min_steps=args.cv_min_steps)
         probe, _ = train_with_cv(r, cfg, grid, folds=args.cv, seed=args.cv_seed, log=log)
     else:
-        from qprobe.cv import Candidate, fit
+        from qprobe.train.cv import Candidate, fit
 
         if args.feature_set or args.extras:
             fs = args.feature_set or _own_set(r)

@@ -87,9 +87,9 @@ class ProbesConfig:
     cv: int = field(default=0, metadata={
         "help": "choose each objective's inputs (feature set, log-likelihoods) and regularisation "
                 "by this many folds of cross-validation over the train prompts (0: off; see "
-                "qprobe.cv); every seed then trains the chosen setting"})
+                "qprobe.train.cv); every seed then trains the chosen setting"})
     cv_grid: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "qprobe.cv.CVGrid overrides, e.g. {min_steps: [1000, 10000], loglik: [without, "
+        "help": "qprobe.train.cv.CVGrid overrides, e.g. {min_steps: [1000, 10000], loglik: [without, "
                 "with, only]}"})
 
 

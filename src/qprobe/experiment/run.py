@@ -282,7 +282,7 @@ def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[st
                     prompt_ids=train.prompt_ids,
                 )
             else:
-                from qprobe.cv import fit
+                from qprobe.train.cv import fit
 
                 candidate, table = chosen
                 probe, _hist = fit(tr, candidate, ctx.cfg.train_config(obj, seed))
@@ -296,7 +296,7 @@ def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[st
 def choose_by_cv(ctx: Context, tr: Any, obj: str) -> tuple[Any, dict[str, Any]]:
     """The candidate (inputs, regularisation) that cross-validation over the train prompts
     picks for one objective, and its table (stored in every seed's probe)."""
-    from qprobe.cv import Candidate, CVGrid, cross_validate
+    from qprobe.train.cv import Candidate, CVGrid, cross_validate
 
     grid = CVGrid(**ctx.cfg.probes.cv_grid)
     cv = cross_validate(tr, ctx.cfg.train_config(obj, ctx.cfg.seed), grid,
