@@ -75,3 +75,28 @@ def remove_stale_tmp(folder: str | os.PathLike[str]) -> None:
             p.unlink()
         except FileNotFoundError:  # another process removed it first
             pass
+
+
+def claim_new(path: Path, write: Callable[[IO[bytes]], Any]) -> bool:
+    """Create `path` with the bytes `write(f)` produces, atomically and only if it does not exist
+    yet (False if it does): how several writers take unique names without a lock."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here: O_EXCL claims the name, then the rename fills it
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
-from qprobe.fileio import atomic_write, atomic_write_json, fsync_dir
+from qprobe.fileio import atomic_write, atomic_write_json, claim_new, fsync_dir
 
 FORMAT = "qprobe-rollouts/1"
 EMBED_DIR = "embedded"  # what `qprobe embed` adds: named feature sets and log-likelihoods
@@ -61,30 +61,6 @@ COLUMN_TYPES = {"num_tokens": pa.int64(), "logprob_sum": pa.float32(), "token_id
 NON_IDENTITY_KEYS = {"format", "feature_spec", "created", "updated", "progress", "summary"}
 STALE_SECONDS = 600  # without a lock, leftovers older than this are a crashed writer's
 _SHARD_RE = re.compile(r"^samples-(\d{5,})\.parquet$")
-
-
-def _claim(path: Path, write) -> bool:
-    """Create `path` with the bytes `write(f)` produces, atomically and only if it does not exist."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links here: O_EXCL claims the name, then the rename fills it
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-        os.replace(tmp, path)
-        return True
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _shard_names(i: int) -> tuple[str, str]:
@@ -323,11 +299,11 @@ class RolloutWriter:
         while True:
             samples_name, features_name = _shard_names(index)
             if (self.path / samples_name).exists() or (
-                    features is not None and not _claim(self.path / features_name,
+                    features is not None and not claim_new(self.path / features_name,
                                                         lambda f: np.save(f, features))):
                 index += 1
                 continue
-            if not _claim(self.path / samples_name, lambda f: pq.write_table(table, f)):
+            if not claim_new(self.path / samples_name, lambda f: pq.write_table(table, f)):
                 index += 1  # taken between our check and our claim; our features stay orphaned
                 continue
             fsync_dir(self.path)
