@@ -311,13 +311,13 @@ def _retokenise(tok, text: str, kept: int | None) -> list[int]:
     """Token ids of a stored completion that has no `token_ids` column.
 
     Sampling keeps only the tokens wholly inside the text: when a token straddled a stop string
-    (e.g. "\n\n" before "\nassert"), its first part stays in the text but not in `num_tokens`.
-    Re-tokenising gives that part as extra trailing tokens; whitespace-only ones are dropped so
-    the ids line up with what was sampled (the stored features then match, see check_rel_err)."""
+    (")\n\n" before "\n#"), its first part (")\n") stays in the text but not among the
+    `num_tokens` kept tokens. Re-tokenising the text then gives more tokens than were kept, so the
+    first `num_tokens` are taken (check_rel_err, the recomputed stored feature, confirms it). Fewer
+    tokens than kept means the model sampled a non-canonical split, which text cannot recover."""
     ids = tok.completion_ids(text)
     if kept is not None and len(ids) > int(kept) >= 0:
-        if tok.tokenizer.decode(ids[int(kept):]).strip() == "":
-            ids = ids[: int(kept)]
+        return ids[: int(kept)]
     return ids
 
 
