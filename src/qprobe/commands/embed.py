@@ -7,16 +7,7 @@ import json
 from dataclasses import fields
 from typing import Any
 
-_HELP: dict[str, str] = {}
-
-
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(t) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
-    return parse
+from qprobe.commands.flags import comma_list
 
 
 def register(subparsers: Any) -> None:
@@ -33,8 +24,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("rollouts", nargs="+", help="Rollouts folder(s) to re-encode.")
     p.add_argument("--model", default=None, help=h["model"])
-    p.add_argument("--layers", type=_csv(int), default=None, metavar="N,N,...", help=h["layers"])
-    p.add_argument("--positions", type=_csv(str), default=["last", "mean"], metavar="last,mean",
+    p.add_argument("--layers", type=comma_list(int), default=None, metavar="N,N,...", help=h["layers"])
+    p.add_argument("--positions", type=comma_list(str), default=["last", "mean"], metavar="last,mean",
                    help=h["positions"])
     p.add_argument("--skip-stored", action=argparse.BooleanOptionalAction, default=True,
                    help=h["skip_stored"])

@@ -9,51 +9,10 @@ CLI, the library and `qprobe run` YAML share one definition.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from typing import Any
 
-
-def _parse_ints(text: str) -> tuple[int, ...]:
-    """'256,64' -> (256, 64); '' or 'none' -> () (linear probe)."""
-    text = text.strip()
-    if text.lower() in ("", "none", "linear"):
-        return ()
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
-                    ) -> None:
-    """Add one `--flag` per dataclass field of `cls`, with its help text, type and choices."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict[str, Any] = {"dest": f.name, "default": default,
-                              "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
-        hint = hints[f.name]
-        if hint is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is tuple:
-            kw["type"], kw["metavar"] = _parse_ints, "N,N,..."
-        else:
-            kw["type"] = hint
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, **kw)
-
-
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Build the dataclass `cls` from parsed arguments (fields missing from args keep defaults)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+from qprobe.commands.flags import add_flags, comma_list, from_args
 
 
 def register(subparsers: Any) -> None:
@@ -68,38 +27,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("rollouts", metavar="ROLLOUTS_DIR", help="rollouts folder (qprobe-rollouts/1)")
     p.add_argument("--out", required=True, metavar="PROBE_DIR", help="probe folder to write")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
-    add_config_args(p, TrainConfig)
+    add_flags(p, TrainConfig)
     g = p.add_argument_group("inputs and model selection")
     g.add_argument("--feature-set", default=None, metavar="NAME",
                    help="feature set to train on, e.g. L12-mean (`qprobe embed` adds sets; "
                    "default: the folder's own features; none: only --extras)")
-    g.add_argument("--extras", type=_csv(str), default=[], metavar="NAME,...",
+    g.add_argument("--extras", type=comma_list(str), default=[], metavar="NAME,...",
                    help="log-likelihood inputs after the features: logprob_mean, logprob_sum, "
                    "logprob_tokens (needs log-likelihoods in the folder)")
     g.add_argument("--cv", type=int, default=0, metavar="N",
                    help="choose the feature set, log-likelihood inputs and regularisation by "
                    "N-fold cross-validation over the training prompts (0: off); the table goes "
                    "into the probe's config.json")
-    g.add_argument("--cv-feature-sets", type=_csv(str), default=None, metavar="A,B,...",
+    g.add_argument("--cv-feature-sets", type=comma_list(str), default=None, metavar="A,B,...",
                    help="--cv: feature sets to try (default: every complete set)")
-    g.add_argument("--cv-loglik", type=_csv(str), default=["without", "with", "only"],
+    g.add_argument("--cv-loglik", type=comma_list(str), default=["without", "with", "only"],
                    metavar="MODES", help="--cv: log-likelihood inputs to try: without, with, only")
-    g.add_argument("--cv-weight-decay", type=_csv(float), default=[0.0, 0.1], metavar="X,Y",
+    g.add_argument("--cv-weight-decay", type=comma_list(float), default=[0.0, 0.1], metavar="X,Y",
                    help="--cv: weight decay values to try (default: 0,0.1)")
-    g.add_argument("--cv-min-steps", type=_csv(int), default=[1000, 10000], metavar="N,M",
+    g.add_argument("--cv-min-steps", type=comma_list(int), default=[1000, 10000], metavar="N,M",
                    help="--cv: optimiser step counts to try (default: 1000,10000)")
     g.add_argument("--cv-seed", type=int, default=0, help="--cv: seed of the prompt folds")
     p.set_defaults(func=run)
-
-
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(t) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}"
-                                             ) from None
-    return parse
 
 
 def _own_set(r: Any) -> str:
@@ -117,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from qprobe.rollouts import Rollouts
     from qprobe.train import TrainConfig, arrays_from_rollouts, objectives, train_probe
 
-    cfg = config_from_args(TrainConfig, args)
+    cfg = from_args(TrainConfig, args)
     cfg.validate()
     r = Rollouts(args.rollouts)  # one-line QProbeError on a bad folder
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
