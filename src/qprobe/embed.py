@@ -187,7 +187,7 @@ def embed_rollouts(cfg: EmbedConfig, model_bundle: tuple | None = None, say=prin
     """Re-encode a rollouts folder (resumable); returns a summary dict.
 
     `model_bundle` = (hf_model, tokenizer, identity) skips loading (tests pass tiny models)."""
-    from qprobe.backends.hf.model import _Tok, load_hf, resolve_layer
+    from qprobe.backends.hf.model import _Tok, load_hf
     from qprobe.rollouts import Rollouts
 
     path = Path(cfg.rollouts)
@@ -209,36 +209,9 @@ def embed_rollouts(cfg: EmbedConfig, model_bundle: tuple | None = None, say=prin
     from qprobe.backends.hf.generic import decoder_blocks
 
     blocks = decoder_blocks(hf)
-    n_layers = len(blocks)
-    coll_layer = spec.layer if spec is not None else None
-    if cfg.layers:
-        layers = [resolve_layer(x, n_layers) for x in cfg.layers]
-    else:
-        layers = default_layers(n_layers, coll_layer if coll_layer is not None else resolve_layer(None, n_layers))
-    compute = sorted(set(layers) | ({coll_layer} if coll_layer is not None else set()))
-    dim = int(hf.config.hidden_size)
     ident = identity + ("+chat" if chat else "")
-    sets = {}
-    for layer in layers:
-        for pos in cfg.positions:
-            if cfg.skip_stored and spec is not None and layer == spec.layer and pos == spec.position:
-                continue
-            fs = FeatureSpec(model=ident, layer=layer, position=pos, dim=dim)
-            sets[feature_set_name(fs)] = fs
-    out_dir = path / EMBED_DIR
-    out_dir.mkdir(exist_ok=True)
-    remove_stale_tmp(out_dir)
-    old = read_sets(path)
-    if old and (old.get("model") != ident or any(
-            k in old.get("sets", {}) and old["sets"][k] != v.to_dict() for k, v in sets.items())):
-        raise QProbeError(f"embed: {out_dir} holds sets of another model or spec; delete it to redo")
-    if old and set(old.get("sets", {})) != set(sets) and any(out_dir.glob("loglik-*.parquet")):
-        raise QProbeError(f"embed: {out_dir} was made with sets {sorted(old.get('sets', {}))}, "
-                          f"now {sorted(sets)}; use the same --layers/--positions or delete it")
-    atomic_write_json(out_dir / "sets.json", {"model": ident, "chat": chat,
-                                              "sets": {k: v.to_dict() for k, v in sets.items()}})
-    for name in sets:
-        (out_dir / name).mkdir(exist_ok=True)
+    compute, sets = _plan_sets(cfg, spec, ident, int(hf.config.hidden_size), len(blocks))
+    out_dir = _prepare_dir(path, ident, chat, sets)
     shards = shard_ids(path)[: cfg.limit_shards]
     todo = [s for s in shards if not (out_dir / f"loglik-{s}.parquet").is_file()]
     enc = GroupEncoder(hf, compute, blocks)
@@ -260,9 +233,12 @@ def embed_rollouts(cfg: EmbedConfig, model_bundle: tuple | None = None, say=prin
         n_tok += res["tokens"]
         n_rows += t.num_rows
         mismatched += res["mismatched"]
+        rate = f"{n_tok / (time.perf_counter() - t0):.0f}"
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(tok_s=rate)
+        else:
+            say(f"embed {path.name}: shard {sid} done ({n_rows} rows, {rate} tokens/s)")
     if bar is not None:
         bar.close()
     secs = time.perf_counter() - t0
@@ -272,6 +248,47 @@ def embed_rollouts(cfg: EmbedConfig, model_bundle: tuple | None = None, say=prin
     say(f"embed: {path}: {len(todo)} new shard(s), {n_rows} rows, {n_tok} tokens in {secs:.0f}s"
         + (f", {mismatched} re-tokenised counts differ from num_tokens" if mismatched else ""))
     return summary
+
+
+def _plan_sets(cfg: EmbedConfig, spec: FeatureSpec | None, ident: str, dim: int, n_layers: int
+               ) -> tuple[list[int], dict[str, FeatureSpec]]:
+    """(layers to read, including the collection layer for the check; the sets to store)."""
+    from qprobe.backends.hf.model import resolve_layer
+
+    coll_layer = spec.layer if spec is not None else None
+    if cfg.layers:
+        layers = [resolve_layer(x, n_layers) for x in cfg.layers]
+    else:
+        layers = default_layers(n_layers, coll_layer if coll_layer is not None
+                                else resolve_layer(None, n_layers))
+    compute = sorted(set(layers) | ({coll_layer} if coll_layer is not None else set()))
+    sets = {}
+    for layer in layers:
+        for pos in cfg.positions:
+            if cfg.skip_stored and spec is not None and layer == spec.layer and pos == spec.position:
+                continue
+            fs = FeatureSpec(model=ident, layer=layer, position=pos, dim=dim)
+            sets[feature_set_name(fs)] = fs
+    return compute, sets
+
+
+def _prepare_dir(path: Path, ident: str, chat: bool, sets: dict[str, FeatureSpec]) -> Path:
+    """embedded/ with its sets.json; refuses one made with another model or other sets."""
+    out_dir = path / EMBED_DIR
+    out_dir.mkdir(exist_ok=True)
+    remove_stale_tmp(out_dir)
+    old = read_sets(path)
+    if old and (old.get("model") != ident or any(
+            k in old.get("sets", {}) and old["sets"][k] != v.to_dict() for k, v in sets.items())):
+        raise QProbeError(f"embed: {out_dir} holds sets of another model or spec; delete it to redo")
+    if old and set(old.get("sets", {})) != set(sets) and any(out_dir.glob("loglik-*.parquet")):
+        raise QProbeError(f"embed: {out_dir} was made with sets {sorted(old.get('sets', {}))}, "
+                          f"now {sorted(sets)}; use the same --layers/--positions or delete it")
+    atomic_write_json(out_dir / "sets.json", {"model": ident, "chat": chat,
+                                              "sets": {k: v.to_dict() for k, v in sets.items()}})
+    for name in sets:
+        (out_dir / name).mkdir(exist_ok=True)
+    return out_dir
 
 
 def model_for(cfg: EmbedConfig) -> str:

@@ -94,10 +94,10 @@ class QProbePolicy:
             return
         if spec is None:
             raise QProbeError(
-                f"generate: model {getattr(model, 'name', '?')!r} gives no features; "
+                f"generate: model {model.name!r} gives no features; "
                 "pass an embedder (--embedder) that computes the probe's features"
             )
-        probe.check_features(spec, where=f"model {getattr(model, 'name', '?')!r} vs probe")
+        probe.check_features(spec, where=f"model {model.name!r} vs probe")
 
     def generate(self, prompts: list[str]) -> list[Choice]:
         """One `Choice` per prompt (k samples each, scored in one batch)."""
