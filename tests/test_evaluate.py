@@ -276,3 +276,25 @@ def test_ranking_against_brute_force():
     assert concordance(np.array([1.0, 2.0]), np.array([0.5, 0.5])) is None
     assert concordance(np.array([3.0, 1.0, 2.0]), np.array([1.0, 0.0, 0.5])) == 1.0
     assert ranking(group, rewards * 0.5 + 0.25, scores)["pooled_auc"] is None  # not 0/1
+
+
+def test_with_extra_candidate_reward_exact_and_monte_carlo():
+    """The greedy completion always among the k: exact when k-1 = n, and the Monte Carlo over
+    (k-1)-subsets agrees with enumerating them."""
+    import itertools
+
+    from qprobe.evaluate import with_extra_candidate_reward
+    from qprobe.policy import expected_reward
+
+    rng = np.random.default_rng(0)
+    q = np.array([0.3, -1.0, 2.0, 0.5, 0.1])
+    r = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    g_q, g_r = 1.0, 0.0
+    full = with_extra_candidate_reward(q, r, g_q, g_r, 6, 0.0, rng)
+    assert full == float(expected_reward(np.r_[g_q, q], np.r_[g_r, r], 0.0))  # argmax: q=2.0
+    for beta in (0.0, 0.5):
+        exact = np.mean([float(expected_reward(np.r_[g_q, q[list(c)]], np.r_[g_r, r[list(c)]], beta))
+                         for c in itertools.combinations(range(5), 2)])
+        mc = with_extra_candidate_reward(q, r, g_q, g_r, 3, beta, rng, subsets=20000)
+        assert abs(mc - exact) < 0.01
+    assert with_extra_candidate_reward(q, r, g_q, 0.7, 1, 0.0, rng) == 0.7  # k = 1: greedy only
