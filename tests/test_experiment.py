@@ -155,3 +155,29 @@ def test_shipped_experiment_files_parse(capsys) -> None:
         assert cfg.test and cfg.train.task in tasks.list_tasks()
         assert main(["run", str(f), "--check"]) == 0
         assert json.loads(capsys.readouterr().out)["name"] == cfg.name
+
+
+def test_run_with_embed_cv_rerank_and_greedy_candidate(tmp_path) -> None:
+    """The issue-16 stages on a tiny model: every folder re-encoded, each probe's inputs chosen by
+    CV on train, reranking baselines, paired gains and the greedy completion among candidates."""
+    model_dir = save_tiny(tmp_path / "model")
+    cfg = _config(tmp_path, model_dir,
+                  probes={"objectives": ["pg"], "seeds": [0], "cv": 2,
+                          "cv_grid": {"min_steps": [20], "weight_decay": [0.0]},
+                          "train": {"epochs": 5, "min_steps": 20, "batch_size": 16}},
+                  eval={"ks": [1, 2, 4], "betas": [0.0, 0.1], "beta": 0.1, "n_boot": 100,
+                        "with_greedy": True},
+                  embed={"enabled": True, "layers": [0, 1]}, curve={"sizes": []})
+    res = run_experiment(cfg, progress=False, log=lambda s: None)
+    for name in ("train", "vowels", "greedy-vowels"):
+        r = Rollouts(tmp_path / "run" / "rollouts" / name)
+        assert {"L0-last", "L0-mean", "L1-last", "L1-mean"} <= set(r.feature_sets)
+    t = res["test"]["vowels"]
+    assert {"rerank_mean_logprob", "rerank_sum_logprob"} <= set(t)
+    assert 0.0 <= t["rerank_mean_logprob"]["mean"] <= t["pass@k"]["4"]["mean"] + 1e-9
+    pg = t["probes"]["pg"]
+    assert pg["cv_chosen"] and {"vs_greedy", "vs_rerank_mean_logprob"} <= set(pg["paired"])
+    assert {"beta=0", "beta=0.1"} <= set(pg["with_greedy"])
+    md = (tmp_path / "run" / "report" / "results.md").read_text()
+    assert "rerank by mean token log-prob" in md and "greedy + 3 samples" in md
+    assert "chosen on train" in md
