@@ -387,7 +387,7 @@ class Rollouts:
             raise QProbeError(f"{self.path}: shards have incompatible columns ({e})") from None
         self._feature_shards = feats
         self._shard_rows = [t.num_rows for t in tables]
-        self._set_cache: dict[str, np.ndarray] = {}
+        self._set_cache: dict[str, Any] = {}  # feature sets and log-likelihoods, read once
         self._features: np.ndarray | None = None
         keys = set(zip(self.table.column("prompt_id").to_pylist(), self.table.column("sample_idx").to_pylist()))
         if len(keys) != self.table.num_rows:
@@ -492,6 +492,12 @@ class Rollouts:
         """Each sample's log-likelihood under the model (temperature 1, untruncated):
         {"logprob_sum": [N] float64, "logprob_tokens": [N] int64, "logprob_mean": [N]}, from the
         samples' own columns (recorded while sampling) or else from `qprobe embed`; None if neither."""
+        if "loglik" in self._set_cache:  # read once per Rollouts (CV asks for it per candidate)
+            return self._set_cache["loglik"]
+        self._set_cache["loglik"] = self._read_loglik()
+        return self._set_cache["loglik"]
+
+    def _read_loglik(self) -> dict[str, np.ndarray] | None:
         cols = self.table.column_names
         if "logprob_sum" in cols and self.table.column("logprob_sum").null_count == 0:
             s = self.table.column("logprob_sum").to_numpy().astype(np.float64)

@@ -119,11 +119,13 @@ def _inputs(r: Any, c: Candidate) -> np.ndarray:
     return build_inputs(feats, r.loglik() if c.extras else None, c.extras)
 
 
-def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None, **kw: Any):
-    """Train `base` (a TrainConfig) with candidate `c` on `rows` of rollouts `r` (all: None)."""
+def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
+        x: np.ndarray | None = None, **kw: Any):
+    """Train `base` (a TrainConfig) with candidate `c` on `rows` of rollouts `r` (all: None);
+    `x` is the candidate's input matrix when the caller has built it already."""
     from qprobe.train import train_probe
 
-    x = _inputs(r, c)
+    x = _inputs(r, c) if x is None else x
     group, _ = r.groups()
     rewards = r.rewards
     pids = r.prompt_ids
@@ -156,7 +158,7 @@ def cross_validate(r: Any, base: Any, grid: CVGrid | None = None, folds: int = 5
         per_fold = []
         for f in range(folds):
             tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            probe, _ = fit(r, c, base, tr, data_fingerprint=False)
+            probe, _ = fit(r, c, base, tr, x=x_all, data_fingerprint=False)
             s = probe.score(x_all[te]).astype(np.float64)
             per_fold.append(selection_reward(s, rewards[te], group[te], base.beta))
         m = float(np.mean(per_fold))
