@@ -308,3 +308,17 @@ def test_the_fused_steps_adam_is_torchs(optimizer, wd):
         theirs.step()
     for p, q in zip(a, b):
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_auto_threads_use_one_on_a_busy_machine(monkeypatch):
+    """Two threads only help when both cores are free: on a loaded machine every hand-off waits."""
+    from qprobe.train import threads as th
+
+    cfg = TrainConfig(objective="q")
+    x = torch.zeros(4096, 896, dtype=torch.float16)  # a batch big enough to be split
+    monkeypatch.setattr(th, "cores", lambda: 2)
+    monkeypatch.setattr(th.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert th.step_threads(cfg, x, native=True) == 2
+    monkeypatch.setattr(th.os, "getloadavg", lambda: (2.5, 2.0, 1.0))
+    assert th.step_threads(cfg, x, native=True) == 1
+    assert th.step_threads(TrainConfig(objective="q", threads=2), x, native=True) == 2  # asked for

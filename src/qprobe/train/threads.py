@@ -28,6 +28,17 @@ def cores() -> int:
     return n or 1
 
 
+def busy() -> bool:
+    """Whether the machine already runs about a core's worth of other work per core (1-minute
+    load average >= cores). Then a step split over two threads waits for a descheduled partner
+    at every hand-off, many times slower than one thread (measured in docs/objectives.md). The
+    result is the same bits either way, so the choice only moves time."""
+    try:
+        return os.getloadavg()[0] >= cores()
+    except OSError:  # no load average on this platform
+        return False
+
+
 def setup_threads() -> int:
     """Threads for the setup passes: they are bound by memory traffic, which two cores
     stream faster than one."""
@@ -38,16 +49,16 @@ def step_threads(cfg: TrainConfig, x: torch.Tensor, native: bool) -> int:
     """Threads for the linear step (`native`: in linfit.c): cfg.threads, or (0: auto) one per
     shard when a batch holds enough features to be worth sharing and the process may use that
     many cores: at least NATIVE_PARALLEL_BYTES in linfit.c, PARALLEL_BATCH_BYTES in the torch
-    step. Smaller batches were as fast or faster on one thread (bench/train_speed.py, 2 cores):
-    the hand-over between threads (and in torch the GIL held by small operations) cost what they
-    gain."""
+    step, and the machine is not already busy. Smaller batches were as fast or faster on one
+    thread (bench/train_speed.py, 2 cores): the hand-over between threads (and in torch the GIL
+    held by small operations) cost what they gain."""
     if cfg.hidden:
         return 1
     if cfg.threads:
         return min(cfg.threads, SHARDS)
     batch_bytes = min(cfg.batch_size, len(x)) * x.shape[1] * x.element_size()
     enough = NATIVE_PARALLEL_BYTES if native else PARALLEL_BATCH_BYTES
-    return SHARDS if batch_bytes >= enough and cores() >= SHARDS else 1
+    return SHARDS if batch_bytes >= enough and cores() >= SHARDS and not busy() else 1
 
 
 def torch_threads_for(cfg: TrainConfig, x: torch.Tensor) -> int:
