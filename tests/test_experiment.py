@@ -167,7 +167,8 @@ def test_run_with_embed_cv_rerank_and_greedy_candidate(tmp_path) -> None:
                           "train": {"epochs": 5, "min_steps": 20, "batch_size": 16}},
                   eval={"ks": [1, 2, 4], "betas": [0.0, 0.1], "beta": 0.1, "n_boot": 100,
                         "with_greedy": True},
-                  embed={"enabled": True, "layers": [0, 1]}, curve={"sizes": []})
+                  embed={"enabled": True, "layers": [0, 1]},
+                  curve={"sizes": [4], "subsets": 1, "objective": "pg"})
     res = run_experiment(cfg, progress=False, log=lambda s: None)
     for name in ("train", "vowels", "greedy-vowels"):
         r = Rollouts(tmp_path / "run" / "rollouts" / name)
@@ -181,3 +182,5 @@ def test_run_with_embed_cv_rerank_and_greedy_candidate(tmp_path) -> None:
     md = (tmp_path / "run" / "report" / "results.md").read_text()
     assert "rerank by mean token log-prob" in md and "greedy + 3 samples" in md
     assert "chosen on train" in md
+    assert res["curve"]["inputs"] == pg["cv_chosen"]  # the curve trains what CV chose
+    assert len(res["curve"]["sizes"]["4"]) == 1

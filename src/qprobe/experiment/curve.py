@@ -15,27 +15,33 @@ from qprobe.experiment.config import ExperimentConfig
 
 def learning_curve(
     cfg: ExperimentConfig,
-    feats: np.ndarray,
-    rewards: np.ndarray,
-    group: np.ndarray,
-    n_prompts: int,
+    train: Any,
     test: Any,
-    spec: Any,
+    candidate: Any,
     say: Any,
 ) -> dict[str, Any]:
     """Reward at (k, beta) of probes trained on `subsets` random prompt subsets of each size.
 
-    feats [N, D], rewards [N], group [N] (prompt index < n_prompts): the train rollouts; test: the
-    first test set's `Rollouts`. Returns {"objective", "k", "beta", "sizes": {size: [reward]}}.
+    train, test: the train and first test set's `Rollouts`; candidate: the inputs and steps
+    cross-validation chose for the curve's objective (a `train.cv.Candidate`), or None for the
+    collection feature with the configured training. Returns
+    {"objective", "k", "beta", "inputs", "sizes": {size: [reward]}}.
     """
     from qprobe.evaluate import evaluate_groups
-    from qprobe.train import train_probe
+    from qprobe.rollouts import feature_set_name
+    from qprobe.train.cv import Candidate, _inputs, fit
 
     k, beta = max(cfg.eval.ks), cfg.eval.beta
+    group, prompts = train.groups()
+    n_prompts = len(prompts)
     te_group, _ = test.groups()
-    te_feats, te_rewards = np.asarray(test.features), test.rewards
+    base = cfg.train_config(cfg.curve.objective, 0)
+    c = candidate or Candidate(feature_set_name(train.feature_spec), (), base.weight_decay,
+                               base.min_steps)
+    x_all = _inputs(train, c)  # [N, D (+ extras)], built once for every subset
     rng = np.random.default_rng([cfg.seed, 2])
-    out: dict[str, Any] = {"objective": cfg.curve.objective, "k": k, "beta": beta, "sizes": {}}
+    out: dict[str, Any] = {"objective": cfg.curve.objective, "k": k, "beta": beta,
+                           "inputs": c.label, "sizes": {}}
     for size in cfg.curve.sizes:
         if size > n_prompts:
             say(f"curve: size {size} > {n_prompts} train prompts, skipped")
@@ -44,16 +50,10 @@ def learning_curve(
         for j in range(cfg.curve.subsets):
             chosen = rng.choice(n_prompts, size=size, replace=False)
             rows = np.flatnonzero(np.isin(group, chosen))
-            probe, _ = train_probe(
-                feats[rows],
-                rewards[rows],
-                group[rows],
-                config=cfg.train_config(cfg.curve.objective, j),
-                feature_spec=spec,
-                data_fingerprint=False,
-            )
-            sc = probe.score(te_feats).astype(np.float64)  # [N_test]
-            res = evaluate_groups(te_group, te_rewards, sc, [k], [beta], n_boot=10, seed=cfg.seed)
+            probe, _ = fit(train, c, cfg.train_config(cfg.curve.objective, j), rows, x=x_all,
+                           data_fingerprint=False)
+            sc = probe.score_rollouts(test).astype(np.float64)  # [N_test]
+            res = evaluate_groups(te_group, test.rewards, sc, [k], [beta], n_boot=10, seed=cfg.seed)
             vals.append(res.probe[(k, beta)].mean)
         out["sizes"][str(size)] = vals
         say(f"curve: {size} train prompts -> {np.mean(vals):.3f} (+- {np.std(vals):.3f})")

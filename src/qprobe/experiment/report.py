@@ -41,6 +41,14 @@ def _ci(e: dict[str, Any]) -> str:
     return f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
 
 
+def _cv_note(cfg: dict[str, Any]) -> str:
+    folds = cfg["probes"].get("cv")
+    if not folds:
+        return ""
+    return (f"; each objective's inputs (feature set, log-likelihoods) and steps chosen by "
+            f"{folds}-fold cross-validation over the train prompts (the paired table says which)")
+
+
 def results_markdown(res: dict[str, Any]) -> str:
     """The headline tables: every baseline and probe on every test set, with CIs."""
     cfg = res["config"]
@@ -50,8 +58,8 @@ def results_markdown(res: dict[str, Any]) -> str:
     lines = [
         f"# {res['name']}",
         "",
-        f"Model `{fs['model']}`, features at layer {fs['layer']} ({fs['position']} token, dim "
-        f"{fs['dim']}). Train: `{cfg['train']['task']}` / {cfg['train']['split']}, "
+        f"Model `{fs['model']}`, features collected at layer {fs['layer']} ({fs['position']} "
+        f"token, dim {fs['dim']}){_cv_note(cfg)}. Train: `{cfg['train']['task']}` / {cfg['train']['split']}, "
         f"{res['train']['n_prompts']} prompts x {s['k']} samples. Sampling: temperature "
         f"{s['temperature']}, top-p {s['top_p']}, max {s['max_new_tokens']} new tokens. Probes: "
         f"{', '.join(cfg['probes']['objectives'])} x seeds {cfg['probes']['seeds']}.",
@@ -189,7 +197,7 @@ def _curve_table(res: dict[str, Any]) -> list[str]:
         "",
         f"`{c['objective']}` probes, k = {c['k']}, beta = {c['beta']}, on "
         f"{next(iter(res['test']))}; {res['config']['curve']['subsets']} random prompt subsets "
-        "per size.",
+        f"per size; inputs and steps: {c.get('inputs', 'the collection feature')}.",
         "",
         "| train prompts | mean | min | max |",
         "|---|---|---|---|",

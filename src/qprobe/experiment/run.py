@@ -57,6 +57,7 @@ class Context:
     limit: int | None = None  # cap on every prompt set (smoke runs)
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
+    chosen: dict[str, Any] = field(default_factory=dict)  # objective -> the CV-chosen Candidate
 
     @property
     def out(self) -> Path:
@@ -115,8 +116,8 @@ def run_experiment(
             say(f"evaluated {ts.label}")
         if cfg.curve.sizes:  # the learning curve (figure 2) on the first test set
             first_test = _rollouts(test_dirs[cfg.test[0].label])
-            results["curve"] = learning_curve(cfg, train.features, train.rewards, train.group,
-                                              len(train.prompts), first_test, ctx.spec, say)  # fmt: skip
+            results["curve"] = learning_curve(cfg, _rollouts(train_dir), first_test,
+                                              ctx.chosen.get(cfg.curve.objective), say)
     ctx.timings["total_s"] = time.perf_counter() - t_start
     return write_results(ctx, results, train_dir, train)
 
@@ -271,6 +272,8 @@ def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[st
     probes: dict[tuple[str, int], Any] = {}
     for obj in ctx.cfg.probes.objectives:
         chosen = choose_by_cv(ctx, tr, obj) if ctx.cfg.probes.cv else None
+        if chosen is not None:
+            ctx.chosen[obj] = chosen[0]
         for seed in ctx.cfg.probes.seeds:
             if chosen is None:
                 probe, _hist = train_probe(
