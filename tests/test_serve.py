@@ -141,7 +141,7 @@ def server(assets):
     srv = ServeProcess(["--model", str(assets["folder"]), "--probe", f"good={assets['good_dir']}",
                         "--probe", f"rand={assets['rand_dir']}", "--name", "tiny",
                         "--max-tokens", str(MAX_TOKENS), "--k", "4", "--max-k", "16",
-                        "--max-body-bytes", "65536", "--batch-wait-ms", "5"],
+                        "--max-body-bytes", "65536", "--batch-wait-ms", "5", "--threads", "1"],
                        assets["root"] / "serve.log", env={"QPROBE_API_KEY": KEY})
     yield srv
     srv.stop()
@@ -416,7 +416,7 @@ def test_upstream_server_with_local_embedder(assets, tmp_path) -> None:
         srv = ServeProcess(["--model", llama.url, "--upstream-model", MODEL_ALIAS,
                             "--upstream-key-env", "QPROBE_TEST_UPSTREAM_KEY",
                             "--embedder", str(assets["folder"]), "--probe",
-                            f"good={assets['good_dir']}", "--max-tokens", "6", "--k", "3"],
+                            f"good={assets['good_dir']}", "--max-tokens", "6", "--k", "3", "--threads", "1"],
                            tmp_path / "serve-up.log", env={"QPROBE_TEST_UPSTREAM_KEY":
                                                            upstream_key})
         try:

@@ -62,12 +62,15 @@ class ServeOptions:
     max_queue: int = field(default=64, metadata={
         "help": "requests waiting at most; more get 429 with Retry-After"})
     max_batch: int = field(default=32, metadata={"help": "prompts decoded together at most"})
-    batch_wait_ms: float = field(default=2.0, metadata={
-        "help": "how long the first waiting request waits for others to share its batch"})
+    batch_wait_ms: float = field(default=10.0, metadata={
+        "help": "longest a batch waits for requests still arriving (being read) to join it; "
+                "a lone request starts at once"})
     timeout: float = field(default=600.0, metadata={
         "help": "seconds a request may take, queue included (then 504)"})
     max_body_bytes: int = field(default=1 << 20, metadata={
         "help": "largest request body (then 413)"})
+    threads: int = field(default=0, metadata={
+        "help": "torch CPU threads (0: torch's default; 1 is faster on a crowded machine)"})
     log_requests: bool = field(default=False, metadata={
         "action": "store_true", "help": "log prompts and chosen completions (off by default)"})
     log_level: str = field(default="info", metadata={
@@ -126,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(o.host) and not api_key:
         log.warning("binding %s without an API key: anyone who can reach it can use it", o.host)
 
+    if o.threads < 0:
+        raise QProbeError(f"serve: --threads must be >= 0, got {o.threads}")
+    if o.threads:
+        import torch
+
+        torch.set_num_threads(o.threads)
     upstream = {"model": o.upstream_model, "endpoint": o.upstream_endpoint,
                 "api_key_env": o.upstream_key_env}
     served = load_served(o.model, o.probe, backend=o.backend, embedder=o.embedder, base=o.name,

@@ -236,8 +236,8 @@ class ServeApp:
 
     # -- running
 
-    async def run(self, request: Request, p: Parsed) -> Any:
-        """Queue the request, wait for its result; cancel it on disconnect or timeout."""
+    def enqueue(self, p: Parsed) -> Job:
+        """Queue the request (429 when the queue is full)."""
         loop = asyncio.get_running_loop()
         job = Job(prompts=p.prompts, key=p.key, probe=p.probe, beta=p.beta,
                   future=loop.create_future(), loop=loop)
@@ -247,6 +247,10 @@ class ServeApp:
             raise APIError(429, "the server is busy: its queue is full; retry later",
                            type_="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        return job
+
+    async def wait(self, request: Request, job: Job) -> Any:
+        """The queued request's result; cancel it on disconnect or timeout."""
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({job.future, gone}, timeout=self.limits.timeout_s,
@@ -301,20 +305,25 @@ class ServeApp:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
                       "total_tokens": prompt_tokens + n_tokens},
             "qprobe": {"probe": p.probe.name, "k": p.key.k, "beta": p.beta, "seed": result.seed,
-                       "batch_requests": result.batch_requests, "results": extension},
+                       "batch_requests": result.batch_requests,
+                       "queue_ms": round(result.queued_s * 1e3, 3),
+                       "batch_ms": round(result.batch_s * 1e3, 3), "results": extension},
         }
 
     async def complete(self, request: Request, chat: bool) -> Response:
-        self.check_auth(request)
-        p = self.parse(await self.read_json(request), chat)
+        # While this request is read and checked, the batcher may wait for it (a few ms at
+        # most) rather than start a batch without it.
+        self.batcher.arriving()
+        try:
+            self.check_auth(request)
+            p = self.parse(await self.read_json(request), chat)
+            job = self.enqueue(p)  # before any streaming starts: a full queue is a real 429
+        finally:
+            self.batcher.arrived()
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         if not p.stream:
-            return JSONResponse(self.body(p, await self.run(request, p), chat, rid))
-        # Queue first (so a full queue is a real 429), then stream once the choice is made.
-        task = asyncio.ensure_future(self.run(request, p))
-        await asyncio.sleep(0)
-        if task.done() and task.exception() is not None:
-            raise task.exception()
+            return JSONResponse(self.body(p, await self.wait(request, job), chat, rid))
+        task = asyncio.ensure_future(self.wait(request, job))
         return StreamingResponse(self._events(p, task, chat, rid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 

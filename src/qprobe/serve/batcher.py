@@ -74,17 +74,21 @@ class Result:
     samples: list[list[Any]]  # [prompt][k] backend Samples
     seed: int
     batch_requests: int  # requests that shared this request's sample call
+    queued_s: float  # from submit to the start of its batch
+    batch_s: float  # the batch's sample call, scoring and choice
 
 
 class Batcher:
     """A bounded queue and one worker thread calling `served.model.sample` in batches.
 
     max_queue: most waiting requests (beyond them: QueueFull). max_batch: most prompts in one
-    sample call. wait_s: how long the worker waits for more requests after the first arrives.
+    sample call. wait_s: how long the worker waits for more requests after the first, and only
+    while other requests are arriving (`arriving()` was called for them and they are not yet
+    submitted): a lone request starts at once.
     """
 
     def __init__(self, served: Any, max_queue: int = 64, max_batch: int = 32,
-                 wait_s: float = 0.002) -> None:
+                 wait_s: float = 0.010) -> None:
         self.served = served
         self.max_queue, self.max_batch, self.wait_s = int(max_queue), int(max_batch), float(wait_s)
         self._cv = threading.Condition()
@@ -94,11 +98,23 @@ class Batcher:
         self.stats = {"batches": 0, "requests": 0, "cancelled": 0, "max_batch_requests": 0,
                       "rejected": 0}
         self.running = 0
+        self._arriving = 0  # requests being read and checked, not yet submitted
         self._thread = threading.Thread(target=self._work, name="qprobe-serve-batcher",
                                         daemon=True)
         self._thread.start()
 
     # -- event-loop side
+
+    def arriving(self) -> None:
+        """A request is being read: the worker may wait for it (call `arrived` when done)."""
+        with self._cv:
+            self._arriving += 1
+
+    def arrived(self) -> None:
+        """The request announced by `arriving` was submitted or refused."""
+        with self._cv:
+            self._arriving -= 1
+            self._cv.notify()
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -142,10 +158,12 @@ class Batcher:
                 self._cv.wait()
             if self._closed:
                 return None
-            first = self._queue[0]
-        if self.wait_s > 0:
-            time.sleep(self.wait_s)
-        with self._cv:
+            deadline = time.monotonic() + self.wait_s
+            while self._arriving > 0 and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
             if not self._queue:
                 return []
             first = self._queue[0]
@@ -171,7 +189,7 @@ class Batcher:
                 continue
             t0 = time.monotonic()
             try:
-                self._run(batch)
+                self._run(batch, t0)
             except BaseException as e:  # noqa: BLE001 - delivered to the requests, never fatal
                 log.warning("batch of %d request(s) failed: %s", len(batch), type(e).__name__)
                 for job in batch:
@@ -182,7 +200,7 @@ class Batcher:
                 dt = time.monotonic() - t0
                 self._batch_s = 0.8 * self._batch_s + 0.2 * dt
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job], t0: float) -> None:
         from qprobe.backends.base import SamplingParams
         from qprobe.policy import QProbePolicy
 
@@ -206,7 +224,8 @@ class Batcher:
                                       params=params, embedder=self.served.embedder, seed=seed)
                 rng = np.random.default_rng(seed)  # as best_of_k(..., seed=seed) would
                 choices = policy.select(job.prompts, mine, rngs=[rng] * len(job.prompts))
-                _deliver(job, result=Result(choices, mine, seed, len(batch)))
+                _deliver(job, result=Result(choices, mine, seed, len(batch), t0 - job.enqueued,
+                                            time.monotonic() - t0))
             except BaseException as e:  # noqa: BLE001
                 _deliver(job, error=e)
 
