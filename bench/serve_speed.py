@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,7 +114,6 @@ def main() -> int:
                 return 1
             time.sleep(0.2)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    params = SamplingParams(max_new_tokens=a.max_tokens, seed=0)
 
     def served(prompt: str, seed: int | None = 0):
         return client.completions.create(model="m:p", prompt=prompt, seed=seed,
