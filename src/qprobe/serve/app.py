@@ -295,7 +295,7 @@ class ServeApp:
             if self.limits.log_requests:
                 log.info("prompt %r -> %r (candidate %d of %d)", choice.prompt, choice.text,
                          choice.chosen, len(group))
-        prompt_tokens = sum(self.served.prompt_tokens(x) for x in p.prompts)
+        prompt_tokens = result.prompt_tokens
         return {
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",

@@ -74,6 +74,7 @@ class Result:
     samples: list[list[Any]]  # [prompt][k] backend Samples
     seed: int
     batch_requests: int  # requests that shared this request's sample call
+    prompt_tokens: int  # the prompts' tokens as the model reads them (0 if unknown)
     queued_s: float  # from submit to the start of its batch
     batch_s: float  # the batch's sample call, scoring and choice
 
@@ -224,8 +225,10 @@ class Batcher:
                                       params=params, embedder=self.served.embedder, seed=seed)
                 rng = np.random.default_rng(seed)  # as best_of_k(..., seed=seed) would
                 choices = policy.select(job.prompts, mine, rngs=[rng] * len(job.prompts))
-                _deliver(job, result=Result(choices, mine, seed, len(batch), t0 - job.enqueued,
-                                            time.monotonic() - t0))
+                # tokenised here: the tokenizer is not safe to share across threads
+                n_prompt = sum(self.served.prompt_tokens(p) for p in job.prompts)
+                _deliver(job, result=Result(choices, mine, seed, len(batch), n_prompt,
+                                            t0 - job.enqueued, time.monotonic() - t0))
             except BaseException as e:  # noqa: BLE001
                 _deliver(job, error=e)
 
