@@ -235,7 +235,7 @@ class Batcher:
 
 def _deliver(job: Job, result: Result | None = None, error: BaseException | None = None) -> None:
     def put() -> None:
-        if job.future.done():
+        if job.future.done() or job.cancelled:  # nobody waits for a cancelled job's answer
             return
         if error is not None:
             job.future.set_exception(error)
