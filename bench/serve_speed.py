@@ -107,13 +107,15 @@ def main() -> int:
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    for _ in range(600):
+    deadline = time.monotonic() + 900  # a model load on a crowded machine can take minutes
+    while True:
         try:
             with opener.open(url + "/health", timeout=2):
                 break
         except OSError:
-            if proc.poll() is not None:
-                print((work / "serve.log").read_text()[-3000:])
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                print("qprobe serve did not start:\n" + (work / "serve.log").read_text()[-3000:])
                 return 1
             time.sleep(0.2)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)

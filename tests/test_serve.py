@@ -97,7 +97,7 @@ class ServeProcess:
     """`python -m qprobe serve ...` on a free loopback port, stopped at teardown."""
 
     def __init__(self, args: list[str], log_path, env: dict | None = None,
-                 ready_s: float = 180.0) -> None:
+                 ready_s: float = 300.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -122,7 +122,8 @@ class ServeProcess:
         raise RuntimeError("qprobe serve not ready:\n" + self.log())
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
@@ -403,6 +404,42 @@ def test_requests_arriving_together_are_decoded_together(inproc, assets) -> None
 
 
 # ----------------------------------------------------------------------------- upstream
+
+
+def test_upstream_mode_on_the_module_server(server, assets, monkeypatch) -> None:
+    """An API model: the module's server is the upstream (it is OpenAI-compatible), features
+    come from a local embedder; served in this process on loopback."""
+    from qprobe.serve.models import load_served
+
+    monkeypatch.setenv("QPROBE_TEST_UPSTREAM_KEY", KEY)
+    served = load_served(server.url, [f"good={assets['good_dir']}"],
+                         embedder=str(assets["folder"]),
+                         upstream={"model": "tiny:rand", "api_key_env": "QPROBE_TEST_UPSTREAM_KEY",
+                                   "backoff": 0.01, "max_retries": 1})
+    assert served.ids() == ["tiny-rand", "tiny-rand:good"]
+    app = build_app(served, ServeLimits(k=3, max_tokens=MAX_TOKENS), api_key=None)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        _until(lambda: srv.started)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                          timeout=60)
+        r = c.completions.create(model="tiny-rand:good", prompt="gh w", n=3, seed=4,
+                                 extra_body={"beta": 0})
+        res = r.model_extra["qprobe"]["results"][0]
+        assert len(res["scores"]) == 3 and res["chosen"] == int(np.argmax(res["scores"]))
+        texts = [ch.text for ch in r.choices]  # candidates returned[0..2]
+        feats = assets["model"].embedder().embed(["gh w"] * 3, texts)
+        want = assets["good"].score(feats)
+        got = [res["scores"][j] for j in res["returned"]]
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+        assert r.usage.prompt_tokens == 0  # the upstream's tokenizer is not known here
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
 
 
 @pytest.mark.slow
