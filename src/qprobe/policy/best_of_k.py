@@ -101,7 +101,15 @@ class QProbePolicy:
 
     def generate(self, prompts: list[str]) -> list[Choice]:
         """One `Choice` per prompt (k samples each, scored in one batch)."""
-        samples = self._candidates(list(prompts))
+        return self.select(list(prompts), self._candidates(list(prompts)))
+
+    def select(self, prompts: list[str], samples: list[list[Any]],
+               rngs: list[np.random.Generator] | None = None) -> list[Choice]:
+        """Score given candidates (samples[i]: the k samples of prompts[i]) and choose one per
+        prompt. rngs: one generator per prompt for the choice (default: the policy's own), so a
+        caller that batches unrelated prompts (the server) chooses as separate calls would."""
+        if rngs is not None and len(rngs) != len(prompts):
+            raise QProbeError(f"select: {len(prompts)} prompts but {len(rngs)} generators")
         flat = [s for group in samples for s in group]
         feats = self._features(prompts, samples, flat) if self.probe.feature_dim else None
         loglik = None
@@ -114,10 +122,10 @@ class QProbePolicy:
                                   f"{self.model.name!r} did not return")
         scores = self.probe.score(self.probe.inputs(feats, loglik)).astype(np.float64)  # [P*k]
         out, i = [], 0
-        for prompt, group in zip(prompts, samples):
+        for n, (prompt, group) in enumerate(zip(prompts, samples)):
             q = scores[i : i + len(group)]  # [k]
             i += len(group)
-            j = choose(q, self.beta, self.rng)
+            j = choose(q, self.beta, self.rng if rngs is None else rngs[n])
             out.append(
                 Choice(
                     prompt=prompt,
@@ -130,7 +138,6 @@ class QProbePolicy:
                 )
             )
         return out
-
 
     def _candidates(self, prompts: list[str]) -> list[list[Any]]:
         """k i.i.d. samples per prompt, or the greedy completion and k-1 samples."""
