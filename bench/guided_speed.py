@@ -53,7 +53,7 @@ def main() -> None:
 
     from qprobe.backends import SamplingParams, load_model
     from qprobe.backends.hf import load_hf
-    from qprobe.policy.guided import GuidedSampler, GuideConfig
+    from qprobe.policy.guided import GuideConfig, GuidedSampler
     from qprobe.policy.heads import RewardHead, tokenizer_identity
 
     torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ from qprobe.backends import SamplingParams
 from qprobe.backends.hf import HFLanguageModel
 from qprobe.backends.hf.sampling import candidate_probs, sample_candidates
 from qprobe.errors import QProbeError
-from qprobe.policy.guided import GuidedHook, GuidedSampler, GuideConfig, KVTrunk, guided_candidates
+from qprobe.policy.guided import GuideConfig, GuidedHook, GuidedSampler, KVTrunk, guided_candidates
 from qprobe.policy.head_train import (
     FitConfig,
     distill_arm,
@@ -172,9 +172,20 @@ def test_rad_trunk_states_equal_a_full_forward_of_prefix_plus_candidate(lm, tok,
     assert checked >= 3
 
 
-def test_arm_separate_trunk_states_equal_a_full_forward(lm, tok, trunk):
-    head = random_head("arm", rm_spec(lm), tok)
-    g = GuidedSampler(lm, head, GuideConfig(beta=4.0, top_k=4), trunk)
+@pytest.mark.parametrize("where", ["other-model", "own-model-other-block"])
+def test_arm_trunk_states_equal_a_full_forward(lm, tok, trunk, where):
+    """ARM on a trunk (another model, or the sampling model read at another block than the
+    loop's): the KV-cached prefix states equal a plain forward's, and beta = 0 changes nothing."""
+    from qprobe.features import FeatureSpec
+
+    if where == "other-model":
+        spec, layer, model, given = rm_spec(lm), LAYER, trunk[0], trunk
+    else:
+        spec = FeatureSpec(model="tiny", layer=2, dim=64, dtype="float32")
+        layer, model, given = 2, lm.model, None
+    head = random_head("arm", spec, tok)
+    g = GuidedSampler(lm, head, GuideConfig(beta=4.0, top_k=4), given)
+    assert g.method == "arm-trunk"
     seen = []
     orig = KVTrunk.prefix_hidden
 
@@ -190,7 +201,11 @@ def test_arm_separate_trunk_states_equal_a_full_forward(lm, tok, trunk):
         KVTrunk.prefix_hidden = orig
     for prompt, tokens, h in seen[1::2]:
         seqs = [lm.tok.prompt_ids(PROMPTS[p]) + list(t) for p, t in zip(prompt, tokens)]
-        assert torch.allclose(h, _hidden_of(trunk[0], LAYER, seqs), atol=2e-4, rtol=1e-4)
+        assert torch.allclose(h, _hidden_of(model, layer, seqs), atol=2e-4, rtol=1e-4)
+    zero = GuidedSampler(lm, head, GuideConfig(beta=0.0, top_k=4), given)
+    ref = lm.sample(PROMPTS, 2, SamplingParams(top_k=4, **PARAMS))
+    out = zero.sample(PROMPTS, 2, SamplingParams(**PARAMS))
+    assert [[s.token_ids for s in gr] for gr in ref] == [[s.token_ids for s in gr] for gr in out]
 
 
 def test_guidance_raises_the_reward_it_is_given(lm, tok):

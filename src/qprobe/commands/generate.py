@@ -129,7 +129,7 @@ def _guided(o: GenerateOptions, prompt: str) -> int:
     from qprobe.backends import SamplingParams, load_model, resolve
     from qprobe.backends.hf import load_hf
     from qprobe.errors import QProbeError
-    from qprobe.policy.guided import GuidedSampler, GuideConfig
+    from qprobe.policy.guided import GuideConfig, GuidedSampler
     from qprobe.policy.heads import RewardHead
     from qprobe.tasks import get_task
 
@@ -143,6 +143,7 @@ def _guided(o: GenerateOptions, prompt: str) -> int:
     if spec is None:
         raise QProbeError(f"{o.guide}: the head has no feature spec")
     chat = spec.model.endswith("+chat") if o.chat is None else o.chat
+    # At the head's block, an ARM head on this model reads the loop's own state (no extra pass).
     model = load_model(o.model, backend=o.backend, layer=spec.layer, chat=chat, features=False)
     trunk = None
     if spec.model != model._spec.model:  # a head on another model's states: load that one

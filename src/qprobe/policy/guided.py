@@ -206,8 +206,9 @@ class GuidedSampler:
 
     trunk: the reward model as (transformers model, tokenizer, identity), when the head was
     trained on another model's hidden states; None when it reads the sampling model's own (its
-    feature spec names that model). An ARM head on the own model costs no extra forward; a RAD
-    head on the own model runs the model's own trunk on the k candidates.
+    feature spec names that model). An ARM head on the own model at the loop's feature block
+    costs no extra forward (`own`); at another block the model runs as its own trunk beside the
+    loop, up to that block. A RAD head always runs a trunk on the k candidates.
 
         sampler = GuidedSampler(model, RewardHead.load("heads/arm"), GuideConfig(beta=5))
         samples = sampler.sample(prompts, k=4, params)    # like model.sample
@@ -229,11 +230,13 @@ class GuidedSampler:
                 raise QProbeError(
                     f"guide: the head reads hidden states of {spec.model!r}, not of the sampling "
                     f"model {own_name!r}; give its reward model (--reward-model)")
-            if spec.layer != model.layer:
-                raise QProbeError(f"guide: the head reads block {spec.layer}; load the model with "
-                                  f"layer={spec.layer} (it reads block {model.layer})")
+            if not 0 <= spec.layer < model.n_layers:
+                raise QProbeError(f"guide: the head reads block {spec.layer}; the model has "
+                                  f"{model.n_layers}")
+            # The model is its own reward trunk; at the loop's feature block an ARM head reads
+            # the state the loop computes anyway, at another block the trunk runs beside it.
             self.dec, hf = model._dec, model.model
-            self.own = True
+            self.own = spec.layer == model.layer
         else:
             hf, tokenizer, identity = trunk
             ident = identity + ("+chat" if model.chat else "")
@@ -259,7 +262,7 @@ class GuidedSampler:
 
     @property
     def method(self) -> str:
-        return f"{self.head.kind}-{'own' if self.own else 'separate'}"
+        return f"{self.head.kind}-{'own' if self.own else 'trunk'}"
 
     def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
         """k guided samples per prompt (as `HFLanguageModel.sample`)."""
