@@ -60,11 +60,13 @@ def test_train_head_then_generate_guided(setup, kind, capsys):
 def test_distill_arm_from_rad_on_the_command_line(setup, capsys):
     root, _ = setup
     main(["train-head", str(root / "roll"), "--out", str(root / "rad"), "--kind", "rad",
-          "--label-threshold", "0.3", "--epochs", "2", "--quiet"])
+          "--layer", "-1", "--label-threshold", "0.3", "--epochs", "2", "--quiet"])
     rc = main(["train-head", str(root / "roll"), "--out", str(root / "arm-d"), "--kind", "arm",
                "--rank", "4", "--distill-from", str(root / "rad"), "--epochs", "2", "--quiet"])
     assert rc == 0
-    assert RewardHead.load(root / "arm-d").info["training"]["distill_from"] == str(root / "rad")
+    head = RewardHead.load(root / "arm-d")  # reads block 1, its teacher block 2
+    assert head.info["training"]["distill_from"] == str(root / "rad")
+    assert (head.feature_spec.layer, RewardHead.load(root / "rad").feature_spec.layer) == (1, 2)
     capsys.readouterr()
 
 

@@ -255,6 +255,7 @@ class GuidedSampler:
         if head.kind == "rad" and not isinstance(self.dec, FastDecoder):
             raise QProbeError("guide: RAD needs a Llama-family reward model (llama, mistral, "
                               "qwen2) to share the prompt cache over the candidates")
+        self.head = head = head.to(self.dec.device)
         head.bind(hf.get_output_embeddings().weight.detach())
         self.calls = 0  # reward-trunk token-forwards during decoding (prompt prefills apart)
         self.prefill_tokens = 0

@@ -16,7 +16,9 @@ class HeadConfig:
     rank: int = field(default=64, metadata={"help": "arm: rank of W (the width: full rank)"})
     model: str | None = field(default=None, metadata={
         "help": "trunk model whose hidden states the head reads (default: the rollouts' model, "
-                "which makes it an own-hidden-state head)"})
+                "which makes it an own-hidden-state head); it must use the rollouts' tokenizer "
+                "(the stored token ids are read as they are; decoding checks the head's "
+                "tokenizer against the sampling model's)"})
     layer: int | None = field(default=None, metadata={
         "help": "block the head reads (default: the rollouts' feature layer; negative: from "
                 "the top)"})
@@ -26,7 +28,7 @@ class HeadConfig:
         "choices": ["sigmoid", "identity"], "help": "reward = link(raw head output)"})
     distill_from: str | None = field(default=None, metadata={
         "help": "arm only: fit the head to this rad head's scores of prefix + next token "
-                "instead of to the labels (the rad head must read the same model and block)"})
+                "instead of to the labels (the rad head must read the same model, at any block)"})
     epochs: int = field(default=30, metadata={"help": "passes over all token positions"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
     batch: int = field(default=4096, metadata={"help": "token positions per step"})

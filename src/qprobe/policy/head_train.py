@@ -314,16 +314,19 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
         teacher = RewardHead.load(cfg.distill_from)
         if teacher.kind != "rad":
             raise QProbeError(f"{cfg.distill_from}: distillation needs a rad head as the teacher")
-        if teacher.feature_spec is None or not teacher.feature_spec.same_features(spec):
-            raise QProbeError(f"{cfg.distill_from}: the teacher reads {teacher.feature_spec}; "
-                              f"distillation here needs the same model and block as the student")
+        ts = teacher.feature_spec
+        if ts is None or ts.model != spec.model or int(ts.dim) != dim:
+            raise QProbeError(f"{cfg.distill_from}: the teacher reads {ts}; distillation here "
+                              f"needs a teacher on the student's model {spec.model!r}")
         teacher.check_model(tokenizer, dim, str(cfg.distill_from))
         link = teacher.link
     head = RewardHead(cfg.kind, dim, rank=min(cfg.rank, dim), link=link, feature_spec=spec,
                       tokenizer=tokenizer_identity(tokenizer), trunk=trunk_name)
     t0 = time.perf_counter()
     if teacher is not None:
-        loss = distill_arm(states, teacher_rad_raw(states, teacher), head, fit, emb, say)
+        t_states = states if teacher.feature_spec.layer == layer else token_states(
+            hf, teacher.feature_spec.layer, p_ids, comps)  # the teacher's block, same positions
+        loss = distill_arm(states, teacher_rad_raw(t_states, teacher), head, fit, emb, say)
     elif cfg.kind == "rad":
         loss = fit_rad(states, labels, head, fit, say)
     else:
