@@ -60,7 +60,10 @@ class SamplingParams:
             raise QProbeError(f"sampling: stop strings must be non-empty strings, got {self.stop!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["top_k"]:  # off: left out, so rollouts made before top-k existed still resume
+            d.pop("top_k")
+        return d
 
 
 @dataclass

@@ -141,11 +141,13 @@ class FitConfig:
 
 
 def _scale(h: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Per-dimension root mean square of the training states (no centring: an ARM head stays
-    exactly bilinear in h), floored so a dead dimension does not blow up."""
-    x = h[rows].astype(np.float32)
+    """Per-dimension root mean square of the training states times sqrt(D), so scaled states
+    have about unit norm and one Adam step moves the output by about lr whatever the width (no
+    centring: an ARM head stays exactly bilinear in h); floored so a dead dimension does not
+    blow up."""
+    x = h[rows[:: max(1, len(rows) // 200_000)]].astype(np.float32)
     rms = np.sqrt((x * x).mean(0))
-    return np.maximum(rms, 1e-3 * max(float(rms.max()), 1e-12))
+    return np.maximum(rms, 1e-3 * max(float(rms.max()), 1e-12)) * np.sqrt(h.shape[1])
 
 
 def _fit(head: RewardHead, pred, rows: np.ndarray, target: np.ndarray, weight: np.ndarray,
