@@ -223,9 +223,9 @@ class GuidedSampler:
         spec = head.feature_spec
         if spec is None:
             raise QProbeError("guide: the head has no feature spec (which model and layer it reads)")
-        head.check_model(model.tok.tokenizer, int(model.model.config.hidden_size), "guide")
         own_name = model._spec.model
         if trunk is None:
+            head.check_model(model.tok.tokenizer, int(model.model.config.hidden_size), "guide")
             if spec.model != own_name:
                 raise QProbeError(
                     f"guide: the head reads hidden states of {spec.model!r}, not of the sampling "
@@ -243,9 +243,9 @@ class GuidedSampler:
             if ident != spec.model:
                 raise QProbeError(f"guide: the head was trained on {spec.model!r}; the reward "
                                   f"model given is {ident!r}")
+            head.check_model(tokenizer, int(hf.config.hidden_size), "guide (reward model)")
             if tokenizer_identity(tokenizer) != tokenizer_identity(model.tok.tokenizer):
                 raise QProbeError("guide: the reward model's tokenizer is not the sampling model's")
-            head.check_model(tokenizer, int(hf.config.hidden_size), "guide (reward model)")
             n_layers = len(decoder_blocks(hf))
             if not 0 <= spec.layer < n_layers:
                 raise QProbeError(f"guide: the head reads block {spec.layer}; the reward model "
