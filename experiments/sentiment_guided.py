@@ -276,7 +276,8 @@ def frontier(results: list[dict], path: Path) -> None:
         err = [[r["positive"] - r["positive_ci"][0] for r in rs],
                [r["positive_ci"][1] - r["positive"] for r in rs]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=key)
-    ax.set_xlabel("perplexity of the continuation (scoring model)")
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity of the continuation (scoring model, log scale)")
     ax.set_ylabel("positive continuations")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
