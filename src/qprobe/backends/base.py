@@ -30,6 +30,10 @@ class SamplingParams:
         default=defaults.TOP_P,
         metadata={"help": "Nucleus sampling: keep the smallest top set with this mass."},
     )
+    top_k: int = field(
+        default=0,
+        metadata={"help": "Keep only the k most likely next tokens before top-p (0: no top-k)."},
+    )
     max_new_tokens: int = field(
         default=defaults.MAX_NEW_TOKENS,
         metadata={"help": "Upper bound on generated tokens per completion."},
@@ -48,13 +52,18 @@ class SamplingParams:
             raise QProbeError(f"sampling: temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise QProbeError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) < 0:
+            raise QProbeError(f"sampling: top_k must be >= 0 (0: off), got {self.top_k}")
         if int(self.max_new_tokens) < 1:
             raise QProbeError(f"sampling: max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise QProbeError(f"sampling: stop strings must be non-empty strings, got {self.stop!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["top_k"]:  # off: left out, so rollouts made before top-k existed still resume
+            d.pop("top_k")
+        return d
 
 
 @dataclass

@@ -319,6 +319,8 @@ class OpenAIBackend(LanguageModel):
             "top_p": float(params.top_p),
             "seed": seed,
         }
+        if params.top_k:  # not in OpenAI's API; vLLM and llama.cpp servers read it
+            body["top_k"] = int(params.top_k)
         if params.stop:
             body["stop"] = list(params.stop)[: self.config.max_stop]
         if self.config.endpoint == "chat":

@@ -1,4 +1,5 @@
-"""`qprobe generate`: sample k completions, score them with a probe, print the chosen one."""
+"""`qprobe generate`: best-of-k with a probe (sample k, score, print the choice), or
+reward-guided decoding with a token-level head (`--guide HEAD --beta B`)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,25 @@ class GenerateOptions:
     backend: str | None = field(default=None, metadata={
         "help": "backend: hf or openai (default: openai for an http(s):// --model, else hf)"})
     probe: str = field(default="", metadata={
-        "required": True, "metavar": "PROBE_DIR", "help": "trained probe folder"})
-    k: int = field(default=8, metadata={"help": "number of candidates"})
+        "metavar": "PROBE_DIR", "help": "trained probe folder (best-of-k)"})
+    guide: str = field(default="", metadata={
+        "metavar": "HEAD_DIR", "help": "reward head (qprobe train-head): guided decoding instead "
+                                       "of best-of-k; --beta is then the reward weight"})
+    k: int = field(default=8, metadata={
+        "help": "number of candidates (with --guide: guided samples drawn; --all prints them)"})
     beta: float | None = field(default=None, metadata={
-        "help": "selection temperature; 0 = argmax (default: the probe's beta)"})
+        "help": "selection temperature; 0 = argmax (default: the probe's beta); with --guide: "
+                "logits + beta * r on the top-k (required)"})
+    guide_top_k: int = field(default=20, metadata={
+        "help": "--guide: next-token candidates scored per step"})
+    inverse: bool = field(default=False, metadata={
+        "action": "store_true", "help": "--guide: steer away from the reward (1 - r)"})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "--guide: the model a head on another model's states reads (default: the one "
+                "recorded in the head)"})
+    chat: bool | None = field(default=None, metadata={
+        "help": "--guide: wrap the prompt in the chat template (default: as the head was "
+                "trained)"})
     embedder: str | None = field(default=None, metadata={
         "help": "local model computing the features when --model is an API server"})
     temperature: float = field(default=TEMPERATURE, metadata={"help": "sampling temperature"})
@@ -64,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
     o = from_args(GenerateOptions, args)
     prompt = sys.stdin.read() if o.prompt == "-" else o.prompt
+    if bool(o.probe) == bool(o.guide):
+        raise QProbeError("generate: give --probe PROBE_DIR (best-of-k) or --guide HEAD_DIR")
+    if o.guide:
+        return _guided(o, prompt)
     probe = Probe.load(o.probe)
     spec = probe.feature_spec
     if spec is None and probe.feature_dim:
@@ -102,4 +122,44 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"beta": policy.beta, "k": policy.k, **choice.to_dict()}, indent=2))
     else:
         print(choice.text)
+    return 0
+
+
+def _guided(o: GenerateOptions, prompt: str) -> int:
+    from qprobe.backends import SamplingParams, load_model, resolve
+    from qprobe.backends.hf import load_hf
+    from qprobe.errors import QProbeError
+    from qprobe.policy.guided import GuideConfig, GuidedSampler
+    from qprobe.policy.heads import RewardHead
+    from qprobe.tasks import get_task
+
+    if o.beta is None:
+        raise QProbeError("generate: --guide needs --beta (the reward weight; 0: plain top-k)")
+    if not resolve(o.model, o.backend).own_features:
+        raise QProbeError("generate: --guide runs inside the local decode loop; --model must be "
+                          "a local model")
+    head = RewardHead.load(o.guide)
+    spec = head.feature_spec
+    if spec is None:
+        raise QProbeError(f"{o.guide}: the head has no feature spec")
+    chat = spec.model.endswith("+chat") if o.chat is None else o.chat
+    # At the head's block, an ARM head on this model reads the loop's own state (no extra pass).
+    model = load_model(o.model, backend=o.backend, layer=spec.layer, chat=chat, features=False)
+    trunk = None
+    if spec.model != model._spec.model:  # a head on another model's states: load that one
+        name = o.reward_model or head.trunk
+        if not name:
+            raise QProbeError(f"{o.guide}: reads {spec.model!r}; pass --reward-model")
+        trunk = load_hf(name)
+    sampler = GuidedSampler(model, head, GuideConfig(beta=o.beta, top_k=o.guide_top_k,
+                                                     inverse=o.inverse), trunk)
+    params = SamplingParams(
+        temperature=o.temperature, top_p=o.top_p, max_new_tokens=o.max_new_tokens,
+        stop=list(o.stop) + (list(get_task(o.task).stop) if o.task else []), seed=o.seed)
+    samples = sampler.sample([prompt], o.k if o.all else 1, params)[0]
+    if o.all:
+        print(json.dumps({"method": sampler.method, "beta": o.beta, "top_k": o.guide_top_k,
+                          **sampler.cost(), "samples": [s.text for s in samples]}, indent=2))
+    else:
+        print(samples[0].text)
     return 0

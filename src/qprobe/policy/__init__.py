@@ -5,10 +5,9 @@
 - `best_of_k`: the best-of-k policy object: sample k completions, score them with the probe,
   choose one (`QProbePolicy`, `best_of_k`, `Choice`).
 
-A new decoding policy (e.g. guided decoding, which scores partial sequences during generation
-through the local decode loop's step hook) goes in a module of its own beside `best_of_k`, takes
-the same (model, probe, beta, params, seed) and returns `Choice`-like results; add its public
-names here.
+- `heads`, `guided`, `head_train`: token-level reward-guided decoding (RAD, ARM) inside the
+  local decode loop through its step hook (`GuidedSampler`, `RewardHead`, `train_head`); they
+  import torch, so they are imported from their modules, not re-exported here.
 """
 
 from qprobe.policy.best_of_k import Choice, QProbePolicy, best_of_k

@@ -86,6 +86,10 @@ def _builtin() -> None:
 
     register("times-tables", TimesTables, TimesTables.description)
 
+    from qprobe.tasks.sentiment import Sentiment  # token-level guidance (issue 15)
+
+    register("sentiment", Sentiment, Sentiment.description)
+
 
 _builtin()
 

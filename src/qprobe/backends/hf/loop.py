@@ -35,7 +35,13 @@ import numpy as np
 import torch
 
 from qprobe.backends.hf.llama import FastDecoder
-from qprobe.backends.hf.sampling import row_seeds, sample_tokens, token_logprobs, uniforms
+from qprobe.backends.hf.sampling import (
+    row_seeds,
+    sample_candidates,
+    sample_tokens,
+    token_logprobs,
+    uniforms,
+)
 
 MIN_SHARED_PREFIX = 16  # prompts of a batch starting with this many equal tokens share them
 
@@ -54,6 +60,18 @@ class LiveRows:
     tokens: np.ndarray
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """A step hook's answer restricting the next token to a few candidates per row.
+
+    ids: [A, m] int64 token ids; logits: [A, m] float32, the logits to sample them by (every
+    other token gets probability 0). Cheaper than a full [A, V] logits tensor, and what top-k
+    sampling itself samples from (`sampling.sample_candidates`)."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+
+
 class StepHook(Protocol):
     """Called once per decode step, before sampling, with the live rows only.
 
@@ -62,12 +80,14 @@ class StepHook(Protocol):
         (the last prompt token at step 0): the Q-probe feature of the completion so far.
     logits: float32 [A, V], the model's next-token logits (before temperature and top-p).
     rows: which (prompt, sample) each row is, and its tokens so far.
-    Returns new logits [A, V] to sample from (e.g. -inf everywhere but a forced token), or None to
-    keep the model's. Recorded log-probabilities stay those of the model's own logits.
+    Returns new logits [A, V] to sample from (e.g. -inf everywhere but a forced token),
+    `Candidates` (sample only among these tokens, by these logits), or None to keep the model's.
+    Temperature, top-k and top-p then apply as usual. Recorded log-probabilities stay those of
+    the model's own logits.
     """
 
     def __call__(self, step: int, hidden: torch.Tensor, logits: torch.Tensor,
-                 rows: LiveRows) -> torch.Tensor | None: ...
+                 rows: LiveRows) -> torch.Tensor | Candidates | None: ...
 
 
 @dataclass
@@ -112,6 +132,7 @@ def run_batch(
     detok: Callable[[list[list[int]]], list[str]],
     hook: StepHook | None = None,
     prompt_offset: int = 0,
+    top_k: int = 0,
 ) -> list[list[RowResult]]:
     """Sample k completions for each tokenised prompt in one batch (P * k rows).
 
@@ -123,7 +144,8 @@ def run_batch(
     seeds = row_seeds(seed, seed_keys, k)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dec.device)
     out = _decode(dec, state, logits_p, h_prompt, pos0, seeds, len(prompt_tokens), k,
-                  temperature=temperature, top_p=top_p, n_steps=int(max_new_tokens), stop=stop,
+                  temperature=temperature, top_p=top_p, top_k=top_k, n_steps=int(max_new_tokens),
+                  stop=stop,
                   layer=layer, features=features, eos=eos, detok=detok, hook=hook,
                   prompt_offset=prompt_offset)
     return _results(out, h_prompt.cpu() if features else None, len(prompt_tokens), k, stop,
@@ -156,7 +178,7 @@ def _prefill(dec, prompt_tokens: list[list[int]], k: int, layer: int):
 
 
 def _decode(dec, state, logits_p, h_prompt, pos0, seeds, p: int, k: int, *, temperature: float,
-            top_p: float, n_steps: int, stop: list[str], layer: int, features: bool,
+            top_p: float, top_k: int, n_steps: int, stop: list[str], layer: int, features: bool,
             eos: torch.Tensor, detok, hook: StepHook | None, prompt_offset: int) -> _Decoded:
     """The steps: sample, record, drop finished rows, feed the rest.
 
@@ -178,17 +200,26 @@ def _decode(dec, state, logits_p, h_prompt, pos0, seeds, p: int, k: int, *, temp
     by_eos = np.zeros(b, dtype=bool)
     end_step = np.full(b, n_steps, dtype=np.int64)
     for s in range(n_steps):
-        sample_from = logits
+        sample_from, cand = logits, None
         if hook is not None:
             hidden = h_prompt.repeat_interleave(k, 0) if h is None else h
             rows = LiveRows(prompt=prompt_offset + live // k, sample=live % k, tokens=tokens[live, :s])
             changed = hook(s, hidden.float(), logits, rows)
-            if changed is not None:
+            if isinstance(changed, Candidates):
+                if changed.ids.shape != changed.logits.shape or changed.ids.shape[0] != len(live):
+                    raise ValueError(f"step hook returned candidates {tuple(changed.ids.shape)} / "
+                                     f"{tuple(changed.logits.shape)} for {len(live)} rows")
+                cand = changed
+            elif changed is not None:
                 if tuple(changed.shape) != tuple(logits.shape):
                     raise ValueError(f"step hook returned logits {tuple(changed.shape)}, "
                                      f"expected {tuple(logits.shape)}")
                 sample_from = changed.to(logits.dtype)
-        tok = sample_tokens(sample_from, temperature, top_p, uniforms(seeds[live], s))
+        u = uniforms(seeds[live], s)
+        if cand is not None:
+            tok = sample_candidates(cand.ids, cand.logits.float(), temperature, top_p, u, top_k)
+        else:
+            tok = sample_tokens(sample_from, temperature, top_p, u, top_k)
         tokens[live, s] = tok.cpu().numpy()
         logp[live, s] = token_logprobs(logits, tok).double().cpu().numpy()
         is_eos = torch.isin(tok, eos).cpu().numpy() if eos.numel() else np.zeros(len(live), bool)

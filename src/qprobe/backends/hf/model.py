@@ -152,21 +152,23 @@ class HFLanguageModel(LanguageModel):
         return self._spec if self.features else None
 
     def sample(self, prompts: list[str], k: int, params: SamplingParams, *,
-               hook: StepHook | None = None) -> list[list[Sample]]:
+               hook: StepHook | None = None, batch_rows: int | None = None) -> list[list[Sample]]:
         """k samples per prompt, max_batch_rows rows at a time; each carries its feature (when
         features are on) and its log-probability sum under the model (temperature 1, no top-p).
 
         hook: called at every decode step with the feature-layer hidden state and the logits of
-        the live rows, may change the logits before sampling (see `loop.StepHook`)."""
+        the live rows, may change the logits before sampling (see `loop.StepHook`).
+        batch_rows: rows per batch instead of max_batch_rows (a hook that runs a model of its
+        own on several candidates per row needs fewer)."""
         if k < 1:
             raise QProbeError(f"k must be >= 1, got {k}")
-        per_batch = max(1, self.max_batch_rows // k)
+        per_batch = max(1, int(batch_rows or self.max_batch_rows) // k)
         out: list[list[Sample]] = []
         for i in range(0, len(prompts), per_batch):
             chunk = prompts[i : i + per_batch]
             rows = run_batch(
                 self._dec, [self.tok.prompt_ids(p) for p in chunk], chunk, k,
-                temperature=params.temperature, top_p=params.top_p,
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 max_new_tokens=params.max_new_tokens, stop=list(params.stop), seed=params.seed,
                 layer=self.layer, position=self.position, features=self.features,
                 eos_ids=self.eos_ids, detok=self.tok.decode, hook=hook, prompt_offset=i,

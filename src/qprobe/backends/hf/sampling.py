@@ -1,4 +1,5 @@
-"""Sampling maths of the decode loop: per-row random streams, temperature + top-p, log-probs.
+"""Sampling maths of the decode loop: per-row random streams, top-k, temperature + top-p,
+log-probs.
 
 Randomness is counter-based per (prompt text, sample index, step), so a sample does not depend on
 what else shares its batch. Top-p takes the top 64 logits and checks their mass; only rows whose
@@ -37,11 +38,45 @@ def uniforms(seeds: np.ndarray, step: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: np.ndarray) -> torch.Tensor:
-    """Temperature + nucleus sampling by inverse CDF with the given uniforms.
+def candidate_probs(vals: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate logits vals [B, m] -> (order [B, m]: candidates by descending logit, stable;
+    probs [B, m] float64 in that order = softmax(vals / temperature))."""
+    v, order = vals.sort(dim=-1, descending=True, stable=True)
+    return order, torch.softmax(v.double() / temperature, -1)
 
-    logits [B, V] float32, u [B] -> token ids [B]. temperature 0 is argmax.
+
+def sample_candidates(ids: torch.Tensor, vals: torch.Tensor, temperature: float, top_p: float,
+                      u: np.ndarray, top_k: int = 0) -> torch.Tensor:
+    """Sample among given candidates: ids [B, m] tokens with logits vals [B, m] (every other
+    token has probability 0), then optional top-k, temperature and nucleus, by inverse CDF.
+
+    Unguided top-k sampling goes through here too (`sample_tokens`), so guided decoding with a
+    zero reward samples exactly the same tokens from the same uniforms."""
+    if top_k and top_k < vals.shape[-1]:
+        vals, j = vals.topk(top_k, dim=-1)
+        ids = ids.gather(1, j)
+    if temperature == 0:
+        return ids.gather(1, vals.argmax(-1, keepdim=True))[:, 0]
+    order, probs = candidate_probs(vals, temperature)
+    cum = probs.cumsum(-1)  # [B, m]
+    uu = torch.from_numpy(u).to(vals.device, torch.float64)
+    if top_p >= 1.0:
+        j = torch.searchsorted(cum, (uu * cum[:, -1])[:, None], right=True)[:, 0]
+        j = j.clamp(max=cum.shape[-1] - 1)
+    else:
+        j = _nucleus_pick(cum, top_p, uu)
+    return ids.gather(1, order.gather(1, j[:, None]))[:, 0]
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: np.ndarray,
+                  top_k: int = 0) -> torch.Tensor:
+    """Top-k, then temperature + nucleus sampling by inverse CDF with the given uniforms.
+
+    logits [B, V] float32, u [B] -> token ids [B]. temperature 0 is argmax; top_k 0 is off.
     """
+    if top_k and top_k < logits.shape[-1]:
+        vals, ids = logits.topk(top_k, dim=-1)  # [B, top_k]
+        return sample_candidates(ids, vals, temperature, top_p, u)
     if temperature == 0:
         return logits.argmax(-1)
     uu = torch.from_numpy(u).to(logits.device, torch.float64)
