@@ -128,3 +128,37 @@ def test_no_pairs_samples_the_prompts_unscored(tiny, tmp_path):
     assert _collect(tiny, task, out, "--no-pairs", "--k", "2", "--max-new-tokens", "5") == 0
     r = Rollouts(out)
     assert len(r) == 6 and r.pairs is None and np.isnan(r.rewards).all()
+
+
+def test_best_of_k_on_preference_prompts_with_a_judge(tiny, tmp_path, capsys):
+    """Pairs train a bt probe; held-out prompts are sampled k times (--no-pairs), a judge (any
+    reward function; here: counts '!') scores the samples, and `evaluate` gives the probe's
+    best-of-k (beta 0) against the base sample mean, as for any task."""
+    train = _pair_file(tmp_path / "train.jsonl", 24)
+    test = _pair_file(tmp_path / "test.jsonl", 6, start=100)
+    assert _collect(tiny, train, tmp_path / "tr") == 0
+    assert main(["train", str(tmp_path / "tr"), "--objective", "bt", "--out", str(tmp_path / "bt"),
+                 "--quiet", "--min-steps", "100"]) == 0
+    samples = tmp_path / "te-k4"
+    assert _collect(tiny, test, samples, "--no-pairs", "--k", "4", "--max-new-tokens", "8",
+                    "--temperature", "1") == 0
+    judge = tmp_path / "judge.py"
+    judge.write_text("def bangs(prompts, completions, **_):\n"
+                     "    return [float(c.count('!')) for c in completions]\n")
+    assert main(["score", str(samples), "--task", f"{judge}:bangs"]) == 0
+    capsys.readouterr()
+    js = tmp_path / "e.json"
+    assert main(["evaluate", str(samples), "--probe", str(tmp_path / "bt"), "--k", "1,4",
+                 "--beta", "0", "--bootstrap", "100", "--json", str(js)]) == 0
+    capsys.readouterr()
+    res = json.loads(js.read_text())
+    r = Rollouts(samples)
+    assert res["n_prompts"] == 6 and res["pass@1"]["mean"] == pytest.approx(float(r.rewards.mean()))
+    assert [p["k"] for p in res["probe"]] == [1, 4]
+    # generate: best-of-k of one held-out prompt, stopping at the next human turn
+    assert main(["generate", "--model", str(tiny), "--probe", str(tmp_path / "bt"), "--k", "3",
+                 "--max-new-tokens", "8", "--task", "hh-harmless", "--data", str(DATA), "--all",
+                 "Human: hi\nA:"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["candidates"]) == 3 and out["chosen"] == int(np.argmax(
+        [c["score"] for c in out["candidates"]]))
