@@ -65,6 +65,8 @@ class CollectConfig:
                   "'server' for the server's /v1/embeddings (default: no features)."},
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "Sample from the policy of this adapter folder (`qprobe adapt`) on --model's base."})
     pairs: bool = field(default=True, metadata={
         "help": "For a preference task: embed both answers of each pair and write pairs.parquet "
                 "(--no-pairs: sample its prompts like any task's)."})
@@ -87,6 +89,13 @@ def load_collect_model(cfg: CollectConfig) -> LanguageModel:
     returns text gets `cfg.embedder` ("server", or a local model loaded as an Embedder)."""
     from qprobe.backends import load_embedder, load_model, resolve
 
+    if cfg.adapter:
+        from qprobe.adapters.policy import AdapterLanguageModel
+
+        return AdapterLanguageModel(cfg.adapter, layer=cfg.layer, position=cfg.position,
+                                    feature_dtype=cfg.feature_dtype, device=cfg.device,
+                                    max_batch_rows=cfg.batch_prompts * max(1, cfg.k or 16)
+                                    if cfg.batch_prompts else None)
     if resolve(cfg.model, cfg.backend).own_features:
         if cfg.embedder:
             raise QProbeError("collect: --embedder is for API models; a local model computes "

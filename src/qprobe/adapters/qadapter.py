@@ -27,6 +27,7 @@ Decisions, where the public code (mansicer/Q-Adapter) differs (docs/preferences.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -120,6 +121,9 @@ class QAdapterHook:
         self.lm = peft_model.get_base_model()
         self.prompt_ids, self.k, self.p, self.pad = prompt_ids, k, p, pad_id
         self.dev = next(self.lm.parameters()).device
+        # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` before).
+        self._cache_kw = ("cache" if "cache" in inspect.signature(self.lm.forward).parameters
+                          else "past_key_values")
         self._keys = None  # [A] row = prompt * k + sample of the cached rows
 
     @torch.no_grad()
@@ -140,7 +144,7 @@ class QAdapterHook:
             pos = (mask.cumsum(1) - 1).clamp_min(0)
             self.cache = DynamicCache(config=self.lm.config)
             out = self.lm(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev),
-                          position_ids=pos.to(self.dev), past_key_values=self.cache, use_cache=True)
+                          position_ids=pos.to(self.dev), **{self._cache_kw: self.cache}, use_cache=True)
             if len(keys) != len(prompts) * self.k:
                 raise ValueError("QAdapterHook: every prompt needs its k rows at step 0")
             self.cache.batch_repeat_interleave(self.k)
@@ -156,7 +160,7 @@ class QAdapterHook:
             last = torch.as_tensor(rows.tokens[:, -1:], dtype=torch.long, device=self.dev)
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(keys), 1)], dim=1)
             out = self.lm(input_ids=last, attention_mask=self.mask,
-                          position_ids=self.next_pos[:, None], past_key_values=self.cache,
+                          position_ids=self.next_pos[:, None], **{self._cache_kw: self.cache},
                           use_cache=True)
             self.next_pos = self.next_pos + 1
             self.q = out.logits[:, -1].float()

@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help=_HELP["device"])
     p.add_argument("--embedder", default=None, help=_HELP["embedder"])
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    p.add_argument("--adapter", default=None, metavar="ADAPTER_DIR", help=_HELP["adapter"])
     p.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
                    help=_HELP["pairs"])
     p.set_defaults(func=run)
