@@ -66,7 +66,8 @@ class CollectConfig:
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
     adapter: str | None = field(default=None, metadata={
-        "help": "Sample from the policy of this adapter folder (`qprobe adapt`) on --model's base."})
+        "help": "Sample from the policy of this adapter folder (`qprobe adapt`), on the base "
+                "model it was trained on (--model is not used)."})
     pairs: bool = field(default=True, metadata={
         "help": "For a preference task: embed both answers of each pair and write pairs.parquet "
                 "(--no-pairs: sample its prompts like any task's)."})
