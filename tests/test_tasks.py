@@ -136,10 +136,10 @@ def test_gsm8k_extraction_and_reward():
 
 def test_hh_pairs():
     t = get_task("hh-harmless", data=str(DATA))
-    assert t.splits() == {"test": 2312}
+    assert t.splits() == {"train": 1803, "test": 509, "all": 2312}
     with gzip.open(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rt") as f:
         raw = [json.loads(x) for x in f]
-    pairs = t.pairs("test")
+    pairs = t.pairs("all")
     assert len(pairs) == 2312 and pairs[0]["prompt_id"] == "hh-harmless/0"
     for p, r in zip(pairs, raw):
         assert p["prompt"].endswith("\n\nAssistant:")

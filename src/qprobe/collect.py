@@ -38,7 +38,9 @@ class CollectConfig:
         default=None, metadata={"help": "Backend: hf or openai (default: openai for an http(s):// "
                                 "--model, else hf)."}
     )
-    k: int = field(default=16, metadata={"help": "Samples per prompt."})
+    k: int | None = field(default=None, metadata={
+        "help": "Samples per prompt (default 16; for preference pairs 0: the model's samples "
+                "beside each pair, which the dpo objective needs)."})
     layer: int | None = field(default=None, metadata={"help": "Feature layer (negative: from top)."})
     position: str = field(default="last", metadata={"help": "Feature position: last or mean."})
     feature_dtype: str = field(default="float16", metadata={"help": "Stored feature dtype."})
@@ -63,6 +65,12 @@ class CollectConfig:
                   "'server' for the server's /v1/embeddings (default: no features)."},
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "Sample from the policy of this adapter folder (`qprobe adapt`), on the base "
+                "model it was trained on (--model is not used)."})
+    pairs: bool = field(default=True, metadata={
+        "help": "For a preference task: embed both answers of each pair and write pairs.parquet "
+                "(--no-pairs: sample its prompts like any task's)."})
 
 
 def load_task(name_or_path: str, data: str | None = None):
@@ -82,13 +90,21 @@ def load_collect_model(cfg: CollectConfig) -> LanguageModel:
     returns text gets `cfg.embedder` ("server", or a local model loaded as an Embedder)."""
     from qprobe.backends import load_embedder, load_model, resolve
 
+    if cfg.adapter:
+        from qprobe.adapters.policy import AdapterLanguageModel
+
+        return AdapterLanguageModel(cfg.adapter, layer=cfg.layer, position=cfg.position,
+                                    feature_dtype=cfg.feature_dtype, device=cfg.device,
+                                    max_batch_rows=cfg.batch_prompts * max(1, cfg.k or 16)
+                                    if cfg.batch_prompts else None)
     if resolve(cfg.model, cfg.backend).own_features:
         if cfg.embedder:
             raise QProbeError("collect: --embedder is for API models; a local model computes "
                               "its own features")
         return load_model(cfg.model, backend=cfg.backend, layer=cfg.layer, position=cfg.position,
                           device=cfg.device, chat=cfg.chat, feature_dtype=cfg.feature_dtype,
-                          max_batch_rows=cfg.batch_prompts * cfg.k if cfg.batch_prompts else None)
+                          max_batch_rows=cfg.batch_prompts * max(1, cfg.k or 16)
+                          if cfg.batch_prompts else None)
     emb = cfg.embedder
     if emb and emb != "server":
         # The server gets the raw prompt (/v1/completions): no chat template by default.
@@ -98,10 +114,15 @@ def load_collect_model(cfg: CollectConfig) -> LanguageModel:
 
 
 def collect(cfg: CollectConfig, lm: LanguageModel | None = None) -> dict[str, Any]:
-    """Run (or resume) a collection; returns the summary. `lm` may be a loaded LanguageModel."""
-    if cfg.k < 1:
-        raise QProbeError(f"collect: --k must be >= 1, got {cfg.k}")
+    """Run (or resume) a collection; returns the summary. `lm` may be a loaded LanguageModel.
+
+    A preference task (one with `pairs`) embeds its pairs (`qprobe.preferences`) unless
+    `cfg.pairs` is False."""
     task = load_task(cfg.task, cfg.data)
+    as_pairs = cfg.pairs and hasattr(task, "pairs")
+    k = (0 if as_pairs else 16) if cfg.k is None else cfg.k
+    if k < (0 if as_pairs else 1):
+        raise QProbeError(f"collect: --k must be >= {0 if as_pairs else 1}, got {k}")
     try:
         splits = task.splits()
         split = cfg.split
@@ -115,12 +136,20 @@ def collect(cfg: CollectConfig, lm: LanguageModel | None = None) -> dict[str, An
             lm = load_collect_model(cfg)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop=list(task.stop), seed=cfg.seed)
+        settings = {n: v for n, v in asdict(cfg).items() if n != "progress"}
+        if as_pairs:
+            from qprobe.preferences import collect_pairs
+
+            return collect_pairs(
+                lm, task, split, cfg.out, k=k, params=params if k else None, limit=cfg.limit,
+                batch_prompts=cfg.batch_prompts, progress=cfg.progress, settings=settings,
+                meta_extra={"task": cfg.task, "chat": bool(lm.chat), "backend": type(lm).__name__})
         return collect_task(
-            lm, task, split, cfg.out, k=cfg.k, params=params, limit=cfg.limit,
+            lm, task, split, cfg.out, k=k, params=params, limit=cfg.limit,
             batch_prompts=cfg.batch_prompts, progress=cfg.progress,
             # the task as the user named it (a path stays as typed), and how prompts were sent
             meta_extra={"task": cfg.task, "chat": bool(lm.chat), "backend": type(lm).__name__},
-            settings={k: v for k, v in asdict(cfg).items() if k != "progress"},
+            settings=settings,
         )
     finally:
         task.close()

@@ -406,3 +406,64 @@ def evaluate_rollouts(
     if greedy_dir is not None:
         greedy = Rollouts(greedy_dir).rewards
     return evaluate_groups(group, rewards, scores, ks, betas, greedy, n_boot=n_boot, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# preference pairs
+
+
+def pair_accuracy(group: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, n_boot: int = 1000,
+                  seed: int = 0) -> Estimate:
+    """How often a score ranks the chosen answer above the rejected one (ties count one half):
+    per prompt over its pairs `group` [P], then the mean over prompts with a bootstrap CI."""
+    chosen, rejected = np.asarray(chosen, np.float64), np.asarray(rejected, np.float64)
+    if not (np.isfinite(chosen).all() and np.isfinite(rejected).all()):
+        raise ValueError("pair scores contain NaN or inf")
+    hit = (chosen > rejected) + 0.5 * (chosen == rejected)  # [P]
+    per = [g[0].mean() for g in split_groups(np.asarray(group), hit)]
+    return Estimate.of(np.asarray(per), n_boot, seed)
+
+
+def evaluate_pairs(rollouts_dir: str, probe_dir: str | None = None, n_boot: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
+    """Held-out pair accuracy of a probe's Q (and of the base model's log-likelihood, summed and
+    per token, as baselines that need no training) on a folder with pairs.parquet."""
+    from qprobe.errors import QProbeError
+    from qprobe.rollouts import Rollouts
+
+    r = Rollouts(rollouts_dir)
+    table = r.pairs
+    if table is None or table.num_rows == 0:
+        raise QProbeError(f"{rollouts_dir}: no pairs.parquet (collect a preference task)")
+    row_of = {(p, int(s)): i for i, (p, s) in enumerate(zip(r.prompt_ids.tolist(),
+                                                            r.sample_idx.tolist()))}
+    pids = table.column("prompt_id").to_pylist()
+    try:
+        c = np.array([row_of[(str(p), int(j))] for p, j in zip(pids, table.column("chosen").to_pylist())])
+        w = np.array([row_of[(str(p), int(j))] for p, j in zip(pids, table.column("rejected").to_pylist())])
+    except KeyError as e:
+        raise QProbeError(f"{rollouts_dir}/pairs.parquet: pair {e.args[0]} is not among the "
+                          "samples") from None
+    group = np.unique(np.asarray(pids, dtype=object).astype(str), return_inverse=True)[1]
+    out: dict[str, Any] = {"n_pairs": len(c), "n_prompts": int(group.max()) + 1, "scores": {}}
+    ll = r.loglik()
+    if ll is not None:
+        for name in ("logprob_sum", "logprob_mean"):
+            out["scores"][f"base {name}"] = pair_accuracy(group, ll[name][c], ll[name][w], n_boot, seed)
+    if probe_dir is not None:
+        from qprobe.probe import Probe
+
+        probe = Probe.load(probe_dir)
+        q = np.asarray(probe.score_rollouts(r), dtype=np.float64)  # [N]
+        out["scores"]["probe"] = pair_accuracy(group, q[c], q[w], n_boot, seed)
+        out["probe_margin_mean"] = float(np.mean(q[c] - q[w]))
+    return out
+
+
+def format_pairs(res: dict[str, Any], title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{res['n_pairs']} pairs over {res['n_prompts']} prompts; pair accuracy "
+                 "(chosen scored above rejected), mean [95% bootstrap CI over prompts]")
+    for name, e in res["scores"].items():
+        lines.append(f"  {name:<22}  {e.fmt()}")
+    return "\n".join(lines)

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=list(BACKENDS), default=None, help=_HELP["backend"])
     p.add_argument("--task", required=True, help=_HELP["task"])
     p.add_argument("--split", default=None, help=_HELP["split"])
-    p.add_argument("--k", type=int, default=16, help=_HELP["k"] + " (16)")
+    p.add_argument("--k", type=int, default=None, help=_HELP["k"])
     p.add_argument("--layer", type=int, default=None, help=_HELP["layer"] + " (default ~80%% depth)")
     p.add_argument("--position", choices=["last", "mean"], default="last", help=_HELP["position"])
     p.add_argument("--feature-dtype", choices=["float16", "float32"], default="float16",
@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help=_HELP["device"])
     p.add_argument("--embedder", default=None, help=_HELP["embedder"])
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    p.add_argument("--adapter", default=None, metavar="ADAPTER_DIR", help=_HELP["adapter"])
+    p.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
+                   help=_HELP["pairs"])
     p.set_defaults(func=run)
 
 
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     mean = "n/a" if s["mean_reward"] is None else f"{s['mean_reward']:.4f}"
     print(
         f"collect: {s['rows']} rows ({s['new_rows']} new) for {s['prompts']} prompts in {cfg.out}; "
+        + (f"{s['pairs']} pairs; " if "pairs" in s else "") +
         f"scored {s['scored']}, mean reward {mean}; {s['seconds']:.1f} s, "
         f"{s['tokens_per_s'] or 0:.0f} tok/s",
         file=sys.stderr,

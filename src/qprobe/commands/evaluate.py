@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from qprobe.fileio import atomic_write_text
 
     o = from_args(EvaluateOptions, args)
+    if (Path(o.rollouts) / "pairs.parquet").is_file():
+        return _run_pairs(o)
     res = evaluate_rollouts(o.rollouts, o.probe, o.k, o.beta, greedy_dir=o.greedy,
                             n_boot=o.bootstrap, seed=o.seed)  # fmt: skip
     title = f"evaluate {o.rollouts}" + (f" with probe {o.probe}" if o.probe else "")
@@ -58,6 +60,34 @@ def run(args: argparse.Namespace) -> int:
         out = Path(o.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         d = {"rollouts": str(o.rollouts), "probe": o.probe, **res.to_dict()}
+        atomic_write_text(out, json.dumps(d, indent=2))
+        print(f"wrote {out}")
+    return 0
+
+
+def _run_pairs(o: EvaluateOptions) -> int:
+    """A folder of preference pairs: held-out pair accuracy (and, when some samples have
+    rewards, e.g. from a judge via `qprobe score`, the usual table on those)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import numpy as np
+
+    from qprobe.evaluate import evaluate_pairs, evaluate_rollouts, format_pairs, format_table
+    from qprobe.fileio import atomic_write_text
+    from qprobe.rollouts import Rollouts
+
+    res = evaluate_pairs(o.rollouts, o.probe, n_boot=o.bootstrap, seed=o.seed)
+    print(format_pairs(res, f"evaluate {o.rollouts}" + (f" with probe {o.probe}" if o.probe else "")))
+    d = {"rollouts": str(o.rollouts), "probe": o.probe, **res,
+         "scores": {k: asdict(e) for k, e in res["scores"].items()}}
+    if not np.isnan(Rollouts(o.rollouts).rewards).all():
+        table = evaluate_rollouts(o.rollouts, o.probe, o.k, o.beta, n_boot=o.bootstrap, seed=o.seed)
+        print(format_table(table, "samples with a reward"))
+        d["samples"] = table.to_dict()
+    if o.json:
+        out = Path(o.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(d, indent=2))
         print(f"wrote {out}")
     return 0

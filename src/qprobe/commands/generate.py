@@ -51,6 +51,8 @@ class GenerateOptions:
         "action": "append", "help": "stop string (repeatable)"})
     task: str | None = field(default=None, metadata={
         "help": "also stop at this task's stop strings (e.g. times-tables, mbpp)"})
+    data: str | None = field(default=None, metadata={
+        "help": "local data folder of --task (default: $QPROBE_DATA, ../shared/data, the cache)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling and choice"})
     include_greedy: bool = field(default=False, metadata={
         "action": "store_true",
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=o.temperature,
         top_p=o.top_p,
         max_new_tokens=o.max_new_tokens,
-        stop=list(o.stop) + (list(get_task(o.task).stop) if o.task else []),
+        stop=list(o.stop) + (list(get_task(o.task, data=o.data).stop) if o.task else []),
         seed=o.seed,
     )
     is_api = not resolve(o.model, o.backend).own_features  # text only: needs an embedder

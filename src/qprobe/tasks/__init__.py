@@ -80,7 +80,8 @@ def _builtin() -> None:
         lambda data=None, few_shot=0: GSM8K(data, "strict", few_shot),
         GSM8K.description + " (strict: '#### N')",
     )
-    register("hh-harmless", HHHarmless, "Anthropic HH-RLHF harmless-base test: preference pairs")
+    register("hh-harmless", HHHarmless,
+             "Anthropic HH-RLHF harmless-base test file: preference pairs, split by prompt hash")
 
     from qprobe.tasks.arith import TimesTables  # the demo task (issue 5)
 

@@ -1,0 +1,136 @@
+"""Sampling from an adapter's policy, and the adapters' implicit rewards on held-out pairs.
+
+`AdapterLanguageModel` is a `LanguageModel` (so `qprobe collect --adapter DIR` and experiments
+use it like any model): a Q-Adapter samples through the decode loop of the frozen base model with
+`QAdapterHook` (the samples' features are the base model's, the spec of the folder's probes); a
+DPO adapter is merged into a copy of the base model and sampled plainly, without features (its
+hidden states are another model's).
+
+Implicit rewards, for held-out pair accuracy: the Q-Adapter's sequence reward R = sum_t r_t, and
+DPO's beta * (log pi(y|x) - log pi_ref(y|x)), both on the pairs tokenised as in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qprobe.backends.base import LanguageModel, Sample, SamplingParams
+from qprobe.errors import QProbeError
+
+
+class AdapterLanguageModel(LanguageModel):
+    """k samples per prompt from the policy of an adapter folder (`qprobe adapt`)."""
+
+    def __init__(self, folder: str | Path, *, layer: int | None = None, position: str = "last",
+                 features: bool = True, feature_dtype: str = "float16",
+                 max_batch_rows: int | None = None, device: str | None = None,
+                 bundle: tuple | None = None) -> None:
+        from qprobe.adapters.qadapter import QAdapterParams
+        from qprobe.adapters.train import load_adapter
+        from qprobe.backends.hf.model import HFLanguageModel
+
+        self.peft, base, tokenizer, self.info = load_adapter(folder, device, bundle)
+        self.method = self.info["method"]
+        self.name = f"{self.info['base_model']}+{self.method}:{Path(folder).resolve().name}"
+        if self.method == "qadapter":
+            self.params = QAdapterParams(**self.info["params"])
+            self.lm = HFLanguageModel(base, tokenizer, identity=self.info["base_model"],
+                                      layer=layer, position=position, chat=self.info["chat"],
+                                      features=features, feature_dtype=feature_dtype,
+                                      max_batch_rows=max_batch_rows)
+        else:
+            merged = self.peft.merge_and_unload()
+            self.lm = HFLanguageModel(merged, tokenizer, identity=self.name, layer=layer,
+                                      chat=self.info["chat"], features=False,
+                                      max_batch_rows=max_batch_rows)
+        tk = tokenizer
+        self.pad = tk.pad_token_id if tk.pad_token_id is not None else (tk.eos_token_id or 0)
+
+    @property
+    def chat(self) -> bool:
+        return self.lm.chat
+
+    @property
+    def max_batch_rows(self) -> int:
+        return self.lm.max_batch_rows
+
+    @property
+    def feature_spec(self):
+        return self.lm.feature_spec
+
+    def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
+        if self.method != "qadapter":
+            return self.lm.sample(prompts, k, params)
+        from qprobe.adapters.qadapter import QAdapterHook
+
+        ids = [self.lm.tok.prompt_ids(p) for p in prompts]
+        hook = QAdapterHook(self.peft, ids, k, self.params, pad_id=self.pad)
+        return self.lm.sample(prompts, k, params, hook=hook)
+
+
+@torch.no_grad()
+def implicit_rewards(peft_model, info: dict[str, Any], pairs: list, pad_id: int,
+                     batch_pairs: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(R_chosen [n], R_rejected [n]) of tokenised pairs (`data.TokenPair`) under an adapter."""
+    from qprobe.adapters.data import batch_tensors
+    from qprobe.adapters.qadapter import (
+        QAdapterParams,
+        action_logits,
+        forward_rewards,
+    )
+
+    peft_model.eval()
+    lm = peft_model.get_base_model()
+    dev = next(lm.parameters()).device
+    out = []
+    for i in range(0, len(pairs), batch_pairs):
+        part = pairs[i : i + batch_pairs]
+        b = {k: v.to(dev) for k, v in batch_tensors(part, pad_id).items()}
+        if info["method"] == "qadapter":
+            big_r = forward_rewards(peft_model, b, QAdapterParams(**info["params"])).sum(1)
+        elif info["method"] == "dpo":
+            act, ids = b["action_mask"], b["input_ids"]
+            pol = _sequence_logp(action_logits(lm, ids, b["attention_mask"], act), ids, act)
+            with peft_model.disable_adapter():
+                ref = _sequence_logp(action_logits(lm, ids, b["attention_mask"], act), ids, act)
+            big_r = info["params"]["beta"] * (pol - ref)
+        else:
+            raise QProbeError(f"adapter: unknown method {info['method']!r}")
+        n = len(part)
+        out.append((big_r[:n].double().cpu().numpy(), big_r[n:].double().cpu().numpy()))
+    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+
+def _sequence_logp(logits: torch.Tensor, ids: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """Sum of the answer tokens' log-probabilities [2B] from logits [N, V] at the action states."""
+    tokens = ids[:, 1:][act]  # [N]
+    lp = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+    full = torch.zeros(act.shape, dtype=lp.dtype, device=lp.device)
+    return full.masked_scatter(act, lp).sum(1)
+
+
+def evaluate_adapter(folder: str | Path, task: str, split: str, data: str | None = None,
+                     limit: int | None = None, n_boot: int = 1000, seed: int = 0,
+                     device: str | None = None, bundle: tuple | None = None) -> dict[str, Any]:
+    """Held-out pair accuracy of an adapter's implicit reward, with a bootstrap CI over prompts."""
+    from qprobe.adapters.data import tokenise_pairs
+    from qprobe.adapters.train import AdaptConfig, load_adapter, load_pairs
+    from qprobe.backends.hf.model import _Tok
+    from qprobe.evaluate import pair_accuracy
+
+    peft_model, _, tokenizer, info = load_adapter(folder, device, bundle)
+    c = info["config"]
+    pairs = load_pairs(AdaptConfig(out=str(folder), task=task, split=split, data=data, limit=limit))
+    tok = _Tok(tokenizer, info["chat"])
+    toks = tokenise_pairs(pairs, tok, tokenizer.eos_token_id, c["max_prompt_tokens"],
+                          c["max_answer_tokens"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rc, rr = implicit_rewards(peft_model, info, toks, pad)
+    group = np.unique([p.prompt_id for p in toks], return_inverse=True)[1]
+    acc = pair_accuracy(group, rc, rr, n_boot, seed)
+    return {"adapter": str(folder), "method": info["method"], "task": task, "split": split,
+            "n_pairs": len(toks), "accuracy": acc, "margin_mean": float(np.mean(rc - rr))}
