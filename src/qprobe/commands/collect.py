@@ -48,6 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help=_HELP["device"])
     p.add_argument("--embedder", default=None, help=_HELP["embedder"])
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    g = p.add_argument_group("scale-out (docs/scale-out.md)")
+    g.add_argument("--executor", choices=["local", "ray"], default="local", help=_HELP["executor"])
+    g.add_argument("--address", default=None, help=_HELP["address"])
+    g.add_argument("--workers", type=int, default=None, help=_HELP["workers"])
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help=_HELP["gpus_per_worker"])
+    g.add_argument("--threads-per-worker", type=int, default=1,
+                   help=_HELP["threads_per_worker"] + " (1)")
+    g.add_argument("--retries", type=int, default=2, help=_HELP["retries"] + " (2)")
+    g.add_argument("--storage", choices=["auto", "shared", "driver"], default="auto",
+                   help=_HELP["storage"])
     p.set_defaults(func=run)
 
 
