@@ -210,8 +210,10 @@ def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
     stats = {"actors": n_workers, "committed_by_actors": 0, "returned_to_driver": 0, "deaths": 0,
              "failed_batches": []}
     where: dict[Any, str] = {}  # actor -> "node host pid" once it has attached
+    # An actor gets batches once it has attached, so a replacement that the cluster cannot
+    # place (its node lost, no room left) holds no batch: the others finish the run.
     pending_attach = {a.attach.remote(job): a for a in actors}
-    idle = list(actors)
+    idle: list[Any] = []
     running: dict[Any, tuple[Any, _Batch]] = {}
     bar = tqdm(total=len(rows), initial=len(rows) - sum(len(b.todo) for b in queue),
                unit="prompt", file=sys.stderr, disable=not cfg.progress, desc="collect (ray)",
@@ -223,7 +225,6 @@ def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
         ray.kill(actor, no_restart=True)
         new = Worker.remote(cfg, cfg.threads_per_worker)
         pending_attach[new.attach.remote(job)] = new
-        idle.append(new)
 
     try:
         while queue or running:
@@ -236,8 +237,18 @@ def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
                 actor = pending_attach.pop(ref)
                 try:
                     a = ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    continue  # its run call reports the death
+                except ray.exceptions.RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):
+                        raise QProbeError(f"collect (ray): an actor could not load the model or "
+                                          f"the task: {_cause(e)}") from None
+                    stats["deaths"] += 1
+                    say("collect (ray): an actor died before its first batch; replaced")
+                    if queue or running:
+                        replace(actor)
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    raise QProbeError(f"collect (ray): {_cause(e)}") from None
+                idle.append(actor)
                 where[actor] = f"node {a['node'][:8]} ({a['host']}, pid {a['pid']})"
                 say(f"collect (ray): actor on {where[actor]}: " + (
                     "commits its shards to the shared rollouts folder" if a["shared"] else
@@ -283,7 +294,7 @@ def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
                                 refresh=False)
     finally:
         bar.close()
-        for a in [*idle, *(a for a, _ in running.values())]:
+        for a in [*idle, *pending_attach.values(), *(a for a, _ in running.values())]:
             ray.kill(a, no_restart=True)
         marker.unlink(missing_ok=True)
     seconds = time.time() - t_start
