@@ -32,7 +32,8 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,20 +154,28 @@ def _resources(ray, cfg: CollectConfig) -> tuple[int, dict[str, float]]:
     return n, {"num_cpus": cfg.threads_per_worker, "num_gpus": cfg.gpus_per_worker}
 
 
+@contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """Ray connected (to `address`, else $RAY_ADDRESS, else a new local Ray) for the block; yields
+    the `ray` module. Already connected: kept as it is (an experiment connects once for all its
+    collections)."""
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level="warning")
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def collect_ray(cfg: CollectConfig, task, split: str, params: SamplingParams,
                 settings: dict[str, Any], say: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the collection `cfg` describes on Ray actors; returns the summary (with an
     "executor" entry: actors, which of them committed shards, deaths, failed batches)."""
-    ray = _import_ray()
-    say = say or _stderr
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.address, include_dashboard=False, logging_level="warning")
-    try:
-        return _drive(ray, cfg, task, split, params, settings, say)
-    finally:
-        if started:
-            ray.shutdown()
+    with ray_session(cfg.address) as ray:
+        return _drive(ray, cfg, task, split, params, settings, say or _stderr)
 
 
 def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
