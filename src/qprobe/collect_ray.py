@@ -134,8 +134,8 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _resources(ray, cfg: CollectConfig) -> tuple[int, dict[str, float]]:
-    """(actors to start, each one's Ray resources), checked against the cluster's resources."""
+def _resources(ray, cfg: CollectConfig) -> tuple[int, int, dict[str, float]]:
+    """(actors to start, how many the cluster holds, each one's Ray resources)."""
     if cfg.threads_per_worker < 1 or cfg.gpus_per_worker < 0:
         raise QProbeError("collect: --threads-per-worker must be >= 1 and --gpus-per-worker >= 0")
     if cfg.workers is not None and cfg.workers < 1:
@@ -150,8 +150,8 @@ def _resources(ray, cfg: CollectConfig) -> tuple[int, dict[str, float]]:
     if fit < 1:
         raise QProbeError(f"collect: the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs; an actor "
                           f"needs {cfg.threads_per_worker} CPUs and {cfg.gpus_per_worker:g} GPUs")
-    n = cfg.workers or fit
-    return n, {"num_cpus": cfg.threads_per_worker, "num_gpus": cfg.gpus_per_worker}
+    return cfg.workers or fit, fit, {"num_cpus": cfg.threads_per_worker,
+                                     "num_gpus": cfg.gpus_per_worker}
 
 
 @contextmanager
@@ -183,7 +183,10 @@ def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
 
     from qprobe.rollouts import RolloutWriter
 
-    n_workers, options = _resources(ray, cfg)
+    n_workers, fit, options = _resources(ray, cfg)
+    if n_workers > fit:
+        say(f"collect (ray): the cluster holds {fit} of the {n_workers} actors; the others "
+            "start when Ray finds room")
     Worker = ray.remote(max_restarts=0, max_task_retries=0, **options)(CollectWorker)
     rows = task.prompts(split, limit=cfg.limit)
     t0 = time.time()
