@@ -179,18 +179,29 @@ def collect_ray(cfg: CollectConfig, task, split: str, params: SamplingParams,
 
 
 def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from qprobe.rollouts import RolloutWriter
-
     n_workers, fit, options = _resources(ray, cfg)
     if n_workers > fit:
         say(f"collect (ray): the cluster holds {fit} of the {n_workers} actors; the others "
             "start when Ray finds room")
     Worker = ray.remote(max_restarts=0, max_task_retries=0, **options)(CollectWorker)
+    actors: list[Any] = []  # every actor started, ended when the collection ends however it ends
+    try:
+        return _schedule(ray, cfg, task, split, params, settings, say, Worker, actors, n_workers)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+
+
+def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list[Any],
+              n_workers: int) -> dict[str, Any]:
+    """Start the actors, learn the model's identity, open the folder, then hand out batches."""
+    from tqdm import tqdm
+
+    from qprobe.rollouts import RolloutWriter
+
     rows = task.prompts(split, limit=cfg.limit)
     t0 = time.time()
-    actors = [Worker.remote(cfg, cfg.threads_per_worker) for _ in range(n_workers)]
+    actors.extend(Worker.remote(cfg, cfg.threads_per_worker) for _ in range(n_workers))
     say(f"collect (ray): {n_workers} actors x {cfg.threads_per_worker} CPU"
         + (f" + {cfg.gpus_per_worker:g} GPU" if cfg.gpus_per_worker else "") + "; loading the model")
     # The first actor to load the model tells the folder's identity; the others load meanwhile.
@@ -236,6 +247,7 @@ def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
     def replace(actor) -> None:
         ray.kill(actor, no_restart=True)
         new = Worker.remote(cfg, cfg.threads_per_worker)
+        actors.append(new)
         pending_attach[new.attach.remote(job)] = new
 
     try:
@@ -306,8 +318,6 @@ def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
                                 refresh=False)
     finally:
         bar.close()
-        for a in [*idle, *pending_attach.values(), *(a for a, _ in running.values())]:
-            ray.kill(a, no_restart=True)
         marker.unlink(missing_ok=True)
     seconds = time.time() - t_start
     summary = _summary(writer, seconds, n_new, n_tokens, len(rows), settings)
