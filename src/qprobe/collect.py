@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,23 @@ class CollectConfig:
     pairs: bool = field(default=True, metadata={
         "help": "For a preference task: embed both answers of each pair and write pairs.parquet "
                 "(--no-pairs: sample its prompts like any task's)."})
+    # Where the batches run (qprobe.collect_ray); none of these is part of the folder's identity.
+    executor: str = field(default="local", metadata={
+        "help": "local (this process) or ray (actors on a Ray cluster; pip install 'qprobe[ray]')."})
+    address: str | None = field(default=None, metadata={
+        "help": "Ray: cluster address, e.g. 10.0.0.1:6379 or auto (default: $RAY_ADDRESS, else "
+                "start Ray on this machine)."})
+    workers: int | None = field(default=None, metadata={
+        "help": "Ray: actors, each loading the model once (default: as many as the cluster's "
+                "CPUs, or GPUs with --gpus-per-worker, fit)."})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "Ray: GPUs per actor (0: CPU)."})
+    threads_per_worker: int = field(default=1, metadata={
+        "help": "Ray: CPUs reserved per actor and torch threads in it."})
+    retries: int = field(default=2, metadata={
+        "help": "Ray: times a batch whose actor died is re-queued before it is reported as failed."})
+    storage: str = field(default="auto", metadata={
+        "help": "Ray: auto (actors that see the folder commit shards themselves, others return "
+                "rows to this process), shared (require it) or driver (always return rows)."})
 
 
 def load_task(name_or_path: str, data: str | None = None):
@@ -113,17 +130,30 @@ def load_collect_model(cfg: CollectConfig) -> LanguageModel:
     return load_model(cfg.model, backend=cfg.backend, embedder=emb)
 
 
-def collect(cfg: CollectConfig, lm: LanguageModel | None = None) -> dict[str, Any]:
-    """Run (or resume) a collection; returns the summary. `lm` may be a loaded LanguageModel.
+def collect_meta(cfg: CollectConfig, lm: LanguageModel) -> dict[str, Any]:
+    """meta.json keys beyond collect_task's: the task as the user named it (a path stays as
+    typed), how prompts were sent and the backend class."""
+    return {"task": cfg.task, "chat": bool(lm.chat), "backend": type(lm).__name__}
+
+
+def collect(cfg: CollectConfig, lm: LanguageModel | None = None,
+            say: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a collection; returns the summary. `lm` may be a loaded LanguageModel
+    (used by the local executor only). `say` gets the Ray executor's log lines (default: stderr).
 
     A preference task (one with `pairs`) embeds its pairs (`qprobe.preferences`) unless
     `cfg.pairs` is False."""
+    if cfg.executor not in ("local", "ray"):
+        raise QProbeError(f"collect: --executor must be local or ray, got {cfg.executor!r}")
     task = load_task(cfg.task, cfg.data)
     as_pairs = cfg.pairs and hasattr(task, "pairs")
     k = (0 if as_pairs else 16) if cfg.k is None else cfg.k
-    if k < (0 if as_pairs else 1):
-        raise QProbeError(f"collect: --k must be >= {0 if as_pairs else 1}, got {k}")
     try:
+        if k < (0 if as_pairs else 1):
+            raise QProbeError(f"collect: --k must be >= {0 if as_pairs else 1}, got {k}")
+        if as_pairs and cfg.executor == "ray":
+            raise QProbeError("collect: --executor ray does not embed preference pairs; "
+                              "run it locally, or pass --no-pairs to sample the prompts")
         splits = task.splits()
         split = cfg.split
         if split is None:
@@ -132,24 +162,27 @@ def collect(cfg: CollectConfig, lm: LanguageModel | None = None) -> dict[str, An
             split = next(iter(splits))
         if not task.prompts(split, limit=cfg.limit):  # before loading a model for nothing
             raise QProbeError(f"collect: task {cfg.task} split {split} has no prompts")
-        if lm is None:
-            lm = load_collect_model(cfg)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop=list(task.stop), seed=cfg.seed)
+        cfg = replace(cfg, k=k)
         settings = {n: v for n, v in asdict(cfg).items() if n != "progress"}
+        if cfg.executor == "ray":  # the actors load the model; `lm` is not used
+            from qprobe.collect_ray import collect_ray
+
+            return collect_ray(cfg, task, split, params, settings, say=say)
+        if lm is None:
+            lm = load_collect_model(cfg)
         if as_pairs:
             from qprobe.preferences import collect_pairs
 
             return collect_pairs(
                 lm, task, split, cfg.out, k=k, params=params if k else None, limit=cfg.limit,
                 batch_prompts=cfg.batch_prompts, progress=cfg.progress, settings=settings,
-                meta_extra={"task": cfg.task, "chat": bool(lm.chat), "backend": type(lm).__name__})
+                meta_extra=collect_meta(cfg, lm))
         return collect_task(
             lm, task, split, cfg.out, k=k, params=params, limit=cfg.limit,
             batch_prompts=cfg.batch_prompts, progress=cfg.progress,
-            # the task as the user named it (a path stays as typed), and how prompts were sent
-            meta_extra={"task": cfg.task, "chat": bool(lm.chat), "backend": type(lm).__name__},
-            settings=settings,
+            meta_extra=collect_meta(cfg, lm), settings=settings,
         )
     finally:
         task.close()
@@ -178,9 +211,7 @@ def collect_task(lm: LanguageModel, task, split: str, out: str | Path, *, k: int
     rows = task.prompts(split, limit=limit)
     if not rows:
         raise QProbeError(f"collect: task {task.name} split {split} has no prompts")
-    meta = {"model": lm.name, "task": task.name, "split": split, "k": k,
-            "sampling": params.to_dict(), **({"prefix": prefix} if prefix else {}),
-            **(meta_extra or {})}
+    meta = rollouts_meta(lm.name, task, split, k, params, prefix, meta_extra)
     writer = RolloutWriter(out, meta=meta, feature_spec=lm.feature_spec)
     per_batch = batch_prompts or max(1, lm.max_batch_rows // k)
     n_new, n_tokens, seconds = _run(lm, task, writer, rows, k, params, prefix, per_batch, progress)
@@ -193,6 +224,56 @@ def collect_task(lm: LanguageModel, task, split: str, out: str | Path, *, k: int
             f"{name}: {n_new} new samples in {seconds:.0f}s, mean reward "
             + ("n/a" if summary["mean_reward"] is None else f"{summary['mean_reward']:.3f}"))
     return summary
+
+
+def plan(rows: list[dict], k: int, done: set[tuple[str, int]], per_batch: int) -> list[list[dict]]:
+    """The batches still to sample: `rows` cut every `per_batch` prompts, each batch keeping the
+    prompts whose k samples are not all in `done`. Cutting the full list (not the remaining
+    prompts) keeps a resumed batch the shape it had in the first run."""
+    out = []
+    for i in range(0, len(rows), per_batch):
+        todo = [r for r in rows[i : i + per_batch]
+                if not all((str(r["id"]), j) in done for j in range(k))]
+        if todo:
+            out.append(todo)
+    return out
+
+
+def sample_batch(lm, task, todo: list[dict], k: int, params: SamplingParams, prefix: str,
+                 done: set[tuple[str, int]]) -> tuple[list[dict], np.ndarray | None, int]:
+    """The batch work: k samples per prompt of `todo`, their features and their rewards.
+
+    Returns (rows, features [rows, dim] or None, tokens sampled); samples whose key is in `done`
+    are left out. Every executor (this process, a Ray actor) runs exactly this."""
+    groups = lm.sample([prefix + r["prompt"] for r in todo], k, params)
+    out_rows, feats, n_tokens = [], [], 0
+    for r, group in zip(todo, groups):
+        for j, s in enumerate(group):
+            if (str(r["id"]), j) in done:
+                continue
+            out_rows.append(_row(str(r["id"]), j, r["prompt"], s))
+            feats.append(s.feature)
+            n_tokens += s.num_tokens or 0
+    if not out_rows:
+        return [], None, n_tokens
+    by_id = {str(r["id"]): r for r in todo}
+    columns = {c: [by_id[o["prompt_id"]].get(c) for o in out_rows]
+               for c in todo[0] if c not in ("id", "prompt")}
+    columns["prompt_id"] = [o["prompt_id"] for o in out_rows]
+    rewards = task.reward([o["prompt"] for o in out_rows], [o["completion"] for o in out_rows],
+                          **columns)
+    for o, rw in zip(out_rows, rewards):
+        o["reward"] = None if rw is None else float(rw)
+    features = np.stack(feats) if lm.feature_spec is not None else None
+    return out_rows, features, n_tokens
+
+
+def rollouts_meta(model: str, task, split: str, k: int, params: SamplingParams, prefix: str = "",
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The identity of a collection (meta.json): a resume with another identity is refused."""
+    return {"model": model, "task": task.name, "split": split, "k": k,
+            "sampling": params.to_dict(), **({"prefix": prefix} if prefix else {}),
+            **(extra or {})}
 
 
 def _run(lm, task, writer, rows: list[dict], k: int, params: SamplingParams, prefix: str,
@@ -209,27 +290,12 @@ def _run(lm, task, writer, rows: list[dict], k: int, params: SamplingParams, pre
     t_start = time.time()
     n_tokens = n_rows = 0
     for i in range(0, len(rows), per_batch):
+        # Planned batch by batch: another writer on the folder may have stored some meanwhile.
         todo = [r for r in rows[i : i + per_batch] if not complete(r)]
         if not todo:
             continue
-        groups = lm.sample([prefix + r["prompt"] for r in todo], k, params)
-        out_rows, feats = [], []
-        for r, group in zip(todo, groups):
-            for j, s in enumerate(group):
-                if (str(r["id"]), j) in writer.done:
-                    continue
-                out_rows.append(_row(str(r["id"]), j, r["prompt"], s))
-                feats.append(s.feature)
-                n_tokens += s.num_tokens or 0
-        by_id = {str(r["id"]): r for r in todo}
-        columns = {c: [by_id[o["prompt_id"]].get(c) for o in out_rows]
-                   for c in todo[0] if c not in ("id", "prompt")}
-        columns["prompt_id"] = [o["prompt_id"] for o in out_rows]
-        rewards = task.reward([o["prompt"] for o in out_rows], [o["completion"] for o in out_rows],
-                              **columns)
-        for o, rw in zip(out_rows, rewards):
-            o["reward"] = None if rw is None else float(rw)
-        features = np.stack(feats) if lm.feature_spec is not None else None
+        out_rows, features, tokens = sample_batch(lm, task, todo, k, params, prefix, writer.done)
+        n_tokens += tokens
         # Another writer on the same folder may have stored some of these meanwhile: keep theirs.
         n_rows += writer.append(out_rows, features, skip_stored=True)
         bar.update(len(todo))

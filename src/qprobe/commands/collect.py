@@ -51,6 +51,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", default=None, metavar="ADAPTER_DIR", help=_HELP["adapter"])
     p.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
                    help=_HELP["pairs"])
+    g = p.add_argument_group("scale-out (docs/scale-out.md)")
+    g.add_argument("--executor", choices=["local", "ray"], default="local", help=_HELP["executor"])
+    g.add_argument("--address", default=None, help=_HELP["address"])
+    g.add_argument("--workers", type=int, default=None, help=_HELP["workers"])
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help=_HELP["gpus_per_worker"])
+    g.add_argument("--threads-per-worker", type=int, default=1,
+                   help=_HELP["threads_per_worker"] + " (1)")
+    g.add_argument("--retries", type=int, default=2, help=_HELP["retries"] + " (2)")
+    g.add_argument("--storage", choices=["auto", "shared", "driver"], default="auto",
+                   help=_HELP["storage"])
     p.set_defaults(func=run)
 
 

@@ -154,6 +154,27 @@ class CurveConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """Where the collection's batches run (`qprobe collect --executor`, docs/scale-out.md)."""
+
+    kind: str = field(default="local", metadata={
+        "help": "local (this process) or ray (actors on a Ray cluster collect the train and test "
+                "sets and the greedy baseline; the few-shot baseline and the rest stay here)"})
+    address: str | None = field(default=None, metadata={
+        "help": "Ray cluster address (null: $RAY_ADDRESS, else start Ray on this machine)"})
+    workers: int | None = field(default=None, metadata={
+        "help": "Ray actors (null: as many as the cluster's CPUs or GPUs fit)"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per actor (0: CPU)"})
+    threads_per_worker: int = field(default=1, metadata={
+        "help": "CPUs reserved per actor and torch threads in it"})
+    retries: int = field(default=2, metadata={
+        "help": "times a batch whose actor died is re-queued before it is reported"})
+    storage: str = field(default="auto", metadata={
+        "help": "auto, shared (actors must see the output folder) or driver (rows go through "
+                "the driver)"})
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment; `qprobe run` reads it from YAML (same keys, nested)."""
 
@@ -177,6 +198,7 @@ class ExperimentConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
     embed: EmbedStageConfig = field(default_factory=EmbedStageConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def validate(self) -> None:
         where = f"experiment {self.name!r}"
@@ -190,6 +212,11 @@ class ExperimentConfig:
         labels = [t.label for t in self.test]
         if len(set(labels)) != len(labels):
             raise QProbeError(f"{where}: test set names must differ, got {labels}")
+        if self.executor.kind not in ("local", "ray"):
+            raise QProbeError(f"{where}: executor.kind must be local or ray, got "
+                              f"{self.executor.kind!r}")
+        if self.executor.storage not in ("auto", "shared", "driver"):
+            raise QProbeError(f"{where}: executor.storage must be auto, shared or driver")
         if self.sampling.k < 1:
             raise QProbeError(f"{where}: sampling.k must be >= 1")
         if not self.probes.objectives or not self.probes.seeds:

@@ -100,10 +100,11 @@ def run_experiment(
     say = log if isinstance(log, Log) else Log(log)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     ctx = start(cfg, say, model, limit, progress)
-    with ctx.timed("collect_s"):
-        train_dir, test_dirs = collect_sets(ctx)
-    with ctx.timed("baselines_s"):
-        base = collect_baselines(ctx, train_dir)
+    with _executor(cfg):
+        with ctx.timed("collect_s"):
+            train_dir, test_dirs = collect_sets(ctx)
+        with ctx.timed("baselines_s"):
+            base = collect_baselines(ctx, train_dir)
     if cfg.embed.enabled:
         with ctx.timed("embed_s"):
             embed_sets(ctx, [train_dir, *test_dirs.values(), *base.greedy.values()])
@@ -150,6 +151,18 @@ def start(
 # ---------------------------------------------------------------- 1. collect
 
 
+@contextmanager
+def _executor(cfg: ExperimentConfig) -> Iterator[None]:
+    """With executor.kind ray: one Ray connection for every collection of the run."""
+    if cfg.executor.kind != "ray":
+        yield
+        return
+    from qprobe.collect_ray import ray_session
+
+    with ray_session(cfg.executor.address):
+        yield
+
+
 def _fmt_reward(x: float | None) -> str:
     return "n/a (not scored)" if x is None else f"{x:.3f}"
 
@@ -167,7 +180,14 @@ def collect_set(ctx: Context, d: DataConfig, out_dir: Path, k: int, temperature:
         seed=cfg.seed, layer=spec.layer, position=spec.position, chat=cfg.model.chat,
         feature_dtype=spec.dtype, progress=ctx.progress,
     )  # fmt: skip
-    summary = collect(ccfg, lm=ctx.model)
+    ex = cfg.executor
+    if ex.kind == "ray":  # the actors load the model by name, with the driver's batch size
+        ccfg = dataclasses.replace(
+            ccfg, executor="ray", model=cfg.model.name, address=ex.address, workers=ex.workers,
+            gpus_per_worker=ex.gpus_per_worker, threads_per_worker=ex.threads_per_worker,
+            retries=ex.retries, storage=ex.storage,
+            batch_prompts=max(1, ctx.model.max_batch_rows // k))  # fmt: skip
+    summary = collect(ccfg, lm=ctx.model, say=ctx.say)
     if summary["new_rows"] == 0:
         ctx.say(f"{out_dir.name}: {summary['prompts']} prompts x {k} already collected")
     else:

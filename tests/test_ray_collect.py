@@ -1,0 +1,234 @@
+"""`qprobe collect --executor ray` on a real local Ray cluster (2 CPUs) with a tiny random model:
+the same rows as the local collector, actors killed mid-run, a batch that keeps killing actors,
+the driver killed and rerun, and a second node joined with `ray start --address` on loopback.
+
+Every test is bounded: subprocesses have timeouts and a hung test ends the run after
+HANG_SECONDS (faulthandler) instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from qprobe.collect import CollectConfig, collect  # noqa: E402
+from qprobe.errors import QProbeError  # noqa: E402
+from qprobe.rollouts import Rollouts  # noqa: E402
+from tiny_lm import save_tiny  # noqa: E402
+
+HANG_SECONDS = 600
+# Keep Ray light on a shared 2-core machine: no dashboard, no usage report, a small object store.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0",
+           "RAY_enable_metrics_collection": "0", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _bounded():
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray cluster with 2 CPUs, this process its first driver; yields its address."""
+    os.environ.update(RAY_ENV)
+    torch.set_num_threads(1)
+    for attempt in range(3):  # Ray gives its raylet 30 s to register; a crowded machine may not
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False,
+                     object_store_memory=80 * 2**20, log_to_driver=False, logging_level="warning")
+            break
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _prompts(path: Path, n: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"question {i}: {'ab' * (i % 4)}="}) + "\n")
+    return path
+
+
+def _cfg(tiny: Path, task: Path, out: Path, **kw) -> CollectConfig:
+    base = dict(model=str(tiny), task=str(task), out=str(out), k=3, max_new_tokens=12, seed=4,
+                batch_prompts=1, progress=False, workers=2)
+    return CollectConfig(**{**base, **kw})
+
+
+def _by_key(out: Path) -> dict:
+    r = Rollouts(out)
+    keys = list(zip(r.prompt_ids.tolist(), r.sample_idx.tolist()))
+    assert len(keys) == len(set(keys)), "a key is stored twice"
+    return {k: (c, f.tobytes()) for k, c, f in zip(keys, r.column("completion"),
+                                                  np.asarray(r.features))}
+
+
+def _identity(out: Path) -> dict:
+    meta = Rollouts(out).meta
+    return {k: v for k, v in meta.items() if k not in ("summary", "created", "updated")}
+
+
+def test_ray_collect_equals_local_row_for_row(cluster, tiny, tmp_path):
+    task = _prompts(tmp_path / "p.jsonl", 8)
+    local = collect(_cfg(tiny, task, tmp_path / "local", batch_prompts=2))
+    lines: list[str] = []
+    s = collect(_cfg(tiny, task, tmp_path / "ray", batch_prompts=2, executor="ray"),
+                say=lines.append)
+    assert s["new_rows"] == local["new_rows"] == 24
+    assert s["executor"]["committed_by_actors"] == 24 and s["executor"]["deaths"] == 0
+    assert sum("commits its shards to the shared rollouts folder" in ln for ln in lines) == 2
+    assert _by_key(tmp_path / "ray") == _by_key(tmp_path / "local")
+    assert _identity(tmp_path / "ray") == _identity(tmp_path / "local")
+
+
+def _kill_an_actor_on(node: str, lines: list[str], out: Path, killed: list[int]) -> None:
+    """SIGKILL the actor that runs on `node` once a shard is committed (within 400 s)."""
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        pids = [int(ln.rsplit("pid ", 1)[1].split(")")[0]) for ln in list(lines)
+                if f"node {node[:8]}" in ln and "commits its shards" in ln]
+        if pids and (out / "samples-00001.parquet").exists():
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+            return
+        time.sleep(0.01)
+
+
+POISON = '''
+import os, signal
+from qprobe.tasks.base import Task
+
+class Poison(Task):
+    """Six prompts; scoring prompt p3 kills the process (an actor that always dies on it)."""
+    name = "poison"
+    def splits(self):
+        return {"all": 6}
+    def _load(self, split):
+        return [{"id": f"p{i}", "prompt": f"question {i}="} for i in range(6)]
+    def reward(self, prompts, completions, **columns):
+        if "question 3=" in prompts:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [1.0] * len(prompts)
+'''
+
+
+def test_a_batch_that_keeps_killing_actors_is_reported_not_retried_forever(cluster, tiny, tmp_path):
+    """Also the mode without shared storage: the actors return their rows to the driver."""
+    (tmp_path / "poison.py").write_text(POISON)
+    out = tmp_path / "ray"
+    lines: list[str] = []
+    cfg = _cfg(tiny, f"{tmp_path / 'poison.py'}:Poison", out, executor="ray", retries=1,
+               storage="driver")
+    with pytest.raises(QProbeError, match=r"1 of 6 batches kept killing actors.*batch 3 \(prompts p3\)"):
+        collect(cfg, say=lines.append)
+    assert sum("returns its rows to the driver" in ln for ln in lines) >= 2
+    assert sum("died in batch 3" in ln for ln in lines) == 2  # tried twice, then reported
+    stored = Rollouts(out)
+    assert sorted(set(stored.prompt_ids.tolist())) == ["p0", "p1", "p2", "p4", "p5"]
+    assert len(stored) == 15 and (stored.rewards == 1.0).all()
+    # The same prompts collected here, without p3: the same rows (seeds follow the prompt text).
+    with open(tmp_path / "same.jsonl", "w") as f:
+        for i in (0, 1, 2, 4, 5):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"question {i}="}) + "\n")
+    collect(_cfg(tiny, tmp_path / "same.jsonl", tmp_path / "local"))
+    assert _by_key(out) == _by_key(tmp_path / "local")
+
+
+def _cli(tiny: Path, task: Path, out: Path, address: str) -> list[str]:
+    return [sys.executable, "-m", "qprobe", "collect", "--model", str(tiny), "--task", str(task),
+            "--out", str(out), "--k", "3", "--max-new-tokens", "24", "--seed", "4",
+            "--batch-prompts", "1", "--no-progress", "--executor", "ray", "--address", address,
+            "--workers", "2"]
+
+
+def test_driver_killed_then_rerun_resumes(cluster, tiny, tmp_path):
+    task = _prompts(tmp_path / "p.jsonl", 12)
+    out = tmp_path / "ray"
+    env = dict(os.environ, **RAY_ENV)
+    proc = subprocess.Popen(_cli(tiny, task, out, cluster), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 150
+    while time.time() < deadline and not (out / "samples-00001.parquet").exists():
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = len(list(out.glob("samples-*.parquet")))
+    assert 2 <= shards < 12, "the kill did not land mid-run"
+    # The rerun (here) needs the cluster's 2 CPUs: it ends only if Ray ended the dead driver's actors.
+    summary = collect(_cfg(tiny, task, out, executor="ray", max_new_tokens=24))
+    assert 0 < summary["new_rows"] <= 36 - 3 * shards
+    collect(_cfg(tiny, task, tmp_path / "local", max_new_tokens=24))
+    assert _by_key(out) == _by_key(tmp_path / "local")  # 36 rows
+
+
+def test_a_second_node_on_loopback_and_an_actor_killed_there(cluster, tiny, tmp_path):
+    """`ray start --address` adds a 1-CPU node; 3 actors fill both nodes and commit shards; the
+    actor on the new node gets SIGKILL mid-run: its batch is re-queued, nothing is lost or
+    stored twice, and the rows are the local collector's."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = dict(os.environ, **RAY_ENV)
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    node = subprocess.Popen([str(ray_bin), "start", "--address", cluster, "--num-cpus", "1",
+                             "--object-store-memory", str(80 * 2**20), "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        new: set[str] = set()
+        while time.time() < deadline and not new:
+            assert node.poll() is None, "ray start --address exited"
+            new = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before
+            time.sleep(0.5)
+        assert new, "the second node did not join"
+        second = next(iter(new))
+        task = _prompts(tmp_path / "p.jsonl", 15)
+        out = tmp_path / "ray"
+        lines: list[str] = []
+        killed: list[int] = []
+        killer = threading.Thread(target=_kill_an_actor_on, args=(second, lines, out, killed))
+        killer.start()
+        s = collect(_cfg(tiny, task, out, executor="ray", workers=3, max_new_tokens=24),
+                    say=lines.append)
+        killer.join()
+        assert killed, f"no actor ran on the second node: {lines}"
+        assert s["executor"]["deaths"] >= 1 and not s["executor"]["failed_batches"]
+        assert any("died in batch" in ln and "re-queued" in ln for ln in lines), lines
+        collect(_cfg(tiny, task, tmp_path / "local", max_new_tokens=24))
+        assert _by_key(out) == _by_key(tmp_path / "local")  # 45 rows, none lost, none twice
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        # `ray start` records the cluster as this machine's current one; a later `ray.init()`
+        # would try to join it once it is gone.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip() == cluster:
+            current.unlink()
