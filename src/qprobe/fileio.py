@@ -100,3 +100,40 @@ def claim_new(path: Path, write: Callable[[IO[bytes]], Any]) -> bool:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_weights_folder(out_dir: str | os.PathLike[str], tensors: dict[str, Any],
+                        config: dict[str, Any], *, what: str,
+                        weights: str = "probe.safetensors", config_name: str = "config.json") -> Path:
+    """Write a folder of safetensors weights + a JSON config atomically: a temp folder beside it
+    is filled, then renamed over `out_dir` (an older one of the same kind is moved aside first
+    and deleted). Refuses a non-empty folder without `config_name`: it is not a `what`."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from qprobe.errors import QProbeError
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise QProbeError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / config_name).is_file():
+        raise QProbeError(f"{out}: folder exists and is not a {what}; refusing to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp / weights))
+        (tmp / config_name).write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():  # replace an older one: move it aside, swap, then delete it
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / what)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -202,30 +200,10 @@ class Probe(nn.Module):
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write the probe folder atomically (temp folder beside it, then rename)."""
-        from safetensors.torch import save_file
+        from qprobe.fileio import save_weights_folder
 
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise QProbeError(f"{out}: exists and is not a folder")
-        if out.is_dir() and any(out.iterdir()) and not (out / CONFIG).is_file():
-            raise QProbeError(f"{out}: folder exists and is not a probe; refusing to overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(tensors, str(tmp / WEIGHTS))
-            (tmp / CONFIG).write_text(json.dumps(self.config(), indent=2) + "\n")
-            if out.exists():  # replace an older probe: move it aside, swap, then delete it
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / "probe")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        return save_weights_folder(out_dir, self.state_dict(), self.config(), what="probe",
+                                   weights=WEIGHTS, config_name=CONFIG)
 
     @classmethod
     def load(cls, probe_dir: str | os.PathLike, feature_spec: FeatureSpec | None = None) -> Probe:
