@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -104,19 +103,6 @@ def test_ray_collect_equals_local_row_for_row(cluster, tiny, tmp_path):
     assert _identity(tmp_path / "ray") == _identity(tmp_path / "local")
 
 
-def _kill_an_actor_on(node: str, lines: list[str], out: Path, killed: list[int]) -> None:
-    """SIGKILL the actor that runs on `node` once a shard is committed (within 400 s)."""
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        pids = [int(ln.rsplit("pid ", 1)[1].split(")")[0]) for ln in list(lines)
-                if f"node {node[:8]}" in ln and "commits its shards" in ln]
-        if pids and (out / "samples-00001.parquet").exists():
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
-            return
-        time.sleep(0.01)
-
-
 POISON = '''
 import os, signal
 from qprobe.tasks.base import Task
@@ -186,10 +172,34 @@ def test_driver_killed_then_rerun_resumes(cluster, tiny, tmp_path):
     assert _by_key(out) == _by_key(tmp_path / "local")  # 36 rows
 
 
+ONCE = '''
+import os, signal
+from pathlib import Path
+from qprobe.tasks.base import Task
+
+MARK = Path({mark!r})
+
+class Once(Task):
+    """Six prompts; the first process to score p3 dies of SIGKILL (leaving MARK), later ones
+    score it: one actor death mid-run, wherever the actor runs, however fast the machine."""
+    name = "once"
+    def splits(self):
+        return {{"all": 6}}
+    def _load(self, split):
+        return [{{"id": f"p{{i}}", "prompt": f"question {{i}}="}} for i in range(6)]
+    def reward(self, prompts, completions, **columns):
+        if any("question 3=" in p for p in prompts) and not MARK.exists():
+            MARK.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [1.0] * len(prompts)
+'''
+
+
 def test_a_second_node_on_loopback_and_an_actor_killed_there(cluster, tiny, tmp_path):
-    """`ray start --address` adds a 1-CPU node; 3 actors fill both nodes and commit shards; the
-    actor on the new node gets SIGKILL mid-run: its batch is re-queued, nothing is lost or
-    stored twice, and the rows are the local collector's."""
+    """`ray start --address` adds a 1-CPU node; the first node's 2 CPUs are held by another
+    actor, so the collection's actor runs on the new node; it is SIGKILLed mid-run (by its own
+    reward, once): its batch is re-queued to a new actor, nothing is lost or stored twice, and
+    the rows are the local collector's."""
     ray_bin = Path(sys.executable).with_name("ray")
     env = dict(os.environ, **RAY_ENV)
     before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -197,6 +207,13 @@ def test_a_second_node_on_loopback_and_an_actor_killed_there(cluster, tiny, tmp_
                              "--object-store-memory", str(80 * 2**20), "--block"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+
+    @ray.remote(num_cpus=2)
+    class Hold:  # takes the first node's CPUs (the new node has only one)
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    hold = None
     try:
         deadline = time.time() + 120
         new: set[str] = set()
@@ -206,21 +223,24 @@ def test_a_second_node_on_loopback_and_an_actor_killed_there(cluster, tiny, tmp_
             time.sleep(0.5)
         assert new, "the second node did not join"
         second = next(iter(new))
-        task = _prompts(tmp_path / "p.jsonl", 15)
+        hold = Hold.remote()
+        assert ray.get(hold.node.remote(), timeout=120) != second
+        mark = tmp_path / "died"
+        (tmp_path / "once.py").write_text(ONCE.format(mark=str(mark)))
+        task = f"{tmp_path / 'once.py'}:Once"
         out = tmp_path / "ray"
         lines: list[str] = []
-        killed: list[int] = []
-        killer = threading.Thread(target=_kill_an_actor_on, args=(second, lines, out, killed))
-        killer.start()
-        s = collect(_cfg(tiny, task, out, executor="ray", workers=3, max_new_tokens=24),
+        s = collect(_cfg(tiny, task, out, executor="ray", workers=1, max_new_tokens=24),
                     say=lines.append)
-        killer.join()
-        assert killed, f"no actor ran on the second node: {lines}"
-        assert s["executor"]["deaths"] >= 1 and not s["executor"]["failed_batches"]
+        assert mark.exists(), lines
+        assert any(f"node {second[:8]}" in ln and "commits its shards" in ln for ln in lines), lines
+        assert s["executor"]["deaths"] == 1 and not s["executor"]["failed_batches"]
         assert any("died in batch" in ln and "re-queued" in ln for ln in lines), lines
-        collect(_cfg(tiny, task, tmp_path / "local", max_new_tokens=24))
-        assert _by_key(out) == _by_key(tmp_path / "local")  # 45 rows, none lost, none twice
+        collect(_cfg(tiny, task, tmp_path / "local", max_new_tokens=24))  # MARK exists: no kill
+        assert _by_key(out) == _by_key(tmp_path / "local")  # 18 rows, none lost, none twice
     finally:
+        if hold is not None:
+            ray.kill(hold)
         os.killpg(node.pid, signal.SIGTERM)
         try:
             node.wait(timeout=30)
