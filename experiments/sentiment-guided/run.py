@@ -1,6 +1,6 @@
 """Sentiment steering: base sampling, best-of-k with a Q-probe, and RAD / ARM guidance.
 
-    python experiments/sentiment_guided.py experiments/sentiment-guided.yaml [--smoke] [--out DIR]
+    python experiments/sentiment-guided/run.py experiments/sentiment-guided/config.yaml [--smoke] [--out DIR]
 
 Stages (each output is kept; a rerun resumes after the last finished one):
 1. collect train rollouts on neutral-train prompts (SmolLM2, no chat template, 20 tokens);
