@@ -137,3 +137,22 @@ def save_weights_folder(out_dir: str | os.PathLike[str], tensors: dict[str, Any]
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def read_weights_config(folder: str | os.PathLike[str], *, what: str, fmt: str,
+                        weights: str, config_name: str = "config.json") -> tuple[dict, Path, Path]:
+    """The JSON config of a folder written by `save_weights_folder`, checked: both files there,
+    valid JSON, `format` == fmt. Returns (config, config path, weights path)."""
+    from qprobe.errors import QProbeError
+
+    d = Path(folder)
+    cfg_path, w_path = d / config_name, d / weights
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise QProbeError(f"{d}: not a {what} folder (needs {config_name} and {weights})")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QProbeError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != fmt:
+        raise QProbeError(f"{cfg_path}: format is not {fmt!r}")
+    return cfg, cfg_path, w_path

@@ -17,7 +17,6 @@ Library use:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -211,16 +210,11 @@ class Probe(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from qprobe.fileio import read_weights_config
+
         d = Path(probe_dir)
-        cfg_path, w_path = d / CONFIG, d / WEIGHTS
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise QProbeError(f"{d}: not a probe folder (needs {CONFIG} and {WEIGHTS})")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QProbeError(f"{cfg_path}: invalid JSON ({e})") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-            raise QProbeError(f"{cfg_path}: format is not {FORMAT!r}")
+        cfg, cfg_path, w_path = read_weights_config(d, what="probe", fmt=FORMAT,
+                                                    weights=WEIGHTS, config_name=CONFIG)
         try:
             arch = cfg["architecture"]
             dim, hidden, std_on = int(arch["dim"]), tuple(arch["hidden"]), bool(arch["standardize"])

@@ -55,7 +55,11 @@ def normalize_base_url(url: str) -> str:
 
 def is_loopback(url: str) -> bool:
     """True for localhost / 127.0.0.0/8 / ::1 URLs (these bypass any HTTP proxy settings)."""
-    host = urllib.parse.urlsplit(url).hostname or ""
+    return is_loopback_host(urllib.parse.urlsplit(url).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

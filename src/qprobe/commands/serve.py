@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -89,15 +88,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
     from qprobe.errors import QProbeError
 
@@ -126,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     api_key = o.api_key or os.environ.get(KEY_ENV) or None
     logging.basicConfig(level=o.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     log = logging.getLogger("qprobe.serve")
-    if not _is_loopback(o.host) and not api_key:
+    from qprobe.backends.http import is_loopback_host
+
+    if not is_loopback_host(o.host) and not api_key:
         log.warning("binding %s without an API key: anyone who can reach it can use it", o.host)
 
     if o.threads < 0:

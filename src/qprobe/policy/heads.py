@@ -165,16 +165,10 @@ class RewardHead(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        d = Path(head_dir)
-        cfg_path, w_path = d / CONFIG, d / WEIGHTS
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise QProbeError(f"{d}: not a reward head folder (needs {CONFIG} and {WEIGHTS})")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QProbeError(f"{cfg_path}: invalid JSON ({e})") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-            raise QProbeError(f"{cfg_path}: format is not {FORMAT!r}")
+        from qprobe.fileio import read_weights_config
+
+        cfg, cfg_path, w_path = read_weights_config(head_dir, what="reward head", fmt=FORMAT,
+                                                    weights=WEIGHTS, config_name=CONFIG)
         spec = cfg.get("feature_spec")
         spec = FeatureSpec.from_dict(spec, f"{cfg_path}: feature_spec") if spec else None
         try:
