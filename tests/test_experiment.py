@@ -53,7 +53,7 @@ def _config(tmp_path, model_dir, **over):
         },
         "eval": {"ks": [1, 2, 4], "betas": [0.0, 0.1], "beta": 0.1, "n_boot": 100},
         "baselines": {"greedy": True, "few_shot": 2},
-        "curve": {"sizes": [4, 8], "subsets": 2, "objective": "pg"},
+        "curve": {"sizes": [4, 8], "subsets": 2, "objective": "pg", "samples": [2, 4, 5]},
     }
     d.update(over)
     return config_from_dict(d)
@@ -94,10 +94,13 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     assert few.meta["prefix"].count("word") == 2 and len(few) == 6
     assert sorted(saved["curve"]["sizes"]) == ["4", "8"]
     assert all(len(v) == 2 for v in saved["curve"]["sizes"].values())
+    assert sorted(saved["curve"]["samples"]) == ["2", "4"]  # 5 > the 4 stored per prompt
+    assert any("5 samples per prompt" in s and "skipped" in s for s in lines)
     assert (tmp_path / "run" / "probes" / "pg-seed1" / "config.json").is_file()
     md = (rep / "results.md").read_text()
     assert "pass@4 (skyline)" in md and "probe `pg`" in md and "greedy" in md
     assert "| probe | within prompt | pooled AUC |" in md
+    assert "| samples per prompt | rows |" in md
     # a second run resumes: nothing is sampled again and the numbers are the same
     lines2: list[str] = []
     res2 = run_experiment(cfg, log=lines2.append, progress=False)

@@ -151,6 +151,12 @@ class CurveConfig:
     )
     subsets: int = field(default=10, metadata={"help": "random prompt subsets per size"})
     objective: str = field(default="pg", metadata={"help": "objective of the curve's probes"})
+    samples: list[int] = field(
+        default_factory=list,
+        metadata={"help": "samples per train prompt (all prompts, `subsets` random draws of that "
+                          "many of each prompt's samples): more samples vs more prompts at equal "
+                          "rows (empty: none)"},
+    )
 
 
 @dataclass

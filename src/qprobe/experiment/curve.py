@@ -2,6 +2,9 @@
 
 For each size, probes are trained on `curve.subsets` random subsets of that many train prompts
 (seeded by the experiment seed) and evaluated on the first test set at the headline (k, beta).
+The second axis, `curve.samples`, keeps every train prompt and draws that many of each prompt's
+samples instead: read side by side with the first at equal rows (prompts x samples), it says
+whether more samples per prompt or more prompts buy more reward.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def learning_curve(
     train, test: the train and first test set's `Rollouts`; candidate: the inputs and steps
     cross-validation chose for the curve's objective (a `train.cv.Candidate`), or None for the
     collection feature with the configured training. Returns
-    {"objective", "k", "beta", "inputs", "sizes": {size: [reward]}}.
+    {"objective", "k", "beta", "inputs", "sizes": {size: [reward]}, "samples": {m: [reward]}}.
     """
     from qprobe.evaluate import evaluate_groups
     from qprobe.rollouts import feature_set_name
@@ -39,9 +42,18 @@ def learning_curve(
     c = candidate or Candidate(feature_set_name(train.feature_spec), (), base.weight_decay,
                                base.min_steps)
     x_all = _inputs(train, c)  # [N, D (+ extras)], built once for every subset
-    rng = np.random.default_rng([cfg.seed, 2])
     out: dict[str, Any] = {"objective": cfg.curve.objective, "k": k, "beta": beta,
                            "inputs": c.label, "sizes": {}}
+
+    def score(rows: np.ndarray, j: int) -> float:
+        """Train on `rows` of train (seed j), the test reward at (k, beta)."""
+        probe, _ = fit(train, c, cfg.train_config(cfg.curve.objective, j), rows, x=x_all,
+                       data_fingerprint=False)
+        sc = probe.score_rollouts(test).astype(np.float64)  # [N_test]
+        res = evaluate_groups(te_group, test.rewards, sc, [k], [beta], n_boot=10, seed=cfg.seed)
+        return res.probe[(k, beta)].mean
+
+    rng = np.random.default_rng([cfg.seed, 2])
     for size in cfg.curve.sizes:
         if size > n_prompts:
             say(f"curve: size {size} > {n_prompts} train prompts, skipped")
@@ -49,12 +61,22 @@ def learning_curve(
         vals = []
         for j in range(cfg.curve.subsets):
             chosen = rng.choice(n_prompts, size=size, replace=False)
-            rows = np.flatnonzero(np.isin(group, chosen))
-            probe, _ = fit(train, c, cfg.train_config(cfg.curve.objective, j), rows, x=x_all,
-                           data_fingerprint=False)
-            sc = probe.score_rollouts(test).astype(np.float64)  # [N_test]
-            res = evaluate_groups(te_group, test.rewards, sc, [k], [beta], n_boot=10, seed=cfg.seed)
-            vals.append(res.probe[(k, beta)].mean)
+            vals.append(score(np.flatnonzero(np.isin(group, chosen)), j))
         out["sizes"][str(size)] = vals
         say(f"curve: {size} train prompts -> {np.mean(vals):.3f} (+- {np.std(vals):.3f})")
+
+    members = [np.flatnonzero(group == g) for g in range(n_prompts)]  # each prompt's rows
+    fewest = min(len(r) for r in members)
+    rng = np.random.default_rng([cfg.seed, 3])
+    for m in cfg.curve.samples:
+        if m > fewest:
+            say(f"curve: {m} samples per prompt > the {fewest} stored for some prompt, skipped")
+            continue
+        vals = []
+        for j in range(cfg.curve.subsets):
+            rows = np.sort(np.concatenate([rng.choice(r, size=m, replace=False) for r in members]))
+            vals.append(score(rows, j))
+        out.setdefault("samples", {})[str(m)] = vals
+        say(f"curve: {m} samples x {n_prompts} prompts -> {np.mean(vals):.3f} "
+            f"(+- {np.std(vals):.3f})")
     return out

@@ -205,6 +205,21 @@ def _curve_table(res: dict[str, Any]) -> list[str]:
     for size, vals in c["sizes"].items():
         lines.append(f"| {size} | {np.mean(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
     lines.append("")
+    if c.get("samples"):
+        n = res.get("train", {}).get("n_prompts", "all")
+        lines += [
+            f"Samples per train prompt, on all {n} train prompts (random draws of that many of "
+            "each prompt's samples): at equal rows with the table above, more samples per prompt "
+            "against more prompts.",
+            "",
+            "| samples per prompt | rows | mean | min | max |",
+            "|---|---|---|---|---|",
+        ]
+        for m, vals in c["samples"].items():
+            rows = int(m) * n if isinstance(n, int) else "-"
+            lines.append(f"| {m} | {rows} | {np.mean(vals):.3f} | {min(vals):.3f} | "
+                         f"{max(vals):.3f} |")
+        lines.append("")
     return lines
 
 

@@ -115,7 +115,7 @@ def run_experiment(
         for ts in cfg.test:
             results["test"][ts.label] = evaluate_test_set(ctx, ts, test_dirs[ts.label], probes, base)
             say(f"evaluated {ts.label}")
-        if cfg.curve.sizes:  # the learning curve (figure 2) on the first test set
+        if cfg.curve.sizes or cfg.curve.samples:  # learning curves on the first test set
             first_test = _rollouts(test_dirs[cfg.test[0].label])
             results["curve"] = learning_curve(cfg, _rollouts(train_dir), first_test,
                                               ctx.chosen.get(cfg.curve.objective), say)
