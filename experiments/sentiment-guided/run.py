@@ -210,10 +210,16 @@ def score_all(out: Path, gen_dir: Path, task, cfg: dict, say) -> None:
                 scorer = load_hf(cfg["scoring_model"])
             comp = [s.reward for s in task.score([r["prompt"] for r in recs],
                                                  [r["text"] for r in recs])]
-            ppl = perplexity(scorer, [r["prompt"] for r in recs], [r["text"] for r in recs])
-            sc = {"compound": comp, "ppl": [None if np.isnan(x) else float(x)
-                                            for x in ppl["per_sample"]],
-                  "ppl_model": ppl["model"]}
+            # perplexity on the first `ppl_samples` continuations of each prompt (all: null):
+            # the scoring model's forward passes dominate the CPU time of this stage
+            cap = cfg.get("ppl_samples")
+            idx = [i for i, r in enumerate(recs) if cap is None or r["sample"] < int(cap)]
+            ppl = perplexity(scorer, [recs[i]["prompt"] for i in idx],
+                             [recs[i]["text"] for i in idx])
+            per = [None] * len(recs)
+            for i, x in zip(idx, ppl["per_sample"]):
+                per[i] = None if np.isnan(x) else float(x)
+            sc = {"compound": comp, "ppl": per, "ppl_model": ppl["model"], "ppl_scored": len(idx)}
             atomic_write_json(scored, sc)
         comp = np.asarray(sc["compound"])
         pos = (comp > POSITIVE).astype(float)
@@ -230,7 +236,8 @@ def score_all(out: Path, gen_dir: Path, task, cfg: dict, say) -> None:
             "compound": float(comp.mean()),
             "ppl_mean": float(np.nanmean(ppl)) if np.isfinite(ppl).any() else None,
             "ppl_median": float(np.nanmedian(ppl)) if np.isfinite(ppl).any() else None,
-            "ppl_empty": int(np.isnan(ppl).sum()), "ppl_model": sc["ppl_model"],
+            "ppl_empty": int(np.isnan(ppl).sum()) - (len(recs) - sc.get("ppl_scored", len(recs))),
+            "ppl_scored": sc.get("ppl_scored", len(recs)), "ppl_model": sc["ppl_model"],
             **{f"dist{k}": distinct_n(texts, k) for k in (1, 2, 3)},
             "mean_tokens": float(np.mean([r["tokens"] for r in recs])),
         })
@@ -239,7 +246,10 @@ def score_all(out: Path, gen_dir: Path, task, cfg: dict, say) -> None:
     atomic_write_json(rep / "results.json", {"config": cfg, "results": results})
     lines = ["# Sentiment steering: best-of-k vs token-level guidance", "",
              f"Generator {cfg['model']} (no chat template), {cfg['max_new_tokens']} new tokens; "
-             f"perplexity under {cfg['scoring_model']}; positive = VADER compound > 0.05. "
+             f"perplexity under {cfg['scoring_model']}"
+             + (f" (first {cfg['ppl_samples']} continuations per prompt)"
+                if cfg.get("ppl_samples") is not None else "")
+             + "; positive = VADER compound > 0.05. "
              "Positive rate: per-prompt share, mean over prompts, 95% bootstrap CI.", "",
              "| method | prompts x samples | positive [95% CI] | compound | ppl (mean / median) "
              "| dist-1/2/3 | model tokens / token | tokens/s |",
