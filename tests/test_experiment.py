@@ -109,6 +109,9 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
         res2["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
         == res["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
     )
+    # a lower limit than the folder holds is refused: training would read every stored prompt
+    with pytest.raises(QProbeError, match="more than the limit 3"):
+        run_experiment(cfg, log=lambda s: None, limit=3, progress=False)
 
 
 def test_config_errors(tmp_path) -> None:

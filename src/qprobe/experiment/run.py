@@ -188,6 +188,11 @@ def collect_set(ctx: Context, d: DataConfig, out_dir: Path, k: int, temperature:
             retries=ex.retries, storage=ex.storage,
             batch_prompts=max(1, ctx.model.max_batch_rows // k))  # fmt: skip
     summary = collect(ccfg, lm=ctx.model, say=ctx.say)
+    lim = ctx.lim(d)
+    if lim is not None and summary["stored_prompts"] > lim:  # later stages read the whole folder
+        raise QProbeError(
+            f"{out_dir}: holds {summary['stored_prompts']} prompts, more than the limit {lim} of "
+            f"{d.task}/{d.split}; raise the limit or use another --out")
     if summary["new_rows"] == 0:
         ctx.say(f"{out_dir.name}: {summary['prompts']} prompts x {k} already collected")
     else:
