@@ -45,38 +45,38 @@ def learning_curve(
     out: dict[str, Any] = {"objective": cfg.curve.objective, "k": k, "beta": beta,
                            "inputs": c.label, "sizes": {}}
 
-    def score(rows: np.ndarray, j: int) -> float:
-        """Train on `rows` of train (seed j), the test reward at (k, beta)."""
-        probe, _ = fit(train, c, cfg.train_config(cfg.curve.objective, j), rows, x=x_all,
-                       data_fingerprint=False)
-        sc = probe.score_rollouts(test).astype(np.float64)  # [N_test]
-        res = evaluate_groups(te_group, test.rewards, sc, [k], [beta], n_boot=10, seed=cfg.seed)
-        return res.probe[(k, beta)].mean
+    def sweep(draw: Any, what: str) -> list[float]:
+        """Rewards of probes trained on `subsets` draws of train rows (seed j for draw j)."""
+        vals = []
+        for j in range(cfg.curve.subsets):
+            probe, _ = fit(train, c, cfg.train_config(cfg.curve.objective, j), draw(), x=x_all,
+                           data_fingerprint=False)
+            sc = probe.score_rollouts(test).astype(np.float64)  # [N_test]
+            res = evaluate_groups(te_group, test.rewards, sc, [k], [beta], n_boot=10,
+                                  seed=cfg.seed)
+            vals.append(res.probe[(k, beta)].mean)
+        say(f"curve: {what} -> {np.mean(vals):.3f} (+- {np.std(vals):.3f})")
+        return vals
 
     rng = np.random.default_rng([cfg.seed, 2])
     for size in cfg.curve.sizes:
         if size > n_prompts:
             say(f"curve: size {size} > {n_prompts} train prompts, skipped")
             continue
-        vals = []
-        for j in range(cfg.curve.subsets):
-            chosen = rng.choice(n_prompts, size=size, replace=False)
-            vals.append(score(np.flatnonzero(np.isin(group, chosen)), j))
-        out["sizes"][str(size)] = vals
-        say(f"curve: {size} train prompts -> {np.mean(vals):.3f} (+- {np.std(vals):.3f})")
+        out["sizes"][str(size)] = sweep(
+            lambda size=size: np.flatnonzero(
+                np.isin(group, rng.choice(n_prompts, size=size, replace=False))),
+            f"{size} train prompts")
 
     members = [np.flatnonzero(group == g) for g in range(n_prompts)]  # each prompt's rows
     fewest = min(len(r) for r in members)
-    rng = np.random.default_rng([cfg.seed, 3])
+    rng_s = np.random.default_rng([cfg.seed, 3])
     for m in cfg.curve.samples:
         if m > fewest:
             say(f"curve: {m} samples per prompt > the {fewest} stored for some prompt, skipped")
             continue
-        vals = []
-        for j in range(cfg.curve.subsets):
-            rows = np.sort(np.concatenate([rng.choice(r, size=m, replace=False) for r in members]))
-            vals.append(score(rows, j))
-        out.setdefault("samples", {})[str(m)] = vals
-        say(f"curve: {m} samples x {n_prompts} prompts -> {np.mean(vals):.3f} "
-            f"(+- {np.std(vals):.3f})")
+        out.setdefault("samples", {})[str(m)] = sweep(
+            lambda m=m: np.sort(np.concatenate([rng_s.choice(r, size=m, replace=False)
+                                                for r in members])),
+            f"{m} samples x {n_prompts} prompts")
     return out
