@@ -325,7 +325,7 @@ def _summary(writer, seconds: float, n_new: int, n_tokens: int, n_prompts: int,
     scored = np.isfinite(rewards)
     summary = {
         "prompts": n_prompts,
-        "stored_prompts": len(set(r.column("prompt_id"))),  # in the folder: earlier runs' too
+        "stored_prompts": len(r.groups()[1]),  # in the folder: earlier runs' too
         "rows": len(r),
         "new_rows": n_new,
         "scored": int(scored.sum()),

@@ -206,7 +206,7 @@ def _curve_table(res: dict[str, Any]) -> list[str]:
         lines.append(f"| {size} | {np.mean(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
     lines.append("")
     if c.get("samples"):
-        n = res.get("train", {}).get("n_prompts", "all")
+        n = res["train"]["n_prompts"]
         lines += [
             f"Samples per train prompt, on all {n} train prompts (random draws of that many of "
             "each prompt's samples): at equal rows with the table above, more samples per prompt "
@@ -216,8 +216,7 @@ def _curve_table(res: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|",
         ]
         for m, vals in c["samples"].items():
-            rows = int(m) * n if isinstance(n, int) else "-"
-            lines.append(f"| {m} | {rows} | {np.mean(vals):.3f} | {min(vals):.3f} | "
+            lines.append(f"| {m} | {int(m) * n} | {np.mean(vals):.3f} | {min(vals):.3f} | "
                          f"{max(vals):.3f} |")
         lines.append("")
     return lines
