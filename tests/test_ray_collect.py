@@ -98,7 +98,10 @@ def test_ray_collect_equals_local_row_for_row(cluster, tiny, tmp_path):
                 say=lines.append)
     assert s["new_rows"] == local["new_rows"] == 24
     assert s["executor"]["committed_by_actors"] == 24 and s["executor"]["deaths"] == 0
-    assert sum("commits its shards to the shared rollouts folder" in ln for ln in lines) == 2
+    # every actor that attached says so; the second may attach after the first has done all
+    # four batches (start-up timing on a loaded machine), so at least one, never the driver mode
+    assert sum("commits its shards to the shared rollouts folder" in ln for ln in lines) >= 1
+    assert not any("returns its rows to the driver" in ln for ln in lines)
     assert _by_key(tmp_path / "ray") == _by_key(tmp_path / "local")
     assert _identity(tmp_path / "ray") == _identity(tmp_path / "local")
 
