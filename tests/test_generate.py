@@ -115,3 +115,23 @@ def test_policy_with_log_likelihood_inputs_and_greedy_candidate(tiny) -> None:
     assert c.chosen == int(np.argmax(means))
     with pytest.raises(QProbeError, match="k must be >= 2"):
         QProbePolicy(model, probe, k=1, include_greedy=True)
+
+
+def test_policy_with_the_visible_test_input(tiny) -> None:
+    _, model, _, _ = tiny
+    # A probe on visible_pass alone: argmax = a candidate whose shown tests pass.
+    probe = Probe(1, beta=0.1, objective="pg", extras=("visible_pass",))
+    with torch.no_grad():
+        probe.net[-1].weight.fill_(1.0)
+    with pytest.raises(QProbeError, match="pass visible="):
+        QProbePolicy(model, probe, k=4)
+    seen = []
+
+    def visible(prompts, completions):
+        seen.append((list(prompts), list(completions)))
+        return [1.0 if i == 2 else (None if i == 3 else 0.0) for i in range(len(completions))]
+
+    c = best_of_k(model, probe, "ab", k=4, beta=0.0, params=PARAMS, visible=visible)
+    assert seen == [(["ab"] * 4, c.candidates)]
+    assert c.scores == pytest.approx([0.0, 0.0, 1.0, 0.5])  # None (no shown test): 0.5
+    assert c.chosen == 2

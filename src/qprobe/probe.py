@@ -32,7 +32,10 @@ FORMAT = "qprobe-probe/1"
 WEIGHTS = "probe.safetensors"
 CONFIG = "config.json"
 SCORE_CHUNK = 8192  # rows converted to float32 at a time in `score`
-EXTRAS = ("logprob_mean", "logprob_sum", "logprob_tokens")  # optional inputs after the features
+LOGLIK_EXTRAS = ("logprob_mean", "logprob_sum", "logprob_tokens")
+# optional inputs after the features: the model's own log-likelihood of the sample, and whether
+# the sample passes the tests its prompt shows (`visible_reward`, 0.5 where the prompt shows none)
+EXTRAS = (*LOGLIK_EXTRAS, "visible_pass")
 
 
 def build_net(dim: int, hidden: tuple[int, ...] | list[int] = ()) -> nn.Sequential:
@@ -124,13 +127,14 @@ class Probe(nn.Module):
                 f"{where}: dimension {dim} does not match the probe's {self.dim}{hint}"
             )
 
-    def inputs(self, features: np.ndarray | None, loglik: dict[str, np.ndarray] | None
+    def inputs(self, features: np.ndarray | None, columns: dict[str, np.ndarray] | None
                ) -> np.ndarray:
         """The probe's input matrix [N, dim]: hidden-state features, then the extra inputs.
 
-        loglik: {"logprob_sum", "logprob_tokens", "logprob_mean"} arrays [N] (Rollouts.loglik(),
-        or `loglik_of(samples)` for fresh samples); needed only when the probe has extras."""
-        return build_inputs(features if self.feature_dim else None, loglik, self.extras)
+        columns: arrays [N] named as the extras ("logprob_mean", ..., "visible_pass":
+        Rollouts.extra_inputs(), or `loglik_of(samples)` plus visible rewards for fresh samples);
+        needed only when the probe has extras."""
+        return build_inputs(features if self.feature_dim else None, columns, self.extras)
 
     def score_rollouts(self, r: Any) -> np.ndarray:
         """Scores [N] of a rollouts folder's samples, reading the feature set and the
@@ -150,11 +154,13 @@ class Probe(nn.Module):
                 feats = r.features_of(name)
             else:
                 feats = r.features
-        ll = r.loglik() if self.extras else None
-        if self.extras and ll is None:
-            raise QProbeError(f"{r.path}: this probe reads log-likelihoods {list(self.extras)}; "
-                              "the folder has none (run `qprobe embed` on it)")
-        return self.score(self.inputs(feats, ll))
+        cols = r.extra_inputs() if self.extras else None
+        missing = [e for e in self.extras if e not in (cols or {})]
+        if missing:
+            how = ("run `qprobe embed` on it" if set(missing) & set(LOGLIK_EXTRAS) else
+                   "run `qprobe score --visible` on it")
+            raise QProbeError(f"{r.path}: this probe reads {missing}, which the folder lacks ({how})")
+        return self.score(self.inputs(feats, cols))
 
     @torch.no_grad()
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -252,12 +258,13 @@ class Probe(nn.Module):
         return probe
 
 
-def build_inputs(features: np.ndarray | None, loglik: dict[str, np.ndarray] | None,
+def build_inputs(features: np.ndarray | None, columns: dict[str, np.ndarray] | None,
                  extras: tuple[str, ...] | list[str]) -> np.ndarray:
-    """[N, D + E]: features (or none) followed by the named log-likelihood columns.
+    """[N, D + E]: features (or none) followed by the named extra columns.
 
-    Extras are the model's own view of the sample: `logprob_mean` (mean token log-probability,
-    what Codex-style reranking sorts by), `logprob_sum`, `logprob_tokens` (length)."""
+    Extras are the model's own view of the sample, `logprob_mean` (mean token log-probability,
+    what Codex-style reranking sorts by), `logprob_sum`, `logprob_tokens` (length), and
+    `visible_pass` (the sample passes the tests shown in its prompt: 1, 0; 0.5 if none shown)."""
     bad = [e for e in extras if e not in EXTRAS]
     if bad:
         raise QProbeError(f"probe inputs: unknown extra input(s) {bad}; known: {list(EXTRAS)}")
@@ -265,9 +272,10 @@ def build_inputs(features: np.ndarray | None, loglik: dict[str, np.ndarray] | No
     if features is not None:
         parts.append(np.asarray(features, dtype=np.float32))
     if extras:
-        if loglik is None:
-            raise QProbeError(f"probe inputs: extras {list(extras)} need log-likelihoods")
-        parts.append(np.stack([np.asarray(loglik[e], dtype=np.float32) for e in extras], axis=1))
+        missing = [e for e in extras if e not in (columns or {})]
+        if missing:
+            raise QProbeError(f"probe inputs: no values for extra input(s) {missing}")
+        parts.append(np.stack([np.asarray(columns[e], dtype=np.float32) for e in extras], axis=1))
     if not parts:
         raise QProbeError("probe inputs: neither features nor extras")
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

@@ -56,7 +56,8 @@ BASE_SCHEMA = pa.schema(
 )
 # Optional columns `qprobe collect` writes, with their types (other extra columns are inferred;
 # a shard whose values are all null keeps the type).
-COLUMN_TYPES = {"num_tokens": pa.int64(), "logprob_sum": pa.float32(), "token_ids": pa.list_(pa.int32())}
+COLUMN_TYPES = {"num_tokens": pa.int64(), "logprob_sum": pa.float32(), "token_ids": pa.list_(pa.int32()),
+                "visible_reward": pa.float32()}
 # meta keys that describe the run's progress, not its identity: they may change on resume.
 NON_IDENTITY_KEYS = {"format", "feature_spec", "created", "updated", "progress", "summary"}
 STALE_SECONDS = 600  # without a lock, leftovers older than this are a crashed writer's
@@ -516,6 +517,16 @@ class Rollouts:
             return None
         return {"logprob_sum": s, "logprob_tokens": n, "logprob_mean": s / np.maximum(n, 1)}
 
+    def extra_inputs(self) -> dict[str, np.ndarray]:
+        """The columns a probe may read beside the features, those the folder has: the
+        log-likelihoods (`loglik()`) and `visible_pass` [N] from the `visible_reward` column
+        (`qprobe score --visible`: 1 / 0 passes the prompt's shown tests, 0.5 where none)."""
+        out = dict(self.loglik() or {})
+        if "visible_reward" in self.table.column_names:
+            v = self.table.column("visible_reward").to_numpy(zero_copy_only=False).astype(np.float64)
+            out["visible_pass"] = np.where(np.isnan(v), 0.5, v)
+        return out
+
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """(group [N] int64 index into prompts, prompts: unique prompt ids in first-seen order)."""
         index: dict[str, int] = {}
@@ -552,7 +563,7 @@ class Rollouts:
         for name, values in (extra_columns or {}).items():
             if name in ("prompt_id", "sample_idx", "prompt", "completion"):
                 raise QProbeError(f"set_rewards: column {name!r} is not a reward column")
-            columns[name] = pa.array(list(values))
+            columns[name] = pa.array(list(values), type=COLUMN_TYPES.get(name))
         for name, arr in columns.items():
             if len(arr) != n:
                 raise QProbeError(f"{self.path}: set_rewards got {len(arr)} values for {name!r}, store has {n} rows")

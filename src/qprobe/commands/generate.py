@@ -117,8 +117,17 @@ def run(args: argparse.Namespace) -> int:
                                         "feature_dtype": spec.dtype}),
             features=embedder is None and spec is not None,
         )
+    visible = None
+    if "visible_pass" in probe.extras:
+        from qprobe.tasks.code import CodeTask
+
+        task = get_task(o.task, data=o.data) if o.task else None
+        if not isinstance(task, CodeTask):
+            raise QProbeError("generate: this probe reads visible_pass; give --task, a code task "
+                              "whose prompts show tests (the prompt must be one of its prompts)")
+        visible = task.visible_reward
     policy = QProbePolicy(model, probe, k=o.k, beta=o.beta, params=params, embedder=embedder,
-                          seed=o.seed, include_greedy=o.include_greedy)
+                          seed=o.seed, include_greedy=o.include_greedy, visible=visible)
     choice = policy.generate([prompt])[0]
     if o.all:
         print(json.dumps({"beta": policy.beta, "k": policy.k, **choice.to_dict()}, indent=2))

@@ -26,6 +26,10 @@ class ScoreOptions:
         "help": "output .jsonl ('-' = stdout; default INPUT.scored.jsonl)"})
     timeout: float = field(default=3.0, metadata={"help": "seconds per program"})
     workers: int = field(default=0, metadata={"help": "sandbox workers; 0 = 2 x cores"})
+    visible: bool = field(default=False, metadata={
+        "help": "instead of the reward, run only the tests each prompt shows (MBPP's first assert, "
+                "HumanEval's docstring examples) and store 1/0 as visible_reward (empty where a "
+                "prompt shows none): a signal available at inference time, a probe input"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         bad = [i for i in ids if i not in wanted]
         if bad:
             raise QProbeError(f"score: prompt_id {bad[0]!r} is not in {task.name} split {o.split}")
+    if o.visible:
+        return _visible(task, rows, ids, store, src, o.out)
     scores = _score(task, rows, ids)
     if store is not None:
         store.set_rewards(
@@ -102,6 +108,40 @@ def run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     print(f"scored {len(scores)} completions -> {where}: mean reward {mean} ({summary})",
           file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _visible(task: Any, rows: list[dict], ids: list[str], store: Any, src: Path,
+             out: str | None) -> int:
+    """`--visible`: the visible-test verdict of every row, into the folder or the output rows."""
+    from qprobe.errors import QProbeError
+    from qprobe.fileio import atomic_write_text
+    from qprobe.tasks.code import CodeTask
+
+    if not isinstance(task, CodeTask):
+        raise QProbeError(f"score --visible: task {task.name!r} has no tests to show (code tasks only)")
+    prompts = [r.get("prompt") or task.row(pid)["prompt"] for r, pid in zip(rows, ids)]
+    try:
+        vis = task.visible_reward(prompts, [r["completion"] for r in rows], prompt_id=ids)
+    finally:
+        task.close()
+    if store is not None:
+        store.set_rewards([None if x != x else float(x) for x in store.rewards], extra_columns={"visible_reward": vis})
+        where = str(src)
+    else:
+        text = "".join(json.dumps(dict(r, visible_reward=v), ensure_ascii=False) + "\n"
+                       for r, v in zip(rows, vis))
+        if out == "-":
+            sys.stdout.write(text)
+            where = "stdout"
+        else:
+            dest = Path(out) if out else src.with_name(src.name.split(".")[0] + ".visible.jsonl")
+            atomic_write_text(dest, text)
+            where = str(dest)
+    shown = [v for v in vis if v is not None]
+    rate = f"{sum(shown) / len(shown):.4f}" if shown else "n/a"
+    print(f"visible tests of {len(vis)} completions -> {where}: {len(shown)} with shown tests, "
+          f"pass rate {rate}", file=sys.stderr)
     return 0
 
 

@@ -33,8 +33,9 @@ def register(subparsers: Any) -> None:
                    help="feature set to train on, e.g. L12-mean (`qprobe embed` adds sets; "
                    "default: the folder's own features; none: only --extras)")
     g.add_argument("--extras", type=comma_list(str), default=[], metavar="NAME,...",
-                   help="log-likelihood inputs after the features: logprob_mean, logprob_sum, "
-                   "logprob_tokens (needs log-likelihoods in the folder)")
+                   help="inputs after the features: logprob_mean, logprob_sum, logprob_tokens "
+                   "(need log-likelihoods in the folder), visible_pass (needs `qprobe score "
+                   "--visible`)")
     g.add_argument("--cv", type=int, default=0, metavar="N",
                    help="choose the feature set, log-likelihood inputs and regularisation by "
                    "N-fold cross-validation over the training prompts (0: off); the table goes "
@@ -43,6 +44,9 @@ def register(subparsers: Any) -> None:
                    help="--cv: feature sets to try (default: every complete set)")
     g.add_argument("--cv-loglik", type=comma_list(str), default=["without", "with", "only"],
                    metavar="MODES", help="--cv: log-likelihood inputs to try: without, with, only")
+    g.add_argument("--cv-visible", type=comma_list(str), default=["without", "with"],
+                   metavar="MODES", help="--cv: the visible-test input to try: without, with "
+                   "(with: only where the folder has a visible_reward column)")
     g.add_argument("--cv-weight-decay", type=comma_list(float), default=[0.0, 0.1], metavar="X,Y",
                    help="--cv: weight decay values to try (default: 0,0.1)")
     g.add_argument("--cv-min-steps", type=comma_list(int), default=[1000, 10000], metavar="N,M",
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         from qprobe.train.cv import CVGrid, train_with_cv
 
         grid = CVGrid(feature_sets=args.cv_feature_sets, loglik=args.cv_loglik,
-                      weight_decay=args.cv_weight_decay, min_steps=args.cv_min_steps)
+                      visible=args.cv_visible, weight_decay=args.cv_weight_decay, min_steps=args.cv_min_steps)
         probe, _ = train_with_cv(r, cfg, grid, folds=args.cv, seed=args.cv_seed, log=log)
     else:
         from qprobe.train.cv import Candidate, fit

@@ -139,6 +139,10 @@ class BaselinesConfig:
     rerank: bool = field(default=True, metadata={
         "help": "reranking by mean and by sum of token log-probability (where the test rollouts "
                 "have log-likelihoods)"})
+    visible: bool = field(default=False, metadata={
+        "help": "code tasks: run the tests each prompt shows on every sample (train, test, "
+                "greedy) for a visible_reward column: the baseline 'filter by the shown tests, "
+                "then mean log-prob', and an input cross-validation may give the probes"})
 
 
 @dataclass

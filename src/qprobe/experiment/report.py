@@ -119,6 +119,12 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
                 f"| rerank by {what} token log-prob (k={t[name]['k']}) | {_ci(t[name])} | "
                 f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | "
                 f"{_headroom(g['mean'], p1, pk)} | |")
+    if "rerank_visible" in t:
+        g = t["rerank_visible"]["gain"]
+        lines.append(
+            f"| filter by the prompt's shown tests, then mean log-prob (k={t['rerank_visible']['k']}) "
+            f"| {_ci(t['rerank_visible'])} | {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | "
+            f"{_headroom(g['mean'], p1, pk)} | |")
     for obj, pr in t["probes"].items():
         g = pr["gain_over_pass@1"]
         head = f"{g['mean'] / (pk - p1):.0%}" if pk > p1 else "-"  # no headroom: undefined
@@ -155,14 +161,18 @@ def _paired_table(t: dict[str, Any]) -> list[str]:
     rows = [(obj, pr) for obj, pr in t["probes"].items() if pr.get("paired") or pr.get("cv_chosen")]
     if not rows:
         return []
+    vis = any("vs_rerank_visible" in pr.get("paired", {}) for _, pr in rows)
     lines = ["Paired comparisons (the probe's headline minus the other method, same prompts, "
              "95% paired bootstrap CI), and the setting cross-validation on train chose:", "",
-             "| probe | vs greedy | vs rerank by mean log-prob | chosen on train |", "|---|---|---|---|"]
+             "| probe | vs greedy | vs rerank by mean log-prob | "
+             + ("vs shown-tests filter | " if vis else "") + "chosen on train |",
+             "|---|---|---|" + ("---|" if vis else "") + "---|"]
     sg = lambda e: "-" if not e else f"{e['mean']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]"  # noqa: E731
     for obj, pr in rows:
         p = pr.get("paired", {})
-        lines.append(f"| `{obj}` | {sg(p.get('vs_greedy'))} | {sg(p.get('vs_rerank_mean_logprob'))} "
-                     f"| {pr.get('cv_chosen', 'fixed (no --cv)')} |")
+        lines.append(f"| `{obj}` | {sg(p.get('vs_greedy'))} | {sg(p.get('vs_rerank_mean_logprob'))} | "
+                     + (f"{sg(p.get('vs_rerank_visible'))} | " if vis else "")
+                     + f"{pr.get('cv_chosen', 'fixed (no --cv)')} |")
     lines.append("")
     return lines
 

@@ -105,6 +105,11 @@ def run_experiment(
             train_dir, test_dirs = collect_sets(ctx)
         with ctx.timed("baselines_s"):
             base = collect_baselines(ctx, train_dir)
+    if cfg.baselines.visible:
+        with ctx.timed("visible_s"):
+            visible_sets(ctx, [(train_dir, cfg.train)]
+                         + [(test_dirs[ts.label], ts) for ts in cfg.test]
+                         + [(base.greedy[ts.label], ts) for ts in cfg.test if ts.label in base.greedy])
     if cfg.embed.enabled:
         with ctx.timed("embed_s"):
             embed_sets(ctx, [train_dir, *test_dirs.values(), *base.greedy.values()])
@@ -248,6 +253,35 @@ def collect_baselines(ctx: Context, train_dir: Path) -> Baselines:
     return base
 
 
+# ---------------------------------------------------------------- 2a. the prompts' shown tests
+
+
+def visible_sets(ctx: Context, folders: list[tuple[Path, DataConfig]]) -> None:
+    """A `visible_reward` column (`qprobe score --visible`) on every folder that lacks one."""
+    from qprobe.tasks import get_task
+    from qprobe.tasks.code import CodeTask
+
+    for folder, d in folders:
+        r = _rollouts(folder)
+        if "visible_reward" in r.table.column_names:
+            continue
+        task = get_task(d.task)
+        try:
+            if not isinstance(task, CodeTask):
+                raise QProbeError(f"baselines.visible: task {d.task!r} shows no tests (code tasks only)")
+            t0 = time.perf_counter()
+            vis = task.visible_reward(r.column("prompt"), r.column("completion"),
+                                      prompt_id=[str(x) for x in r.prompt_ids])
+        finally:
+            task.close()
+        r.set_rewards([None if x != x else float(x) for x in r.rewards],
+                      extra_columns={"visible_reward": vis})
+        shown = [v for v in vis if v is not None]
+        ctx.say(f"{folder.name}: shown tests run on {len(vis)} samples in "
+                f"{time.perf_counter() - t0:.0f}s ({len(shown)} with shown tests, pass rate "
+                f"{_fmt_reward(sum(shown) / len(shown) if shown else None)})")
+
+
 # ---------------------------------------------------------------- 2b. re-encode
 
 
@@ -327,6 +361,8 @@ def choose_by_cv(ctx: Context, tr: Any, obj: str) -> tuple[Any, dict[str, Any]]:
     from qprobe.train.cv import Candidate, CVGrid, cross_validate
 
     grid = CVGrid(**ctx.cfg.probes.cv_grid)
+    if not ctx.cfg.baselines.visible and "visible" not in ctx.cfg.probes.cv_grid:
+        grid.visible = ["without"]  # a visible_reward column left by another run is not an input
     cv = cross_validate(tr, ctx.cfg.train_config(obj, ctx.cfg.seed), grid,
                         folds=ctx.cfg.probes.cv, seed=ctx.cfg.seed, log=ctx.say)
     best = cv["rows"][cv["best"]]
@@ -370,6 +406,9 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
     if cfg.baselines.rerank and ll is not None:
         for name, key in (("rerank_mean_logprob", "logprob_mean"), ("rerank_sum_logprob", "logprob_sum")):
             entry[name] = rerank_entry(ctx, group, rewards, ll[key])
+    cols = te.extra_inputs()
+    if cfg.baselines.visible and "visible_pass" in cols:
+        entry["rerank_visible"] = rerank_entry(ctx, group, rewards, visible_score(cols))
     entry["probes"] = {}
     scores_by: dict[str, list[np.ndarray]] = {}
     greedy = _rollouts(base.greedy[ts.label]) if cfg.eval.with_greedy and ts.label in base.greedy else None
@@ -380,7 +419,7 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
             entry["probes"][obj]["with_greedy"] = with_greedy_entry(
                 ctx, te, greedy, [probes[(obj, seed)] for seed in cfg.probes.seeds], scores)
         entry["probes"][obj]["paired"] = paired_gains(ctx, te, entry["probes"][obj]["_values"],
-                                                      base, ts, ll)
+                                                      base, ts, ll, cols if cfg.baselines.visible else None)
         if "cv" in probes[(obj, cfg.probes.seeds[0])].info:
             cv = probes[(obj, cfg.probes.seeds[0])].info["cv"]
             entry["probes"][obj]["cv_chosen"] = cv["chosen"]
@@ -420,6 +459,14 @@ def evaluate_probe(ctx: Context, group: np.ndarray, rewards: np.ndarray,
     }
 
 
+def visible_score(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """The zero-parameter shown-tests baseline's score [N]: samples that pass the tests their
+    prompt shows first, then by mean token log-probability (a constant where there is none)."""
+    tie = cols.get("logprob_mean", np.zeros(len(cols["visible_pass"])))
+    tie = (tie - np.min(tie)) / max(float(np.max(tie) - np.min(tie)), 1e-9)  # [0, 1]
+    return 2.0 * cols["visible_pass"] + tie
+
+
 def rerank_entry(ctx: Context, group: np.ndarray, rewards: np.ndarray, scores: np.ndarray
                  ) -> dict[str, Any]:
     """Choosing the sample the model itself finds likeliest (argmax of a log-likelihood score):
@@ -435,9 +482,11 @@ def rerank_entry(ctx: Context, group: np.ndarray, rewards: np.ndarray, scores: n
 
 
 def paired_gains(ctx: Context, te: Any, vals: np.ndarray, base: Baselines, ts: DataConfig,
-                 ll: dict[str, np.ndarray] | None) -> dict[str, Any]:
-    """The probe's headline per-prompt reward minus greedy's and minus mean-logprob
-    reranking's on the same prompts, with paired bootstrap CIs."""
+                 ll: dict[str, np.ndarray] | None, cols: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, Any]:
+    """The probe's headline per-prompt reward minus greedy's, minus mean-logprob reranking's
+    and (given the visible_pass column) minus the shown-tests filter's on the same prompts,
+    with paired bootstrap CIs."""
     from qprobe.evaluate import Estimate, argmax_expected_reward, split_groups
 
     ev, k = ctx.cfg.eval, max(ctx.cfg.eval.ks)
@@ -459,6 +508,10 @@ def paired_gains(ctx: Context, te: Any, vals: np.ndarray, base: Baselines, ts: D
         rr = np.array([argmax_expected_reward(sc, r, min(k, len(r))) for r, sc in parts])
         out["vs_rerank_mean_logprob"] = dataclasses.asdict(
             Estimate.of(vals - rr, ev.n_boot, ctx.cfg.seed))
+    if cols is not None and "visible_pass" in cols:
+        parts = split_groups(group[keep], rewards[keep], visible_score(cols)[keep])
+        rv = np.array([argmax_expected_reward(sc, r, min(k, len(r))) for r, sc in parts])
+        out["vs_rerank_visible"] = dataclasses.asdict(Estimate.of(vals - rv, ev.n_boot, ctx.cfg.seed))
     return out
 
 

@@ -16,6 +16,8 @@ model). Either way the probe refuses features of another spec (FeatureSpecMismat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +66,9 @@ class QProbePolicy:
     is then no longer among i.i.d. draws from p0, so the KL-regularised limit of the paper's
     theorem 4.1 does not apply (see docs/objectives.md); it is a practical floor: with a probe
     that ranks well, the policy does at least about as well as greedy decoding.
+    visible: f(prompts, completions) -> 1 / 0 / None per candidate, whether it passes the tests
+    its prompt shows (a code task's `visible_reward`); needed by a probe with the visible_pass
+    input.
     """
 
     def __init__(
@@ -76,7 +81,13 @@ class QProbePolicy:
         embedder: Embedder | None = None,
         seed: int = 0,
         include_greedy: bool = False,
+        visible: Callable[[list[str], list[str]], list[float | None]] | None = None,
     ) -> None:
+        if "visible_pass" in probe.extras and visible is None:
+            raise QProbeError("generate: this probe reads visible_pass; pass visible= (e.g. a code "
+                              "task's visible_reward, which runs the prompt's shown tests in the "
+                              "sandbox)")
+        self.visible = visible
         if k < 1 + int(include_greedy):
             raise QProbeError(f"generate: k must be >= {1 + int(include_greedy)}, got {k}")
         self.include_greedy = bool(include_greedy)
@@ -112,15 +123,21 @@ class QProbePolicy:
             raise QProbeError(f"select: {len(prompts)} prompts but {len(rngs)} generators")
         flat = [s for group in samples for s in group]
         feats = self._features(prompts, samples, flat) if self.probe.feature_dim else None
-        loglik = None
+        cols: dict[str, np.ndarray] | None = None
         if self.probe.extras:
-            from qprobe.probe import loglik_of
+            from qprobe.probe import LOGLIK_EXTRAS, loglik_of
 
-            loglik = loglik_of(flat)
-            if loglik is None:
-                raise QProbeError("generate: this probe reads log-likelihoods, which the model "
-                                  f"{self.model.name!r} did not return")
-        scores = self.probe.score(self.probe.inputs(feats, loglik)).astype(np.float64)  # [P*k]
+            cols = {}
+            if set(self.probe.extras) & set(LOGLIK_EXTRAS):
+                cols = loglik_of(flat)
+                if cols is None:
+                    raise QProbeError("generate: this probe reads log-likelihoods, which the model "
+                                      f"{self.model.name!r} did not return")
+            if "visible_pass" in self.probe.extras:
+                flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
+                vis = self.visible(flat_prompts, [s.text for s in flat])  # type: ignore[misc]
+                cols["visible_pass"] = np.array([0.5 if v is None else float(v) for v in vis])
+        scores = self.probe.score(self.probe.inputs(feats, cols)).astype(np.float64)  # [P*k]
         out, i = [], 0
         for n, (prompt, group) in enumerate(zip(prompts, samples)):
             q = scores[i : i + len(group)]  # [k]
@@ -169,7 +186,8 @@ def best_of_k(
     embedder: Embedder | None = None,
     seed: int = 0,
     include_greedy: bool = False,
+    visible: Callable[[list[str], list[str]], list[float | None]] | None = None,
 ) -> Choice:
     """The probe's choice among k samples for one prompt (see `QProbePolicy`)."""
     return QProbePolicy(model, probe, k, beta, params, embedder, seed,
-                        include_greedy).generate([prompt])[0]
+                        include_greedy, visible).generate([prompt])[0]

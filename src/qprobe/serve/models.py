@@ -101,7 +101,12 @@ def load_served(model: str, probe_args: list[str], *, backend: str | None = None
     loaded = []
     for arg in probe_args:
         name, path = parse_probe_arg(arg)
-        loaded.append((name, path, Probe.load(path)))
+        probe = Probe.load(path)
+        if "visible_pass" in probe.extras:
+            raise QProbeError(f"serve: {path} reads visible_pass (the prompt's shown tests, run "
+                              "in the sandbox); the server does not run code: serve a probe "
+                              "without it")
+        loaded.append((name, path, probe))
     specs = {None if p.feature_spec is None else p.feature_spec.to_dict().__repr__()
              for _, _, p in loaded if p.feature_dim}
     if len(specs) > 1:

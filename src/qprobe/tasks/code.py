@@ -24,6 +24,11 @@ class CodeTask(Task):
         """The full program whose running to the end means the completion passes."""
         raise NotImplementedError
 
+    def visible_program(self, row: dict, completion: str) -> str | None:
+        """A program that runs only the tests the prompt itself shows (None: the prompt shows
+        none). Passing them is a signal available at inference time, unlike the reward."""
+        return None
+
     @property
     def sandbox(self) -> Sandbox:
         if self._sandbox is None:
@@ -64,6 +69,19 @@ class CodeTask(Task):
             out[i] = Score(v.reward, v.status, v.detail)
             if progress is not None:
                 progress(1)
+        return out
+
+    def visible_reward(self, prompts: list[str], completions: list[str], **columns
+                       ) -> list[float | None]:
+        """1.0 / 0.0: whether each completion passes the tests shown in its prompt, run in the
+        sandbox; None where the prompt shows no test."""
+        check_columns(self.name, prompts, completions, columns)
+        rows = self.rows_for(prompts, columns.get("prompt_id"))
+        programs = [self.visible_program(r, c) for r, c in zip(rows, completions)]
+        todo = [i for i, p in enumerate(programs) if p is not None]
+        out: list[float | None] = [None] * len(programs)
+        for j, v in self.sandbox.map([programs[i] for i in todo]):
+            out[todo[j]] = 1.0 if v.reward == 1.0 else 0.0
         return out
 
     def close(self) -> None:

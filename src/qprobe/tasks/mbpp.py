@@ -94,6 +94,11 @@ class MBPP(CodeTask):
             "test_setup_code": r.get("test_setup_code", ""),
         }
 
+    def visible_program(self, row: dict, completion: str) -> str:
+        """The prompt shows test_list[0]: the completion run against that assert alone."""
+        return (row["prompt"] + completion + "\n" + (row.get("test_setup_code") or "") + "\n"
+                + row["test_list"][0] + "\n")
+
     def program(self, row: dict, completion: str) -> str:
         return (
             row["prompt"] + completion + "\n" + (row.get("test_setup_code") or "") + "\n"

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from qprobe.errors import QProbeError
-from qprobe.probe import EXTRAS, build_inputs
+from qprobe.probe import LOGLIK_EXTRAS, build_inputs
 
-LOGLIK = list(EXTRAS)  # the extras a "+loglik" candidate adds
+LOGLIK = list(LOGLIK_EXTRAS)  # the extras a "+loglik" candidate adds
 
 
 @dataclass
@@ -43,6 +43,9 @@ class CVGrid:
     loglik: list[str] = field(default_factory=lambda: ["without", "with", "only"], metadata={
         "help": "log-likelihood extras: without, with (beside the features), only (no features); "
                 "with/only need log-likelihoods in the folder (qprobe embed)"})
+    visible: list[str] = field(default_factory=lambda: ["without", "with"], metadata={
+        "help": "the visible-test input (passes the tests the prompt shows): without, with; "
+                "with needs a `visible_reward` column (qprobe score --visible)"})
     weight_decay: list[float] = field(default_factory=lambda: [0.0, 0.1], metadata={
         "help": "weight decay values to try"})
     min_steps: list[int] = field(default_factory=lambda: [1000, 10000], metadata={
@@ -61,7 +64,8 @@ class Candidate:
     @property
     def label(self) -> str:
         inputs = "+".join(([self.feature_set] if self.feature_set else []) +
-                          (["loglik"] if self.extras else []))
+                          (["loglik"] if set(LOGLIK) & set(self.extras) else []) +
+                          (["visible"] if "visible_pass" in self.extras else []))
         return f"{inputs} wd={self.weight_decay:g} steps={self.min_steps}"
 
 
@@ -87,6 +91,16 @@ def candidates(r: Any, grid: CVGrid) -> list[Candidate]:
             inputs += [(s, tuple(LOGLIK)) for s in chosen]
         elif mode == "only" and has_ll:
             inputs.append((None, tuple(LOGLIK)))
+    bad = [m for m in grid.visible if m not in ("without", "with")]
+    if bad:
+        raise QProbeError(f"--cv: visible options are without, with; got {bad}")
+    has_vis = "visible_pass" in r.extra_inputs()
+    if not has_vis and "with" in grid.visible and grid.visible != ["without", "with"]:
+        raise QProbeError(f"--cv: {r.path} has no visible_reward column; run `qprobe score "
+                          "--visible` on it")
+    if has_vis and "with" in grid.visible:
+        with_vis = [(fs, (*ex, "visible_pass")) for fs, ex in inputs]
+        inputs = with_vis + inputs if "without" in grid.visible else with_vis
     return [Candidate(fs, ex, float(wd), int(st))
             for (fs, ex), wd, st in itertools.product(inputs, grid.weight_decay, grid.min_steps)]
 
@@ -116,7 +130,7 @@ def selection_reward(scores: np.ndarray, rewards: np.ndarray, group: np.ndarray,
 
 def _inputs(r: Any, c: Candidate) -> np.ndarray:
     feats = r.features_of(c.feature_set) if c.feature_set else None
-    return build_inputs(feats, r.loglik() if c.extras else None, c.extras)
+    return build_inputs(feats, r.extra_inputs() if c.extras else None, c.extras)
 
 
 def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
