@@ -175,7 +175,7 @@ def test_run_with_embed_cv_rerank_and_greedy_candidate(tmp_path) -> None:
     model_dir = save_tiny(tmp_path / "model")
     cfg = _config(tmp_path, model_dir,
                   probes={"objectives": ["pg"], "seeds": [0], "cv": 2,
-                          "cv_grid": {"min_steps": [20], "weight_decay": [0.0]},
+                          "cv_grid": {"min_steps": [20], "weight_decay": [0.0], "beta": [0.0, 0.5]},
                           "train": {"epochs": 5, "min_steps": 20, "batch_size": 16}},
                   eval={"ks": [1, 2, 4], "betas": [0.0, 0.1], "beta": 0.1, "n_boot": 100,
                         "with_greedy": True},
@@ -190,9 +190,13 @@ def test_run_with_embed_cv_rerank_and_greedy_candidate(tmp_path) -> None:
     assert 0.0 <= t["rerank_mean_logprob"]["mean"] <= t["pass@k"]["4"]["mean"] + 1e-9
     pg = t["probes"]["pg"]
     assert pg["cv_chosen"] and {"vs_greedy", "vs_rerank_mean_logprob"} <= set(pg["paired"])
-    assert {"beta=0", "beta=0.1"} <= set(pg["with_greedy"])
+    # the headline is at the beta CV chose (0.5 is not among eval.betas: it is added)
+    assert pg["beta"] in (0.0, 0.5) and pg["cv_chosen"].endswith(f"beta={pg['beta']:g}")
+    assert {"beta=0", f"beta={pg['beta']:g}"} == set(pg["with_greedy"]) - {"k"}
+    assert any(row["beta"] == pg["beta"] for row in pg["runs"]["0"]["probe"])
+    assert res["curve"]["beta"] == pg["beta"]
     md = (tmp_path / "run" / "report" / "results.md").read_text()
     assert "rerank by mean token log-prob" in md and "greedy + 3 samples" in md
-    assert "chosen on train" in md
+    assert "chosen on train" in md and f"probe `pg` (k=4, beta={pg['beta']:g})" in md
     assert res["curve"]["inputs"] == pg["cv_chosen"]  # the curve trains what CV chose
     assert len(res["curve"]["sizes"]["4"]) == 1

@@ -22,6 +22,7 @@ PROMPT = '''def f(x):
     2
     >>> f(-1)
     0
+
     f(2) == 3
     f(5) ➞ 6
     f(0) => true
@@ -119,3 +120,18 @@ def test_the_shown_tests_baseline_ranks_passing_samples_first_then_by_likelihood
     s = visible_score({"visible_pass": np.array([0.0, 1.0, 1.0, 0.5]),
                        "logprob_mean": np.array([-0.1, -2.0, -1.0, -0.2])})
     assert np.argsort(-s).tolist() == [2, 1, 3, 0]
+
+
+def test_a_users_own_prompt_is_read_for_its_shown_tests():
+    mbpp, he = get_task("mbpp"), get_task("humaneval")
+    try:
+        p = '"""\nWrite a function to add one.\nassert add_one(1) == 2\n"""\n'
+        assert mbpp.visible_reward([p, p, "no tests here\n"],
+                                   ["def add_one(x):\n    return x + 1\n",
+                                    "def add_one(x):\n    return x\n", "x = 1\n"]) == [1.0, 0.0, None]
+        assert he.visible_reward([PROMPT], ["    return x + 1\n"]) == [1.0]
+        with pytest.raises(QProbeError, match="unknown prompt_id"):
+            mbpp.visible_reward([p], ["x = 1\n"], prompt_id=["no-such-id"])
+    finally:
+        mbpp.close()
+        he.close()

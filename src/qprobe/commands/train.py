@@ -51,6 +51,11 @@ def register(subparsers: Any) -> None:
                    help="--cv: weight decay values to try (default: 0,0.1)")
     g.add_argument("--cv-min-steps", type=comma_list(int), default=[1000, 10000], metavar="N,M",
                    help="--cv: optimiser step counts to try (default: 1000,10000)")
+    g.add_argument("--cv-lr", type=comma_list(float), default=None, metavar="X,Y",
+                   help="--cv: learning rates to try (default: --lr alone)")
+    g.add_argument("--cv-beta", type=comma_list(float), default=None, metavar="X,Y",
+                   help="--cv: policy temperatures to score each probe at (0 = argmax; default: "
+                   "--beta alone); the chosen one is stored as the probe's beta")
     g.add_argument("--cv-seed", type=int, default=0, help="--cv: seed of the prompt folds")
     p.set_defaults(func=run)
 
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         from qprobe.train.cv import CVGrid, train_with_cv
 
         grid = CVGrid(feature_sets=args.cv_feature_sets, loglik=args.cv_loglik,
-                      visible=args.cv_visible, weight_decay=args.cv_weight_decay, min_steps=args.cv_min_steps)
+                      visible=args.cv_visible, weight_decay=args.cv_weight_decay, min_steps=args.cv_min_steps,
+                      lr=args.cv_lr, beta=args.cv_beta)
         probe, _ = train_with_cv(r, cfg, grid, folds=args.cv, seed=args.cv_seed, log=log)
     else:
         from qprobe.train.cv import Candidate, fit

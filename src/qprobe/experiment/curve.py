@@ -34,7 +34,8 @@ def learning_curve(
     from qprobe.rollouts import feature_set_name
     from qprobe.train.cv import Candidate, _inputs, fit
 
-    k, beta = max(cfg.eval.ks), cfg.eval.beta
+    k = max(cfg.eval.ks)
+    beta = cfg.eval.beta if candidate is None or candidate.beta is None else candidate.beta
     group, prompts = train.groups()
     n_prompts = len(prompts)
     te_group, _ = test.groups()

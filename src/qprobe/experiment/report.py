@@ -66,7 +66,8 @@ def results_markdown(res: dict[str, Any]) -> str:
         "",
         f"Rewards are means over test prompts with a 95% bootstrap CI over prompts. Probe rows: the "
         f"analytic expected reward of choosing among k = {k} samples with softmax(Q/beta), "
-        f"beta = {beta}, averaged over random k-subsets and over the training seeds; "
+        f"beta = {beta} (or the beta cross-validation chose, as the row says), averaged over "
+        f"random k-subsets and over the training seeds; "
         f"'gain' is probe minus pass@1 (paired bootstrap CI); 'headroom' = gain / (pass@{k} - pass@1).",
         "",
     ]
@@ -130,7 +131,7 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
         head = f"{g['mean'] / (pk - p1):.0%}" if pk > p1 else "-"  # no headroom: undefined
         sm = pr["seed_means"]
         lines.append(
-            f"| probe `{obj}` (k={k}, beta={beta}) | {_ci(pr['mean_over_seeds'])} | "
+            f"| probe `{obj}` (k={k}, beta={pr.get('beta', beta):g}) | {_ci(pr['mean_over_seeds'])} | "
             f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head} | "
             f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seed{'s' if len(sm) > 1 else ''}) |"
         )
@@ -255,7 +256,7 @@ def plot_reward_vs_k(res: dict[str, Any], path: Any) -> None:
                 )
         for obj, pr in t["probes"].items():
             per_seed = np.array(
-                [[_probe_at(run, k, beta) for k in ks] for run in pr["runs"].values()]
+                [[_probe_at(run, k, pr.get("beta", beta)) for k in ks] for run in pr["runs"].values()]
             )  # [seeds, len(ks)]
             line = ax.plot(ks, per_seed.mean(0), marker="o", label=f"probe {obj}")[0]
             ax.fill_between(ks, per_seed.min(0), per_seed.max(0), color=line.get_color(), alpha=0.2)
@@ -263,7 +264,8 @@ def plot_reward_vs_k(res: dict[str, Any], path: Any) -> None:
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("k (samples to choose from)")
         ax.set_ylabel("expected reward")
-        ax.set_title(f"{label} (beta={beta}; band: min..max over seeds)", fontsize=9)
+        ax.set_title(f"{label} (beta={beta} unless chosen by CV; band: min..max over seeds)",
+                     fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

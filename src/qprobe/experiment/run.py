@@ -414,10 +414,11 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
     greedy = _rollouts(base.greedy[ts.label]) if cfg.eval.with_greedy and ts.label in base.greedy else None
     for obj in cfg.probes.objectives:
         scores = [probes[(obj, seed)].score_rollouts(te).astype(np.float64) for seed in cfg.probes.seeds]
-        entry["probes"][obj] = evaluate_probe(ctx, group, rewards, scores)
+        beta = headline_beta(ctx, obj)
+        entry["probes"][obj] = evaluate_probe(ctx, group, rewards, scores, beta)
         if greedy is not None:
             entry["probes"][obj]["with_greedy"] = with_greedy_entry(
-                ctx, te, greedy, [probes[(obj, seed)] for seed in cfg.probes.seeds], scores)
+                ctx, te, greedy, [probes[(obj, seed)] for seed in cfg.probes.seeds], scores, beta)
         entry["probes"][obj]["paired"] = paired_gains(ctx, te, entry["probes"][obj]["_values"],
                                                       base, ts, ll, cols if cfg.baselines.visible else None)
         if "cv" in probes[(obj, cfg.probes.seeds[0])].info:
@@ -429,26 +430,35 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
     return entry
 
 
+def headline_beta(ctx: Context, obj: str) -> float:
+    """The policy temperature an objective's probes are reported at: the one cross-validation
+    chose (`cv_grid.beta`), else `eval.beta`."""
+    c = ctx.chosen.get(obj)
+    return float(c.beta) if c is not None and c.beta is not None else ctx.cfg.eval.beta
+
+
 def evaluate_probe(ctx: Context, group: np.ndarray, rewards: np.ndarray,
-                   scores: list[np.ndarray]) -> dict[str, Any]:
+                   scores: list[np.ndarray], beta: float | None = None) -> dict[str, Any]:
     """One objective's probes (one score array [N] per seed): every k x beta per seed, and the
-    headline (max k, beta) averaged over seeds with CIs over prompts."""
+    headline (max k, `beta`, default eval.beta) averaged over seeds with CIs over prompts."""
     from qprobe.evaluate import Estimate, evaluate_groups, ranking
 
     ev, seed0 = ctx.cfg.eval, ctx.cfg.seed
+    beta = ev.beta if beta is None else beta
+    betas = sorted({*ev.betas, beta})
     runs, headline_vals, base_vals, ranks = {}, [], None, []
     for seed, sc in zip(ctx.cfg.probes.seeds, scores):
         ranks.append(ranking(group, rewards, sc))
-        res = evaluate_groups(group, rewards, sc, ev.ks, ev.betas, n_boot=ev.n_boot, seed=seed0,
+        res = evaluate_groups(group, rewards, sc, ev.ks, betas, n_boot=ev.n_boot, seed=seed0,
                               keep_values=True)  # fmt: skip
         runs[str(seed)] = res.to_dict()
-        headline_vals.append(res.values[(max(ev.ks), ev.beta)])
+        headline_vals.append(res.values[(max(ev.ks), beta)])
         base_vals = res.base_values[max(ev.ks)]
     vals = np.mean(headline_vals, axis=0)  # [P] per-prompt reward, averaged over seeds
     seed_means = [float(v.mean()) for v in headline_vals]
     return {
         "k": max(ev.ks),
-        "beta": ev.beta,
+        "beta": beta,
         "mean_over_seeds": dataclasses.asdict(Estimate.of(vals, ev.n_boot, seed0)),
         "gain_over_pass@1": dataclasses.asdict(Estimate.of(vals - base_vals, ev.n_boot, seed0)),
         "seed_means": seed_means,
@@ -516,7 +526,7 @@ def paired_gains(ctx: Context, te: Any, vals: np.ndarray, base: Baselines, ts: D
 
 
 def with_greedy_entry(ctx: Context, te: Any, greedy: Any, probes: list[Any],
-                      scores: list[np.ndarray]) -> dict[str, Any]:
+                      scores: list[np.ndarray], beta_h: float | None = None) -> dict[str, Any]:
     """The probe choosing among the greedy completion plus k-1 random samples (k = max), at
     beta = 0 and the headline beta, averaged over seeds, with CIs over prompts."""
     from qprobe.evaluate import Estimate, with_extra_candidate_reward
@@ -527,7 +537,7 @@ def with_greedy_entry(ctx: Context, te: Any, greedy: Any, probes: list[Any],
     group, prompts = te.groups()
     rewards = te.rewards
     out: dict[str, Any] = {"k": k}
-    for beta in sorted({0.0, ev.beta}):
+    for beta in sorted({0.0, ev.beta if beta_h is None else beta_h}):
         per_seed = []
         for probe, sc in zip(probes, scores):
             g_sc = probe.score_rollouts(greedy).astype(np.float64)

@@ -24,6 +24,13 @@ class CodeTask(Task):
         """The full program whose running to the end means the completion passes."""
         raise NotImplementedError
 
+    def row_from_prompt(self, prompt: str) -> dict:
+        """A row for a prompt outside the data set, from the prompt text alone (what
+        `visible_program` needs), for `visible_reward` on a user's own prompts."""
+        from qprobe.errors import QProbeError
+
+        raise QProbeError(f"{self.name}: prompt not in the data set and no prompt_id given")
+
     def visible_program(self, row: dict, completion: str) -> str | None:
         """A program that runs only the tests the prompt itself shows (None: the prompt shows
         none). Passing them is a signal available at inference time, unlike the reward."""
@@ -75,8 +82,15 @@ class CodeTask(Task):
                        ) -> list[float | None]:
         """1.0 / 0.0: whether each completion passes the tests shown in its prompt, run in the
         sandbox; None where the prompt shows no test."""
+        from qprobe.errors import QProbeError
+
         check_columns(self.name, prompts, completions, columns)
-        rows = self.rows_for(prompts, columns.get("prompt_id"))
+        try:
+            rows = self.rows_for(prompts, columns.get("prompt_id"))
+        except QProbeError:
+            if columns.get("prompt_id") is not None:
+                raise
+            rows = [self.row_from_prompt(p) for p in prompts]  # a user's own prompts
         programs = [self.visible_program(r, c) for r, c in zip(rows, completions)]
         todo = [i for i, p in enumerate(programs) if p is not None]
         out: list[float | None] = [None] * len(programs)

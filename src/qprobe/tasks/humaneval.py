@@ -100,11 +100,19 @@ class HumanEval(CodeTask):
     def _load(self, split: str) -> list[dict]:
         return self._all()
 
+    def row_from_prompt(self, prompt: str) -> dict:
+        """A signature + docstring prompt not in the data: the last function it defines is the
+        entry point whose examples are the shown tests."""
+        names = re.findall(r"^def\s+(\w+)\s*\(", prompt, flags=re.M)
+        return {"prompt": prompt, "entry_point": names[-1] if names else ""}
+
     def visible_program(self, row: dict, completion: str) -> str | None:
         """The examples the prompt shows, run against the completion: the entry point's `>>>`
         doctest examples (whitespace normalised) and prose examples `f(args) == / => / -> / ➞
         value` with a literal value, as asserts; None when the prompt has neither."""
         ep = row["entry_point"]
+        if not ep:
+            return None
         doc = _doc_examples(row["prompt"], ep)
         asserts = _prose_examples(row["prompt"], ep)
         if not doc and not asserts:

@@ -94,8 +94,15 @@ class MBPP(CodeTask):
             "test_setup_code": r.get("test_setup_code", ""),
         }
 
-    def visible_program(self, row: dict, completion: str) -> str:
+    def row_from_prompt(self, prompt: str) -> dict:
+        """A prompt in MBPP's format but not in the data: its assert lines are the shown tests."""
+        asserts = [ln.strip() for ln in prompt.splitlines() if ln.strip().startswith("assert ")]
+        return {"prompt": prompt, "test_list": asserts[-1:], "test_setup_code": ""}
+
+    def visible_program(self, row: dict, completion: str) -> str | None:
         """The prompt shows test_list[0]: the completion run against that assert alone."""
+        if not row["test_list"]:
+            return None
         return (row["prompt"] + completion + "\n" + (row.get("test_setup_code") or "") + "\n"
                 + row["test_list"][0] + "\n")
 

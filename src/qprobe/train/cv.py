@@ -50,6 +50,14 @@ class CVGrid:
         "help": "weight decay values to try"})
     min_steps: list[int] = field(default_factory=lambda: [1000, 10000], metadata={
         "help": "optimiser step counts to try (fewer steps: a probe closer to its zero start)"})
+    beta: list[float] | None = field(default=None, metadata={
+        "help": "policy temperatures to try (default: the training config's beta alone): each "
+                "fitted probe is scored at every one (no refit; 0 = argmax), and the chosen beta "
+                "becomes the probe's own, the policy's default"})
+    lr: list[float] | None = field(default=None, metadata={
+        "help": "learning rates to try (default: the training config's alone); with Adam a "
+                "weight moves at most about lr per step, so lr x steps bounds how decisive a "
+                "strong single input (the visible test) can become at a small beta"})
 
 
 @dataclass(frozen=True)
@@ -60,13 +68,17 @@ class Candidate:
     extras: tuple[str, ...]
     weight_decay: float
     min_steps: int
+    lr: float | None = None  # None: the training config's
+    beta: float | None = None  # the policy temperature it is scored at; None: the config's
 
     @property
     def label(self) -> str:
         inputs = "+".join(([self.feature_set] if self.feature_set else []) +
                           (["loglik"] if set(LOGLIK) & set(self.extras) else []) +
                           (["visible"] if "visible_pass" in self.extras else []))
-        return f"{inputs} wd={self.weight_decay:g} steps={self.min_steps}"
+        return (f"{inputs} wd={self.weight_decay:g} steps={self.min_steps}"
+                + ("" if self.lr is None else f" lr={self.lr:g}")
+                + ("" if self.beta is None else f" beta={self.beta:g}"))
 
 
 def candidates(r: Any, grid: CVGrid) -> list[Candidate]:
@@ -101,8 +113,10 @@ def candidates(r: Any, grid: CVGrid) -> list[Candidate]:
     if has_vis and "with" in grid.visible:
         with_vis = [(fs, (*ex, "visible_pass")) for fs, ex in inputs]
         inputs = with_vis + inputs if "without" in grid.visible else with_vis
-    return [Candidate(fs, ex, float(wd), int(st))
-            for (fs, ex), wd, st in itertools.product(inputs, grid.weight_decay, grid.min_steps)]
+    lrs: list[float | None] = [None] if not grid.lr else [float(x) for x in grid.lr]
+    return [Candidate(fs, ex, float(wd), int(st), lr)
+            for (fs, ex), wd, st, lr in itertools.product(inputs, grid.weight_decay,
+                                                          grid.min_steps, lrs)]
 
 
 def prompt_folds(group: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -145,10 +159,14 @@ def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
     pids = r.prompt_ids
     if rows is not None:
         x, group, rewards, pids = x[rows], group[rows], rewards[rows], pids[rows]
-    cfg = dataclasses.replace(base, weight_decay=c.weight_decay, min_steps=c.min_steps)
+    cfg = dataclasses.replace(base, weight_decay=c.weight_decay, min_steps=c.min_steps,
+                              lr=base.lr if c.lr is None else c.lr)
     spec = r.feature_sets[c.feature_set] if c.feature_set else None
-    return train_probe(x, rewards, group, None, cfg, feature_spec=spec, extras=c.extras,
-                       prompt_ids=pids, **kw)
+    probe, history = train_probe(x, rewards, group, None, cfg, feature_spec=spec, extras=c.extras,
+                                 prompt_ids=pids, **kw)
+    if c.beta is not None:  # the temperature CV chose for the policy (training used cfg.beta)
+        probe.beta = float(c.beta)
+    return probe, history
 
 
 def cross_validate(r: Any, base: Any, grid: CVGrid | None = None, folds: int = 5, seed: int = 0,
@@ -156,31 +174,41 @@ def cross_validate(r: Any, base: Any, grid: CVGrid | None = None, folds: int = 5
     """Score every candidate by `folds`-fold CV over the prompts of `r`; returns the table.
 
     {"folds", "seed", "beta", "rows": [{"label", "candidate", "mean", "se", "per_fold"}],
-     "best": index into rows (highest mean; ties: the simpler, earlier candidate)}."""
+     "best": index into rows (highest mean; ties: the simpler, earlier candidate)}. With
+    `grid.beta`, each fitted probe is scored at every beta: one row per (setting, beta)."""
     say = log or (lambda s: None)
     if base.objective in ("bt", "dpo"):
         raise QProbeError("--cv: pair objectives (bt, dpo) are not cross-validated yet")
     group, _ = r.groups()
     fold = prompt_folds(group, folds, seed)
     rewards = r.rewards
-    cands = candidates(r, grid or CVGrid())
-    say(f"cv: {len(cands)} candidates x {folds} folds over {int(group.max()) + 1} prompts")
+    grid = grid or CVGrid()
+    cands = candidates(r, grid)
+    betas: list[float | None] = [None] if not grid.beta else [float(b) for b in grid.beta]
+    if any(b is not None and b < 0 for b in betas):
+        raise QProbeError(f"--cv: beta values must be >= 0, got {grid.beta}")
+    say(f"cv: {len(cands)} candidates x {folds} folds over {int(group.max()) + 1} prompts"
+        + (f", each scored at beta {grid.beta}" if grid.beta else ""))
     table = []
     t0 = time.perf_counter()
     for i, c in enumerate(cands):
         x_all = _inputs(r, c)
-        per_fold = []
+        per_fold: dict[float | None, list[float]] = {b: [] for b in betas}
         for f in range(folds):
             tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
             probe, _ = fit(r, c, base, tr, x=x_all, data_fingerprint=False)
             s = probe.score(x_all[te]).astype(np.float64)
-            per_fold.append(selection_reward(s, rewards[te], group[te], base.beta))
-        m = float(np.mean(per_fold))
-        se = float(np.std(per_fold, ddof=1) / np.sqrt(folds))
-        table.append({"label": c.label, "candidate": dataclasses.asdict(c), "mean": m, "se": se,
-                      "per_fold": per_fold})
-        say(f"cv [{i + 1}/{len(cands)}] {c.label}: {m:.4f} +- {se:.4f} "
-            f"({time.perf_counter() - t0:.0f}s)")
+            for b in betas:
+                per_fold[b].append(selection_reward(s, rewards[te], group[te],
+                                                    base.beta if b is None else b))
+        for b in betas:
+            cb = dataclasses.replace(c, beta=b)
+            m = float(np.mean(per_fold[b]))
+            se = float(np.std(per_fold[b], ddof=1) / np.sqrt(folds))
+            table.append({"label": cb.label, "candidate": dataclasses.asdict(cb), "mean": m,
+                          "se": se, "per_fold": per_fold[b]})
+            say(f"cv [{i + 1}/{len(cands)}] {cb.label}: {m:.4f} +- {se:.4f} "
+                f"({time.perf_counter() - t0:.0f}s)")
     best = int(np.argmax([row["mean"] for row in table]))
     return {"folds": folds, "seed": seed, "beta": base.beta, "rows": table, "best": best}
 
