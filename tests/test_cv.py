@@ -119,41 +119,40 @@ def test_train_cli_cv_and_extras(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "p3"), "--extras", "nope"]) == 2
 
 
-def test_cv_learning_rate_axis_reaches_the_trainer(tmp_path, monkeypatch):
-    r = make_folder(tmp_path / "train", 0)
-    grid = CVGrid(feature_sets=["L1-last"], loglik=["without"], weight_decay=[0.0],
-                  min_steps=[300], lr=[1e-4, 1e-2])
+def _spy_configs(monkeypatch) -> list:
+    """The TrainConfig of every fit, in order (the real trainer still runs)."""
     seen = []
     real = qprobe.train.train_probe
 
     def spy(x, rewards, groups, pairs, cfg, **kw):
-        seen.append(cfg.lr)
+        seen.append(cfg)
         return real(x, rewards, groups, pairs, cfg, **kw)
 
     monkeypatch.setattr(qprobe.train, "train_probe", spy)
+    return seen
+
+
+def test_cv_learning_rate_axis_reaches_the_trainer(tmp_path, monkeypatch):
+    r = make_folder(tmp_path / "train", 0)
+    grid = CVGrid(feature_sets=["L1-last"], loglik=["without"], weight_decay=[0.0],
+                  min_steps=[300], lr=[1e-4, 1e-2])
+    cfgs = _spy_configs(monkeypatch)
     cv = cross_validate(r, BASE, grid, folds=2, seed=0)
     assert [row["label"] for row in cv["rows"]] == ["L1-last wd=0 steps=300 lr=0.0001",
                                                     "L1-last wd=0 steps=300 lr=0.01"]
-    assert seen == [1e-4, 1e-4, 1e-2, 1e-2]
+    assert [c.lr for c in cfgs] == [1e-4, 1e-4, 1e-2, 1e-2]
     assert [row["label"] for row in cross_validate(r, BASE, dataclasses.replace(grid, lr=None),
                                                    folds=2)["rows"]] == ["L1-last wd=0 steps=300"]
-    assert seen[-2:] == [BASE.lr, BASE.lr]
+    assert [c.lr for c in cfgs[-2:]] == [BASE.lr, BASE.lr]
 
 
 def test_cv_beta_axis_scores_each_probe_at_every_beta_and_sets_the_chosen_one(tmp_path, monkeypatch):
     r = make_folder(tmp_path / "train", 0)
     grid = CVGrid(feature_sets=["L1-last"], loglik=["without"], weight_decay=[0.0],
                   min_steps=[300], beta=[0.0, 1.0])
-    fits = []
-    real = qprobe.train.train_probe
-
-    def spy(x, rewards, groups, pairs, cfg, **kw):
-        fits.append(cfg.beta)
-        return real(x, rewards, groups, pairs, cfg, **kw)
-
-    monkeypatch.setattr(qprobe.train, "train_probe", spy)
+    cfgs = _spy_configs(monkeypatch)
     cv = cross_validate(r, BASE, grid, folds=2, seed=0)
-    assert len(fits) == 2 and set(fits) == {BASE.beta}  # one fit per fold, trained at the config's beta
+    assert [c.beta for c in cfgs] == [BASE.beta, BASE.beta]  # one fit per fold, trained at the config's beta
     labels = [row["label"] for row in cv["rows"]]
     assert labels == ["L1-last wd=0 steps=300 beta=0", "L1-last wd=0 steps=300 beta=1"]
     # the same fitted probes: at beta = 1 the choice is softer, so nearer the fold's pass@1
