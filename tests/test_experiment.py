@@ -11,6 +11,7 @@ from qprobe import tasks
 from qprobe.cli import main
 from qprobe.errors import QProbeError
 from qprobe.experiment import config_from_dict, load_config, run_experiment
+from qprobe.probe import Probe
 from qprobe.rollouts import Rollouts
 from qprobe.tasks.base import Score, Task
 from tiny_lm import save_tiny
@@ -200,3 +201,28 @@ def test_run_with_embed_cv_rerank_and_greedy_candidate(tmp_path) -> None:
     assert "chosen on train" in md and f"probe `pg` (k=4, beta={pg['beta']:g})" in md
     assert res["curve"]["inputs"] == pg["cv_chosen"]  # the curve trains what CV chose
     assert len(res["curve"]["sizes"]["4"]) == 1
+
+
+def test_run_with_the_prompts_shown_tests(tmp_path) -> None:
+    """baselines.visible on code tasks: every folder gets a visible_reward column, the report has
+    the shown-tests filter and the paired comparison against it, and CV may use the input."""
+    model_dir = save_tiny(tmp_path / "model")
+    cfg = _config(tmp_path, model_dir,
+                  train={"task": "mbpp", "split": "train", "limit": 6},
+                  test=[{"task": "humaneval", "split": "test", "name": "he", "limit": 4}],
+                  probes={"objectives": ["pg"], "seeds": [0], "cv": 2,
+                          "cv_grid": {"min_steps": [20], "weight_decay": [0.0], "loglik": ["without"]},
+                          "train": {"epochs": 5, "min_steps": 20, "batch_size": 16}},
+                  baselines={"greedy": True, "few_shot": 0, "visible": True},
+                  curve={"sizes": [], "samples": []})
+    res = run_experiment(cfg, progress=False, log=lambda s: None)
+    for name in ("train", "he", "greedy-he"):
+        r = Rollouts(tmp_path / "run" / "rollouts" / name)
+        assert "visible_reward" in r.table.column_names
+        assert set(r.column("visible_reward")) <= {0.0, 1.0, None}
+    t = res["test"]["he"]
+    assert "rerank_visible" in t and "vs_rerank_visible" in t["probes"]["pg"]["paired"]
+    cv = Probe.load(tmp_path / "run" / "probes" / "pg-seed0").info["cv"]
+    assert any("+visible" in row["label"] for row in cv["rows"])
+    md = (tmp_path / "run" / "report" / "results.md").read_text()
+    assert "filter by the prompt's shown tests" in md and "vs shown-tests filter" in md
