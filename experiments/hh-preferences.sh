@@ -8,7 +8,9 @@
 #
 # Sizes (environment): PAIRS (train pairs for the adapters, default all 1803), K_DPO (samples per
 # train prompt for the dpo probe, 4), K (samples per test prompt for best-of-k, 8), EPOCHS (1),
-# MAXP / MAXA (prompt / answer token cut-offs of the adapters, 256 / 128).
+# MAXP / MAXA (prompt / answer token cut-offs of the adapters, 256 / 128), BATCH (prompts per
+# collection batch, 8: HH transcripts are long, and the default 64 prompts x 4 samples padded to
+# the longest one held 11.6 GB and had not finished its first batch after 18 min on 2 cores).
 #
 # Not here yet (needs a decision on the judge, see issue 12): the independent judge scoring the
 # generations (`qprobe score DIR --task judge.py:fn`), alt-profanity-check rates, and the
@@ -22,6 +24,7 @@ K=${K:-8}
 EPOCHS=${EPOCHS:-1}
 MAXP=${MAXP:-256}
 MAXA=${MAXA:-128}
+BATCH=${BATCH:-8}
 Q="${QPROBE:-qprobe}"
 LIMIT=${PAIRS:+--limit $PAIRS}
 mkdir -p "$OUT"
@@ -30,7 +33,7 @@ timed() { local name=$1; shift; local t0=$SECONDS; "$@"; echo "$name $((SECONDS 
 
 log "1. pair rollouts: train (with $K_DPO samples per prompt for dpo) and test"
 timed collect-train $Q collect --model "$MODEL" --task hh-harmless --split train --k "$K_DPO" \
-    --temperature 1 --top-p 1 --max-new-tokens "$MAXA" --out "$OUT/pairs-train"
+    --temperature 1 --top-p 1 --max-new-tokens "$MAXA" --batch-prompts "$BATCH" --out "$OUT/pairs-train"
 timed collect-test $Q collect --model "$MODEL" --task hh-harmless --split test --out "$OUT/pairs-test"
 
 log "2. probes (bt, dpo) and their held-out pair accuracy"
@@ -49,7 +52,7 @@ done
 
 log "4. generations on the held-out prompts: base samples (best-of-k pool), Q-Adapter, DPO"
 timed sample-base $Q collect --model "$MODEL" --task hh-harmless --split test --no-pairs --k "$K" \
-    --temperature 1 --top-p 1 --max-new-tokens "$MAXA" --out "$OUT/test-base-k$K"
+    --temperature 1 --top-p 1 --max-new-tokens "$MAXA" --batch-prompts "$BATCH" --out "$OUT/test-base-k$K"
 for m in qadapter dpo; do
   timed "sample-$m" $Q collect --adapter "$OUT/adapter-$m" --task hh-harmless --split test \
       --no-pairs --k 1 --temperature 1 --top-p 1 --max-new-tokens "$MAXA" --out "$OUT/test-$m"
