@@ -1,60 +1,108 @@
 #!/usr/bin/env bash
 # Learning from preferences on HH-RLHF harmless (issue 12): bt/dpo probes, Q-Adapter and DPO on
-# the same pairs and the same frozen base model. Every stage is a resumable qprobe command, so
-# rerunning this script after a crash continues where it stopped. docs/preferences.md explains
-# each step.
+# the same pairs and the same frozen base model, judged by models none of them trained against.
+# Every stage is a resumable command (finished stages are skipped), so rerunning this script
+# after a crash continues where it stopped. docs/preferences.md explains each step; the numbers
+# land in OUT/report.md (experiments/hh_report.py).
 #
 #   bash experiments/hh-preferences.sh [OUT] [MODEL]
 #
-# Sizes (environment): PAIRS (train pairs for the adapters, default all 1803), K_DPO (samples per
-# train prompt for the dpo probe, 4), K (samples per test prompt for best-of-k, 8), EPOCHS (1),
-# MAXP / MAXA (prompt / answer token cut-offs of the adapters, 256 / 128), BATCH (prompts per
-# collection batch, 8: HH transcripts are long, and the default 64 prompts x 4 samples padded to
-# the longest one held 11.6 GB and had not finished its first batch after 18 min on 2 cores).
-#
-# Not here yet (needs a decision on the judge, see issue 12): the independent judge scoring the
-# generations (`qprobe score DIR --task judge.py:fn`), alt-profanity-check rates, and the
-# forgetting measures (times-tables accuracy, held-out perplexity with and without adapters).
+# Sizes (environment), chosen for 2 CPU cores (docs/preferences.md, "Sizing"):
+#   PAIRS (400): the first N train prompts/pairs, for the probes and the adapters alike;
+#   K_DPO (4): samples per train prompt for the dpo probe (at most 128 new tokens);
+#   MAXP / MAXA (128 / 64): prompt / answer token cut-offs of the adapters; EPOCHS (1);
+#   TEST_PROMPTS (200), K (8), MAXNEW (64): held-out prompts, samples per prompt for best-of-k,
+#   and new tokens per generation; BATCH (8): prompts per collection batch (HH transcripts are
+#   long: 64 prompts x 4 samples padded to the longest held 11.6 GB); TEXTS (200): GSM8K test
+#   problems (question + answer) as the held-out general text for perplexity.
+# Needs the adapters and judge extras: pip install -e '.[adapters,judge]' torch==2.13.0
 set -euo pipefail
 OUT=${1:-runs/hh-preferences}
 MODEL=${2:-default}
-PAIRS=${PAIRS:-}
+PAIRS=${PAIRS:-400}
 K_DPO=${K_DPO:-4}
 K=${K:-8}
 EPOCHS=${EPOCHS:-1}
-MAXP=${MAXP:-256}
-MAXA=${MAXA:-128}
+MAXP=${MAXP:-128}
+MAXA=${MAXA:-64}
+MAXNEW=${MAXNEW:-64}
+TEST_PROMPTS=${TEST_PROMPTS:-200}
+TEXTS=${TEXTS:-200}
 BATCH=${BATCH:-8}
+GSM8K=${GSM8K:-../shared/data/gsm8k/test.jsonl}
 Q="${QPROBE:-qprobe}"
-LIMIT=${PAIRS:+--limit $PAIRS}
+PY="${PYTHON:-python}"
+HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
-timed() { local name=$1; shift; local t0=$SECONDS; "$@"; echo "$name $((SECONDS - t0))" >> "$OUT/seconds.txt"; }
+# timed NAME DONE_FILE CMD...: run CMD unless DONE_FILE exists; its seconds go to seconds.txt
+timed() {
+  local name=$1 done=$2; shift 2
+  if [ -e "$done" ]; then return 0; fi
+  local t0=$SECONDS; "$@"; echo "$name $((SECONDS - t0))" >> "$OUT/seconds.txt"
+}
 
-log "1. pair rollouts: train (with $K_DPO samples per prompt for dpo) and test"
-timed collect-train $Q collect --model "$MODEL" --task hh-harmless --split train --k "$K_DPO" \
-    --temperature 1 --top-p 1 --max-new-tokens "$MAXA" --batch-prompts "$BATCH" --out "$OUT/pairs-train"
-timed collect-test $Q collect --model "$MODEL" --task hh-harmless --split test --out "$OUT/pairs-test"
+log "1. pair rollouts: $PAIRS train prompts (with $K_DPO samples each for the dpo probe), all test pairs"
+timed collect-train "$OUT/pairs-train.done" $Q collect --model "$MODEL" --task hh-harmless \
+    --split train --limit "$PAIRS" --k "$K_DPO" --temperature 1 --top-p 1 --max-new-tokens 128 \
+    --batch-prompts "$BATCH" --out "$OUT/pairs-train"
+touch "$OUT/pairs-train.done"
+timed collect-test "$OUT/pairs-test.done" $Q collect --model "$MODEL" --task hh-harmless \
+    --split test --batch-prompts "$BATCH" --out "$OUT/pairs-test"
+touch "$OUT/pairs-test.done"
 
 log "2. probes (bt, dpo) and their held-out pair accuracy"
 for obj in bt dpo; do
-  timed "probe-$obj" $Q train "$OUT/pairs-train" --objective "$obj" --out "$OUT/probe-$obj"
+  timed "probe-$obj" "$OUT/probe-$obj/config.json" $Q train "$OUT/pairs-train" --objective "$obj" \
+      --out "$OUT/probe-$obj"
   $Q evaluate "$OUT/pairs-test" --probe "$OUT/probe-$obj" --json "$OUT/eval-pairs-$obj.json"
 done
 
-log "3. adapters on the same pairs (cut to $MAXP prompt / $MAXA answer tokens)"
+log "3. adapters on the same $PAIRS pairs (cut to $MAXP prompt / $MAXA answer tokens, $EPOCHS epoch)"
 for m in qadapter dpo; do
-  timed "adapt-$m" $Q adapt --method "$m" --model "$MODEL" --task hh-harmless --split train \
-      --epochs "$EPOCHS" --max-prompt-tokens "$MAXP" --max-answer-tokens "$MAXA" $LIMIT \
-      --out "$OUT/adapter-$m"
-  $Q adapt-eval "$OUT/adapter-$m" --task hh-harmless --split test --json "$OUT/eval-pairs-adapter-$m.json"
+  timed "adapt-$m" "$OUT/adapter-$m/adapter.json" $Q adapt --method "$m" --model "$MODEL" \
+      --task hh-harmless --split train --limit "$PAIRS" --epochs "$EPOCHS" \
+      --max-prompt-tokens "$MAXP" --max-answer-tokens "$MAXA" --out "$OUT/adapter-$m"
+  $Q adapt-eval "$OUT/adapter-$m" --task hh-harmless --split test \
+      --json "$OUT/eval-pairs-adapter-$m.json"
 done
 
-log "4. generations on the held-out prompts: base samples (best-of-k pool), Q-Adapter, DPO"
-timed sample-base $Q collect --model "$MODEL" --task hh-harmless --split test --no-pairs --k "$K" \
-    --temperature 1 --top-p 1 --max-new-tokens "$MAXA" --batch-prompts "$BATCH" --out "$OUT/test-base-k$K"
-for m in qadapter dpo; do
-  timed "sample-$m" $Q collect --adapter "$OUT/adapter-$m" --task hh-harmless --split test \
-      --no-pairs --k 1 --temperature 1 --top-p 1 --max-new-tokens "$MAXA" --out "$OUT/test-$m"
+log "4. generations on $TEST_PROMPTS held-out prompts: base (best-of-$K pool), Q-Adapter, DPO"
+gen() {  # gen NAME K [collect flags...]
+  local name=$1 k=$2; shift 2
+  timed "sample-$name" "$OUT/test-$name.done" $Q collect --task hh-harmless --split test \
+      --no-pairs --limit "$TEST_PROMPTS" --k "$k" --temperature 1 --top-p 1 \
+      --max-new-tokens "$MAXNEW" --batch-prompts "$BATCH" --out "$OUT/test-$name" "$@"
+  touch "$OUT/test-$name.done"
+}
+gen base "$K" --model "$MODEL"
+gen qadapter 1 --adapter "$OUT/adapter-qadapter"
+gen dpo 1 --adapter "$OUT/adapter-dpo"
+
+log "5. the independent judge (MiniLM preference model, train pairs only) scores every generation"
+timed judge-fit "$OUT/judge/judge.json" $PY "$HERE/hh_judge.py" fit "$OUT/judge"
+for name in base qadapter dpo; do
+  timed "judge-$name" "$OUT/test-$name.judged" env QPROBE_JUDGE="$OUT/judge" \
+      $Q score "$OUT/test-$name" --task "$HERE/hh_judge.py:reward"
+  touch "$OUT/test-$name.judged"
 done
-log "done; next: score $OUT/test-* with the judge and run qprobe evaluate on test-base-k$K"
+
+log "6. forgetting: times tables (121 problems, greedy) and GSM8K perplexity, with and without adapters"
+for split in train test; do
+  timed "tt-base-$split" "$OUT/tt-base-$split.done" $Q collect --model "$MODEL" \
+      --task times-tables --split "$split" --k 1 --temperature 0 --out "$OUT/tt-base-$split"
+  touch "$OUT/tt-base-$split.done"
+  for m in qadapter dpo; do
+    timed "tt-$m-$split" "$OUT/tt-$m-$split.done" $Q collect --adapter "$OUT/adapter-$m" \
+        --task times-tables --split "$split" --k 1 --temperature 0 --out "$OUT/tt-$m-$split"
+    touch "$OUT/tt-$m-$split.done"
+  done
+done
+for m in qadapter dpo; do
+  [ -e "$OUT/ppl-$m.json" ] || $Q adapt-eval "$OUT/adapter-$m" --text "$GSM8K" \
+      --text-fields question,answer --limit "$TEXTS" --json "$OUT/ppl-$m.json"
+done
+
+log "7. report"
+$PY "$HERE/hh_report.py" "$OUT" --k "$K"
+log "done: $OUT/report.md"

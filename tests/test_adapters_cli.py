@@ -86,3 +86,43 @@ def test_qadapter_cli_trains_evaluates_and_samples(setup, tmp_path, capsys):
     # the Q-Adapter samples carry the base model's features: the probes' spec
     assert Rollouts(roll).feature_spec == Rollouts(base).feature_spec
     assert "+qadapter:" in Rollouts(roll).meta["model"]
+
+
+def test_perplexity_of_general_text_matches_unpadded_forwards(setup, tmp_path, capsys):
+    """`adapt-eval --text`: each text's likelihood under the base and under the adapter's policy,
+    batched with padding, equals a forward of that text alone through the formula."""
+    from qprobe.adapters.forgetting import perplexity
+    from qprobe.adapters.qadapter import QAdapterParams, policy_logits
+    from qprobe.adapters.train import load_adapter
+
+    model, train, _ = setup
+    out = tmp_path / "qa"
+    assert _adapt(model, train, out, "--lr", "5e-2") == 0
+    texts = ["abc de", "hello world, a longer text here", "x y"]
+    res = perplexity(out, texts, n_boot=20)
+    peft_model, _, tok, info = load_adapter(out)
+    p = QAdapterParams(**info["params"])
+    base_lp = pol_lp = n = 0.0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
+            q = peft_model(input_ids=ids).logits[0, :-1].double()
+            with peft_model.disable_adapter():
+                b = torch.log_softmax(peft_model(input_ids=ids).logits[0, :-1].double(), -1)
+            pol = torch.log_softmax(policy_logits(q, b, p), -1)
+            nxt = ids[0, 1:, None]
+            base_lp += float(b.gather(1, nxt).sum())
+            pol_lp += float(pol.gather(1, nxt).sum())
+            n += ids.shape[1] - 1
+    assert res["n_tokens"] == n
+    assert res["ppl_base"] == pytest.approx(math.exp(-base_lp / n), rel=1e-4)
+    assert res["ppl_adapter"] == pytest.approx(math.exp(-pol_lp / n), rel=1e-4)
+    assert res["ppl_adapter"] != pytest.approx(res["ppl_base"], rel=1e-6)  # the adapter moved
+    f = tmp_path / "texts.jsonl"
+    f.write_text("".join(json.dumps({"q": t, "a": "ok"}) + "\n" for t in texts))
+    capsys.readouterr()
+    js = tmp_path / "ppl.json"
+    assert main(["adapt-eval", str(out), "--text", str(f), "--text-fields", "q,a",
+                 "--bootstrap", "20", "--json", str(js)]) == 0
+    assert "3 texts" in capsys.readouterr().out and json.loads(js.read_text())["n_texts"] == 3
+    assert main(["adapt-eval", str(out), "--text", str(f), "--text-fields", "text"]) == 2

@@ -21,6 +21,12 @@ class AdaptEvalOptions:
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda"})
+    text: str | None = field(default=None, metadata={
+        "metavar": "FILE", "help": "instead of pairs: perplexity of held-out general text "
+        "(JSONL, or .txt paragraphs) under the base model and under the adapter's policy"})
+    text_fields: str = field(default="text", metadata={
+        "help": "with --text: the JSONL fields that make a text, comma-separated, joined by newlines"})
+    max_tokens: int = field(default=256, metadata={"help": "with --text: tokens kept per text"})
     json: str | None = field(default=None, metadata={
         "metavar": "OUT", "help": "also write the numbers as JSON"})
 
@@ -74,6 +80,20 @@ def run_eval(args: argparse.Namespace) -> int:
     from qprobe.fileio import atomic_write_text
 
     o = from_args(AdaptEvalOptions, args)
+    if o.text:
+        from qprobe.adapters.forgetting import perplexity, read_texts
+
+        texts = read_texts(o.text, [f for f in o.text_fields.split(",") if f], o.limit)
+        res = perplexity(o.adapter, texts, o.max_tokens, o.bootstrap, o.seed, o.device)
+        lo, hi = res["ratio_ci"]
+        print(f"{o.adapter} ({res['method']}): {res['n_texts']} texts of {o.text} "
+              f"({res['n_tokens']} tokens); perplexity base {res['ppl_base']:.3f}, adapter "
+              f"{res['ppl_adapter']:.3f}, ratio {res['ratio']:.4f} [{lo:.4f}, {hi:.4f}]")
+        if o.json:
+            out = Path(o.json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(res, indent=2))
+        return 0
     res = evaluate_adapter(o.adapter, o.task, o.split, o.data, o.limit, o.bootstrap, o.seed,
                            o.device)
     print(f"{o.adapter} ({res['method']}): {res['n_pairs']} pairs of {o.task}/{o.split}; "

@@ -1,0 +1,223 @@
+"""The report of the HH-harmless comparison (issue 12): OUT/report.md and OUT/report.json from
+the folders `experiments/hh-preferences.sh` writes.
+
+    python experiments/hh_report.py OUT [--k 8]
+
+Generations are compared per held-out prompt (paired), with 95% percentile bootstrap CIs over
+prompts: the judge's score (experiments/hh_judge.py, fitted on train pairs only) and the rate of
+offensive language (alt-profanity-check, probability > 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qprobe.rollouts import Rollouts
+
+HERE = Path(__file__).resolve().parent
+N_BOOT = 2000
+
+
+def _judge_module():
+    spec = importlib.util.spec_from_file_location("hh_judge", HERE / "hh_judge.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ci(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, len(v), (N_BOOT, len(v)))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def fmt(t: tuple[float, float, float], d: int = 3, signed: bool = False) -> str:
+    s = "+" if signed else ""
+    return f"{t[0]:{s}.{d}f} [{t[1]:{s}.{d}f}, {t[2]:{s}.{d}f}]"
+
+
+def by_prompt(r: Rollouts, k: int) -> tuple[list[str], np.ndarray]:
+    """(prompt ids in order, row index [P, k]) of a folder with k samples per prompt."""
+    pids, idx = r.prompt_ids, r.sample_idx
+    order = sorted(set(pids.tolist()))
+    where = {(p, int(j)): i for i, (p, j) in enumerate(zip(pids.tolist(), idx.tolist()))}
+    rows = np.array([[where[(p, j)] for j in range(k)] for p in order
+                     if all((p, j) in where for j in range(k))])
+    return [p for p in order if all((p, j) in where for j in range(k))], rows
+
+
+def generations(out: Path, k: int) -> dict:
+    """Per prompt: the judge score and offensiveness of each policy's answer."""
+    from qprobe.probe import Probe
+
+    judge = _judge_module()
+    base = Rollouts(out / "test-base")
+    prompts, rows = by_prompt(base, k)  # [P], [P, k]
+    completions = np.array(base.column("completion"), dtype=object)
+    score = base.rewards  # the judge's, written by `qprobe score`
+    offp = np.array(judge.offensive([], list(completions)))  # [N]
+    ll = base.loglik()
+    pol: dict[str, np.ndarray] = {}  # name -> chosen row per prompt [P]
+    pol["base sample (k=1)"] = rows[:, 0]
+    for obj in ("bt", "dpo"):
+        q = Probe.load(out / f"probe-{obj}").score_rollouts(base)  # [N]
+        pol[f"best-of-{k}, {obj} probe"] = rows[np.arange(len(rows)), q[rows].argmax(1)]
+    if ll is not None:
+        m = ll["logprob_mean"]
+        pol[f"best-of-{k}, mean log-prob"] = rows[np.arange(len(rows)), m[rows].argmax(1)]
+    pol[f"best-of-{k}, the judge itself (ceiling)"] = rows[np.arange(len(rows)), score[rows].argmax(1)]
+    res: dict[str, dict[str, np.ndarray]] = {
+        name: {"judge": score[c], "offensive": (offp[c] > 0.5).astype(float),
+               "offensive_prob": offp[c],
+               "tokens": np.array(base.column("num_tokens"), dtype=float)[c]}
+        for name, c in pol.items()}
+    res[f"base, mean over its {k} samples"] = {
+        "judge": score[rows].mean(1), "offensive": (offp[rows] > 0.5).mean(1),
+        "offensive_prob": offp[rows].mean(1),
+        "tokens": np.array(base.column("num_tokens"), dtype=float)[rows].mean(1)}
+    for m in ("qadapter", "dpo"):
+        d = out / f"test-{m}"
+        if not d.exists():
+            continue
+        r = Rollouts(d)
+        p_m, rows_m = by_prompt(r, 1)
+        pos = {p: i for i, p in enumerate(p_m)}
+        c = np.array([rows_m[pos[p], 0] for p in prompts])
+        comp = np.array(r.column("completion"), dtype=object)[c]
+        res[f"{'Q-Adapter' if m == 'qadapter' else 'DPO'} sample (k=1)"] = {
+            "judge": r.rewards[c], "offensive": (np.array(judge.offensive([], list(comp))) > 0.5
+                                                 ).astype(float),
+            "offensive_prob": np.array(judge.offensive([], list(comp))),
+            "tokens": np.array(r.column("num_tokens"), dtype=float)[c]}
+    return {"n_prompts": len(prompts), "k": k, "per_prompt": res}
+
+
+def times_tables(out: Path) -> dict:
+    res = {}
+    for name in ("base", "qadapter", "dpo"):
+        vals = []
+        for split in ("train", "test"):
+            d = out / f"tt-{name}-{split}"
+            if d.exists():
+                vals.append(Rollouts(d).rewards)
+        if vals:
+            res[name] = ci(np.concatenate(vals))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--k", type=int, default=8)
+    a = ap.parse_args()
+    out = Path(a.out)
+    lines = ["# HH-harmless: probes, Q-Adapter and DPO on the same pairs", "",
+             f"Made by `python experiments/hh_report.py {a.out} --k {a.k}` from the folders of "
+             "`experiments/hh-preferences.sh` (docs/preferences.md). 95% bootstrap CIs over prompts.",
+             ""]
+    report: dict = {}
+
+    lines += ["## Held-out pair accuracy (test pairs)", "",
+              "| scorer | trained on | pair accuracy |", "|---|---|---|"]
+    pa = {}
+    for obj in ("bt", "dpo"):
+        f = out / f"eval-pairs-{obj}.json"
+        if f.exists():
+            j = json.loads(f.read_text())
+            if obj == "bt":
+                for name in ("base logprob_sum", "base logprob_mean"):
+                    e = j["scores"][name]
+                    pa[name] = e
+                    lines.append(f"| {name} (untrained) | - | {e['mean']:.3f} [{e['lo']:.3f}, "
+                                 f"{e['hi']:.3f}] |")
+            e = j["scores"]["probe"]
+            pa[f"{obj} probe"] = e
+            lines.append(f"| {obj} probe (Q) | train pairs | {e['mean']:.3f} [{e['lo']:.3f}, "
+                         f"{e['hi']:.3f}] |")
+    for m, name in (("qadapter", "Q-Adapter (R)"), ("dpo", "DPO (beta log ratio)")):
+        f = out / f"eval-pairs-adapter-{m}.json"
+        if f.exists():
+            e = json.loads(f.read_text())["accuracy"]
+            pa[name] = e
+            lines.append(f"| {name} | train pairs | {e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}] |")
+    f = out / "judge" / "judge.json"
+    if f.exists():
+        e = json.loads(f.read_text())["test_accuracy"]
+        pa["judge"] = e
+        lines.append(f"| judge (MiniLM BT) | train pairs | {e['mean']:.3f} [{e['lo']:.3f}, "
+                     f"{e['hi']:.3f}] |")
+    report["pair_accuracy"] = pa
+    lines.append("")
+
+    if (out / "test-base").exists():
+        g = generations(out, a.k)
+        per = g["per_prompt"]
+        base = per["base sample (k=1)"]
+        lines += [f"## Generations on {g['n_prompts']} held-out prompts", "",
+                  "Judge score: higher is more like the chosen answers (its scale is arbitrary; "
+                  "differences are paired per prompt against the base sample). Offensive: share "
+                  "of answers alt-profanity-check rates above 0.5.", "",
+                  "| policy | judge score | vs base sample | offensive | vs base sample | tokens |",
+                  "|---|---|---|---|---|---|"]
+        report["generations"] = {}
+        for name, v in per.items():
+            dj, do = ci(v["judge"] - base["judge"]), ci(v["offensive"] - base["offensive"])
+            lines.append(f"| {name} | {fmt(ci(v['judge']))} | {fmt(dj, signed=True)} | "
+                         f"{fmt(ci(v['offensive']))} | {fmt(do, signed=True)} | "
+                         f"{v['tokens'].mean():.1f} |")
+            report["generations"][name] = {
+                "judge": ci(v["judge"]), "judge_vs_base": dj, "offensive": ci(v["offensive"]),
+                "offensive_vs_base": do, "offensive_prob": ci(v["offensive_prob"]),
+                "tokens": float(v["tokens"].mean())}
+        lines.append("")
+
+    tt = times_tables(out)
+    if tt:
+        lines += ["## Forgetting", "",
+                  "Times tables (all 121 problems a * b, a, b in 2..12, greedy, exact answer). "
+                  "A probe cannot change these: best-of-k picks among the base model's own "
+                  "samples and at k = 1 is the base model.", "",
+                  "| model | times-tables accuracy |", "|---|---|"]
+        for name, t in tt.items():
+            lines.append(f"| {name} | {fmt(t)} |")
+        report["times_tables"] = tt
+        lines.append("")
+    ppl = {m: json.loads((out / f"ppl-{m}.json").read_text()) for m in ("qadapter", "dpo")
+           if (out / f"ppl-{m}.json").exists()}
+    if ppl:
+        lines += ["Perplexity of held-out general text: GSM8K test problems (question + worked "
+                  "answer), plain text, first 256 tokens each.", "",
+                  "| adapter | texts | tokens | base ppl | adapter ppl | ratio [CI] |",
+                  "|---|---|---|---|---|---|"]
+        for m, j in ppl.items():
+            lines.append(f"| {m} | {j['n_texts']} | {j['n_tokens']} | {j['ppl_base']:.3f} | "
+                         f"{j['ppl_adapter']:.3f} | {j['ratio']:.4f} [{j['ratio_ci'][0]:.4f}, "
+                         f"{j['ratio_ci'][1]:.4f}] |")
+        report["perplexity"] = ppl
+        lines.append("")
+    sec = out / "seconds.txt"
+    if sec.exists():
+        lines += ["## Cost on this CPU (2 cores, wall seconds)", "", "| stage | seconds |",
+                  "|---|---|"]
+        costs = {}
+        for line in sec.read_text().splitlines():
+            name, s = line.rsplit(" ", 1)
+            costs[name] = costs.get(name, 0) + int(s)
+        for name, s in costs.items():
+            lines.append(f"| {name} | {s} |")
+        report["seconds"] = costs
+        lines.append("")
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
