@@ -23,6 +23,7 @@ same model for the library calls and drives the server with the `openai` client.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8, help="(b): concurrent clients")
     ap.add_argument("--load-requests", type=int, default=500, help="(c): requests")
     ap.add_argument("--load-clients", type=int, default=16, help="(c): concurrent clients")
+    ap.add_argument("--max-restarts", type=int, default=None,
+                    help="the server's --max-restarts (0: restart-to-join off; default: its own)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in each process (0: torch's default)")
     a = ap.parse_args()
@@ -103,7 +106,8 @@ def main() -> int:
         [sys.executable, "-m", "qprobe", "serve", "--model", model_arg, "--probe",
          f"p={probe_dir}", "--port", str(port), "--name", "m", "--k", str(a.k),
          "--max-tokens", str(a.max_tokens), "--log-level", "warning",
-         "--threads", str(a.threads)],
+         "--threads", str(a.threads)]
+        + ([] if a.max_restarts is None else ["--max-restarts", str(a.max_restarts)]),
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -119,6 +123,12 @@ def main() -> int:
                 return 1
             time.sleep(0.2)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+    def restarts() -> tuple[int, int]:
+        """The server's (restarts, restart_steps) so far (restart-to-join, see its /health)."""
+        with opener.open(url + "/health", timeout=10) as r:
+            h = json.loads(r.read())
+        return h.get("restarts", 0), h.get("restart_steps", 0)
 
     def served(prompt: str, seed: int | None = 0):
         return client.completions.create(model="m:p", prompt=prompt, seed=seed,
@@ -169,6 +179,7 @@ def main() -> int:
             served(p, seed=1)
         seq = time.perf_counter() - t0
         out: list = [None] * len(eight)
+        r0 = restarts()
 
         def one(i: int) -> None:
             out[i] = served(eight[i], seed=1)
@@ -181,9 +192,11 @@ def main() -> int:
             t.join()
         conc = time.perf_counter() - t0
         batches = sorted({r.model_extra["qprobe"]["batch_requests"] for r in out})
+        r1 = restarts()
         print(f"(b) {len(eight)} requests one at a time {seq:.2f} s, as {len(eight)} concurrent "
               f"clients {conc:.2f} s: {seq / conc:.2f}x throughput (goal >= 3x); "
-              f"batch sizes seen {batches}")
+              f"batch sizes seen {batches}; restarts {r1[0] - r0[0]} "
+              f"({r1[1] - r0[1]} decode steps thrown away)")
 
         # (c) load: many requests from 16 clients, no error, memory sampled
         errors, done, lock = [], [0], threading.Lock()
@@ -209,17 +222,19 @@ def main() -> int:
         t0 = time.perf_counter()
         for w in workers:
             w.start()
-        while any(w.is_alive() for w in workers):
-            time.sleep(1.0)
-            rss.append(rss_mb(proc.pid))
-        for w in workers:
-            w.join()
+        for w in workers:  # the clock stops at the last answer, RSS sampled about once a second
+            while w.is_alive():
+                w.join(1.0)
+                if w.is_alive():
+                    rss.append(rss_mb(proc.pid))
         dt = time.perf_counter() - t0
         rss.append(rss_mb(proc.pid))
         mid = rss[len(rss) // 2]
+        r2 = restarts()
         print(f"(c) {done[0]} of {a.load_requests} requests from {a.load_clients} clients in "
               f"{dt:.1f} s ({done[0] / dt:.1f} req/s), errors {len(errors)}"
-              + (f" (first: {errors[0]})" if errors else ""))
+              + (f" (first: {errors[0]})" if errors else "")
+              + f"; restarts {r2[0] - r1[0]} ({r2[1] - r1[1]} decode steps thrown away)")
         print(f"    server RSS MB: before any request {rss0:.0f}, load start {rss[0]:.0f}, "
               f"middle {mid:.0f}, end {rss[-1]:.0f}, max {max(rss):.0f}")
     finally:

@@ -311,14 +311,36 @@ class GatedModel:
         return self.inner.sample(prompts, k, params)
 
 
-@pytest.fixture
-def inproc(assets):
-    """The app in this process on loopback, no API key, a gated model, a queue of 1, 3 s timeout."""
-    gated = GatedModel(assets["model"])
-    served = ServedModels("tiny", gated, [ServedProbe("tiny:good", "good", "", assets["good"])])
-    batcher = Batcher(served, max_queue=1, max_batch=8, wait_s=0.0)
-    app = build_app(served, ServeLimits(k=3, max_tokens=MAX_TOKENS, timeout_s=3.0),
-                    api_key=None, batcher=batcher)
+class SteppedModel:
+    """The tiny model with its step hook seam (so the batcher may restart it): the first
+    `sample` call holds at decode step `hold_step` until the gate opens, then hands the step to
+    the batcher's hook. Records the prompts of every call."""
+
+    def __init__(self, model, hold_step: int) -> None:
+        self.inner, self.hold_step, self.calls = model, hold_step, []
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.name, self.chat = model.name, model.chat
+        self.feature_spec, self.max_batch_rows, self.tok = (model.feature_spec,
+                                                            model.max_batch_rows, model.tok)
+
+    def sample(self, prompts, k, params, hook=None):
+        first = not self.calls
+        self.calls.append(list(prompts))
+
+        def held(step, hidden, logits, rows):
+            if first and step == self.hold_step:
+                self.entered.set()
+                self.gate.wait(30)
+            return None if hook is None else hook(step, hidden, logits, rows)
+
+        return self.inner.sample(prompts, k, params, hook=held)
+
+
+def _serve_inproc(model, assets, batcher_kw: dict, limits: ServeLimits):
+    """Serve `model` with the good probe in this process on loopback (no API key)."""
+    served = ServedModels("tiny", model, [ServedProbe("tiny:good", "good", "", assets["good"])])
+    batcher = Batcher(served, **batcher_kw)
+    app = build_app(served, limits, api_key=None, batcher=batcher)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -326,10 +348,34 @@ def inproc(assets):
     deadline = time.monotonic() + 30
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", gated, batcher
-    gated.gate.set()
-    srv.should_exit = True
-    thread.join(timeout=10)
+
+    def stop() -> None:
+        model.gate.set()
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", batcher, stop
+
+
+@pytest.fixture
+def inproc(assets):
+    """The app in this process on loopback, no API key, a gated model, a queue of 1, 3 s timeout."""
+    gated = GatedModel(assets["model"])
+    url, batcher, stop = _serve_inproc(gated, assets, dict(max_queue=1, max_batch=8, wait_s=0.0),
+                                       ServeLimits(k=3, max_tokens=MAX_TOKENS, timeout_s=3.0))
+    yield url, gated, batcher
+    stop()
+
+
+@pytest.fixture
+def stepped(assets, request):
+    """The app over a `SteppedModel` holding at step `request.param` (default restart bounds:
+    with MAX_TOKENS = 8, a batch may restart while at most 2 steps are done)."""
+    model = SteppedModel(assets["model"], getattr(request, "param", 1))
+    url, batcher, stop = _serve_inproc(model, assets, dict(max_queue=8, max_batch=8, wait_s=0.0),
+                                       ServeLimits(k=3, max_tokens=MAX_TOKENS, timeout_s=60.0))
+    yield url, model, batcher
+    stop()
 
 
 def _bg(fn, results: dict, name: str) -> threading.Thread:
@@ -401,6 +447,80 @@ def test_requests_arriving_together_are_decoded_together(inproc, assets) -> None
         lib = library_choice(assets, "good", f"p{i}", 3, 0.0, 9)
         assert r.choices[0].text == lib.text  # batching does not change the answer
     assert batcher.stats["batches"] == 2
+
+
+def test_requests_join_a_young_batch_by_restart(stepped, assets) -> None:
+    """Three requests queued while a batch is at step 1 join it: the decode restarts with the
+    four prompts, and each answer is still the library's answer for that request alone. A
+    request with other settings (another seed) does not join."""
+    url, model, batcher = stepped
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    got: dict = {}
+
+    def ask(name: str, seed: int):
+        return _bg(lambda: c.completions.create(model="tiny", prompt=name, seed=seed,
+                                                extra_body={"beta": 0}), got, name)
+
+    first = ask("first", 9)
+    assert model.entered.wait(10)  # "first" is decoding, held at step 1
+    ts = [ask(f"p{i}", 9) for i in range(3)] + [ask("other", 4)]
+    _until(lambda: batcher.queued() == 4)
+    model.gate.set()
+    for t in [first, *ts]:
+        t.join()
+    assert model.calls[0] == ["first"]
+    assert model.calls[1][0] == "first" and sorted(model.calls[1][1:]) == ["p0", "p1", "p2"]
+    assert model.calls[2:] == [["other"]]
+    for name, seed in [("first", 9), ("p0", 9), ("p1", 9), ("p2", 9), ("other", 4)]:
+        r = got[name]
+        assert r.model_extra["qprobe"]["batch_requests"] == (1 if name == "other" else 4)
+        lib = library_choice(assets, "good", name, 3, 0.0, seed)
+        assert r.choices[0].text == lib.text  # the restart does not change the answer
+        assert r.model_extra["qprobe"]["results"][0]["chosen"] == lib.chosen
+    assert batcher.stats["restarts"] == 1 and batcher.stats["restart_steps"] == 1
+    assert batcher.stats["batches"] == 2 and batcher.stats["requests"] == 5
+    status, health = _get(url + "/health")
+    assert status == 200 and health["restarts"] == 1
+
+
+def test_unseeded_requests_join_under_the_running_batchs_seed(stepped, assets) -> None:
+    """An unseeded request joining an unseeded batch is sampled under the seed the batch drew."""
+    url, model, batcher = stepped
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    got: dict = {}
+    prompts = ["first", "late"]
+    first = _bg(lambda: c.completions.create(model="tiny", prompt="first",
+                                             extra_body={"beta": 0}), got, "first")
+    assert model.entered.wait(10)
+    late = _bg(lambda: c.completions.create(model="tiny", prompt="late",
+                                            extra_body={"beta": 0}), got, "late")
+    _until(lambda: batcher.queued() == 1)
+    model.gate.set()
+    first.join()
+    late.join()
+    seeds = {got[p].model_extra["qprobe"]["seed"] for p in prompts}
+    assert len(seeds) == 1 and batcher.stats["restarts"] == 1  # "late" took the batch's seed
+    assert model.calls == [["first"], ["first", "late"]]
+    for p in prompts:
+        lib = library_choice(assets, "good", p, 3, 0.0, *seeds)
+        assert got[p].choices[0].text == lib.text
+
+
+@pytest.mark.parametrize("stepped", [3], indirect=True)
+def test_no_restart_once_the_batch_is_past_its_young_steps(stepped) -> None:
+    """A request arriving after the batch's young steps waits for the next batch."""
+    url, model, batcher = stepped
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    got: dict = {}
+    first = _bg(lambda: c.completions.create(model="tiny", prompt="first", seed=1), got, "a")
+    assert model.entered.wait(10)  # held at step 3: 3 steps done, more than 8 // 4
+    late = _bg(lambda: c.completions.create(model="tiny", prompt="late", seed=1), got, "b")
+    _until(lambda: batcher.queued() == 1)
+    model.gate.set()
+    first.join()
+    late.join()
+    assert model.calls == [["first"], ["late"]] and batcher.stats["restarts"] == 0
+    assert got["b"].model_extra["qprobe"]["batch_requests"] == 1
 
 
 # ----------------------------------------------------------------------------- upstream

@@ -84,6 +84,8 @@ class StepHook(Protocol):
     `Candidates` (sample only among these tokens, by these logits), or None to keep the model's.
     Temperature, top-k and top-p then apply as usual. Recorded log-probabilities stay those of
     the model's own logits.
+    A hook may raise to abort the whole call: the exception leaves `sample` and nothing of the
+    batch is kept (`qprobe serve` restarts a young batch this way to let new requests join it).
     """
 
     def __call__(self, step: int, hidden: torch.Tensor, logits: torch.Tensor,
