@@ -108,7 +108,6 @@ def fit(out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     task = get_task("hh-harmless")
     emb = MiniLM()
-    res = {}
     data = {}
     for split in ("train", "test"):
         pairs = task.pairs(split)

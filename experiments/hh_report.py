@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qprobe.evaluate import bootstrap_ci
 from qprobe.rollouts import Rollouts
 
 HERE = Path(__file__).resolve().parent
@@ -31,11 +32,9 @@ def _judge_module():
 
 
 def ci(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, lo, hi): the per-prompt mean with its 95% percentile bootstrap CI."""
     v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, len(v), (N_BOOT, len(v)))].mean(1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(v.mean()), float(lo), float(hi)
+    return (float(v.mean()), *bootstrap_ci(v, N_BOOT, seed))
 
 
 def fmt(t: tuple[float, float, float], d: int = 3, signed: bool = False) -> str:
@@ -63,6 +62,7 @@ def generations(out: Path, k: int) -> dict:
     completions = np.array(base.column("completion"), dtype=object)
     score = base.rewards  # the judge's, written by `qprobe score`
     offp = np.array(judge.offensive([], list(completions)))  # [N]
+    tokens = np.array(base.column("num_tokens"), dtype=float)  # [N]
     ll = base.loglik()
     pol: dict[str, np.ndarray] = {}  # name -> chosen row per prompt [P]
     pol["base sample (k=1)"] = rows[:, 0]
@@ -76,12 +76,12 @@ def generations(out: Path, k: int) -> dict:
     res: dict[str, dict[str, np.ndarray]] = {
         name: {"judge": score[c], "offensive": (offp[c] > 0.5).astype(float),
                "offensive_prob": offp[c],
-               "tokens": np.array(base.column("num_tokens"), dtype=float)[c]}
+               "tokens": tokens[c]}
         for name, c in pol.items()}
     res[f"base, mean over its {k} samples"] = {
         "judge": score[rows].mean(1), "offensive": (offp[rows] > 0.5).mean(1),
         "offensive_prob": offp[rows].mean(1),
-        "tokens": np.array(base.column("num_tokens"), dtype=float)[rows].mean(1)}
+        "tokens": tokens[rows].mean(1)}
     for m in ("qadapter", "dpo"):
         d = out / f"test-{m}"
         if not d.exists():
@@ -91,10 +91,10 @@ def generations(out: Path, k: int) -> dict:
         pos = {p: i for i, p in enumerate(p_m)}
         c = np.array([rows_m[pos[p], 0] for p in prompts])
         comp = np.array(r.column("completion"), dtype=object)[c]
+        p_off = np.array(judge.offensive([], list(comp)))  # [P]
         res[f"{'Q-Adapter' if m == 'qadapter' else 'DPO'} sample (k=1)"] = {
-            "judge": r.rewards[c], "offensive": (np.array(judge.offensive([], list(comp))) > 0.5
-                                                 ).astype(float),
-            "offensive_prob": np.array(judge.offensive([], list(comp))),
+            "judge": r.rewards[c], "offensive": (p_off > 0.5).astype(float),
+            "offensive_prob": p_off,
             "tokens": np.array(r.column("num_tokens"), dtype=float)[c]}
     return {"n_prompts": len(prompts), "k": k, "per_prompt": res}
 

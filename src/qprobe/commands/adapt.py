@@ -74,10 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from qprobe.adapters.policy import evaluate_adapter
-    from qprobe.fileio import atomic_write_text
 
     o = from_args(AdaptEvalOptions, args)
     if o.text:
@@ -89,17 +86,24 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"{o.adapter} ({res['method']}): {res['n_texts']} texts of {o.text} "
               f"({res['n_tokens']} tokens); perplexity base {res['ppl_base']:.3f}, adapter "
               f"{res['ppl_adapter']:.3f}, ratio {res['ratio']:.4f} [{lo:.4f}, {hi:.4f}]")
-        if o.json:
-            out = Path(o.json)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out, json.dumps(res, indent=2))
+        _write_json(o.json, res)
         return 0
     res = evaluate_adapter(o.adapter, o.task, o.split, o.data, o.limit, o.bootstrap, o.seed,
                            o.device)
     print(f"{o.adapter} ({res['method']}): {res['n_pairs']} pairs of {o.task}/{o.split}; "
           f"pair accuracy {res['accuracy'].fmt()}, mean margin {res['margin_mean']:.3f}")
-    if o.json:
-        out = Path(o.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps({**res, "accuracy": asdict(res["accuracy"])}, indent=2))
+    _write_json(o.json, {**res, "accuracy": asdict(res["accuracy"])})
     return 0
+
+
+def _write_json(path: str | None, obj: dict) -> None:
+    """Write `obj` atomically to `path` (creating its folder); nothing when path is None."""
+    if not path:
+        return
+    from pathlib import Path
+
+    from qprobe.fileio import atomic_write_text
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(obj, indent=2))
