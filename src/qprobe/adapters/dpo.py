@@ -75,6 +75,10 @@ def train_dpo(cfg: AdaptConfig, bundle: tuple | None = None, say=print) -> dict[
         save_strategy="steps", save_steps=cfg.save_every, logging_steps=1, report_to="none",
         use_cpu=next(model.parameters()).device.type == "cpu", dataloader_num_workers=0,
         gradient_accumulation_steps=1, save_only_model=False, warmup_steps=0,
+        # TRL defaults to bf16 autocast and gradient checkpointing: on a CPU without bf16
+        # matmuls that made a step ~20x slower than the same step in fp32. fp32 and no
+        # checkpointing, as the Q-Adapter trains.
+        bf16=False, fp16=False, gradient_checkpointing=False,
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
                          peft_config=lcfg)
