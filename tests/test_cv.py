@@ -161,3 +161,46 @@ def test_cv_beta_axis_scores_each_probe_at_every_beta_and_sets_the_chosen_one(tm
     assert probe.beta == 0.0 and probe.info["cv"]["chosen"].endswith("beta=0")
     with pytest.raises(QProbeError, match="beta values must be >= 0"):
         cross_validate(r, BASE, dataclasses.replace(grid, beta=[-1.0]), folds=2)
+
+
+def make_pair_folder(path, seed, prompts=60, flip=0.1):
+    """Two answers per prompt; the chosen one has the larger feature 0 of set L2-mean (a share
+    `flip` of the pairs the other way round). L1-last and the log-likelihood carry nothing."""
+    r = make_folder(path, seed, signal_in="features", prompts=prompts, k=2)
+    key = r.features_of("L2-mean")[:, 0].astype(np.float64).reshape(prompts, 2)
+    rng = np.random.default_rng(seed + 1)
+    first = (key[:, 0] > key[:, 1]) ^ (rng.random(prompts) < flip)  # answer 0 is chosen
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(prompts)],
+                             "chosen": np.where(first, 0, 1), "rejected": np.where(first, 1, 0)}),
+                   path / "pairs.parquet")
+    return Rollouts(path)
+
+
+def test_cv_pairs_fits_on_training_pairs_and_picks_the_input_that_ranks_held_out_pairs(
+        tmp_path, monkeypatch):
+    r = make_pair_folder(tmp_path / "pairs", 0)
+    seen = []
+    real = qprobe.train.train_probe
+
+    def spy(x, rewards, groups, pairs, cfg, **kw):
+        pids = np.asarray(kw["prompt_ids"])
+        assert pairs is not None and len(pairs) and pairs.max() < len(x)
+        # every pair is two rows of one training prompt, renumbered into x
+        assert (pids[pairs[:, 0]] == pids[pairs[:, 1]]).all()
+        seen.append((len(pairs), set(pids.tolist())))
+        return real(x, rewards, groups, pairs, cfg, **kw)
+
+    monkeypatch.setattr(qprobe.train, "train_probe", spy)
+    base = TrainConfig(objective="bt", lr=1e-2, min_steps=300, epochs=5)  # lr: 8 dims, few steps
+    cv = cross_validate(r, base, CVGrid(feature_sets=["L1-last", "L2-mean"], loglik=["without"],
+                                        weight_decay=[0.0], min_steps=[300]), folds=4, seed=1)
+    group, prompts = r.groups()
+    fold = prompt_folds(group, 4, 1)
+    for (n_pairs, pids), f in zip(seen, [0, 1, 2, 3] * 2):
+        held = {prompts[g] for g in np.unique(group[fold == f])}
+        assert not (pids & held) and n_pairs == 60 - len(held)
+    acc = {row["label"].split()[0]: row for row in cv["rows"]}
+    assert acc["L2-mean"]["mean"] > 0.75 and abs(acc["L1-last"]["mean"] - 0.5) < 0.2
+    assert cv["rows"][cv["best"]]["label"].startswith("L2-mean")
+    with pytest.raises(QProbeError, match="pair accuracy"):
+        cross_validate(r, base, CVGrid(loglik=["without"], beta=[0.0, 1.0]), folds=4)

@@ -428,23 +428,12 @@ def evaluate_pairs(rollouts_dir: str, probe_dir: str | None = None, n_boot: int 
                    seed: int = 0) -> dict[str, Any]:
     """Held-out pair accuracy of a probe's Q (and of the base model's log-likelihood, summed and
     per token, as baselines that need no training) on a folder with pairs.parquet."""
-    from qprobe.errors import QProbeError
     from qprobe.rollouts import Rollouts
 
     r = Rollouts(rollouts_dir)
-    table = r.pairs
-    if table is None or table.num_rows == 0:
-        raise QProbeError(f"{rollouts_dir}: no pairs.parquet (collect a preference task)")
-    row_of = {(p, int(s)): i for i, (p, s) in enumerate(zip(r.prompt_ids.tolist(),
-                                                            r.sample_idx.tolist()))}
-    pids = table.column("prompt_id").to_pylist()
-    try:
-        c = np.array([row_of[(str(p), int(j))] for p, j in zip(pids, table.column("chosen").to_pylist())])
-        w = np.array([row_of[(str(p), int(j))] for p, j in zip(pids, table.column("rejected").to_pylist())])
-    except KeyError as e:
-        raise QProbeError(f"{rollouts_dir}/pairs.parquet: pair {e.args[0]} is not among the "
-                          "samples") from None
-    group = np.unique(np.asarray(pids, dtype=object).astype(str), return_inverse=True)[1]
+    rows = r.pair_rows()  # [P, 2]; one-line error without pairs.parquet
+    c, w = rows[:, 0], rows[:, 1]
+    group = np.unique(r.prompt_ids[c], return_inverse=True)[1]  # [P] prompt of each pair
     out: dict[str, Any] = {"n_pairs": len(c), "n_prompts": int(group.max()) + 1, "scores": {}}
     ll = r.loglik()
     if ll is not None:

@@ -548,6 +548,23 @@ class Rollouts:
             raise QProbeError(f"{path}: missing required column(s) {missing}")
         return t
 
+    def pair_rows(self) -> np.ndarray:
+        """Row indices [P, 2] (chosen, rejected) of pairs.parquet's pairs, in its order."""
+        table = self.pairs
+        if table is None or table.num_rows == 0:
+            raise QProbeError(f"{self.path}: no pairs.parquet (collect a preference task)")
+        row_of = {(p, int(s)): i for i, (p, s) in enumerate(zip(self.prompt_ids.tolist(),
+                                                                self.sample_idx.tolist()))}
+        out = []
+        for p, c, j in zip(table.column("prompt_id").to_pylist(),
+                           table.column("chosen").to_pylist(), table.column("rejected").to_pylist()):
+            try:
+                out.append((row_of[(str(p), int(c))], row_of[(str(p), int(j))]))
+            except (KeyError, TypeError, ValueError):
+                raise QProbeError(f"{self.path}/pairs.parquet: pair ({p!r}, {c!r}, {j!r}) refers "
+                                  "to a sample that is not in the rollouts") from None
+        return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
     def set_rewards(
         self,
         rewards: Sequence[float | None],

@@ -38,7 +38,8 @@ def register(subparsers: Any) -> None:
                    "--visible`)")
     g.add_argument("--cv", type=int, default=0, metavar="N",
                    help="choose the feature set, log-likelihood inputs and regularisation by "
-                   "N-fold cross-validation over the training prompts (0: off); the table goes "
+                   "N-fold cross-validation over the training prompts (0: off; scored by the "
+                   "held-out selection reward, bt/dpo by held-out pair accuracy); the table goes "
                    "into the probe's config.json")
     g.add_argument("--cv-feature-sets", type=comma_list(str), default=None, metavar="A,B,...",
                    help="--cv: feature sets to try (default: every complete set)")

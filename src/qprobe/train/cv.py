@@ -11,7 +11,9 @@ were not trained on:
 
 Folds are whole prompts (every sample of a prompt is in one fold). The score of a setting is the
 selection reward the policy gets: the mean over held-out prompts of the expected reward of
-softmax(Q/beta) over that prompt's samples (argmax at beta = 0). Only rows of the training
+softmax(Q/beta) over that prompt's samples (argmax at beta = 0). For the pair objectives (bt,
+dpo), which have preferences instead of rewards, it is the held-out pair accuracy: per prompt the
+share of its pairs whose chosen answer the probe scores higher, averaged over prompts. Only rows of the training
 folder are ever read, and for each fold the probe (standardisation statistics included) is fitted
 on the other folds alone. The chosen setting is then trained on every training row, and the table
 and the choice are stored in the probe's config.
@@ -142,6 +144,16 @@ def selection_reward(scores: np.ndarray, rewards: np.ndarray, group: np.ndarray,
     return float(np.mean(vals))
 
 
+def held_out_pair_accuracy(group: np.ndarray, q: np.ndarray) -> float:
+    """Mean over prompts of the share of their pairs ranked right (ties: one half); `q` [P, 2]
+    holds the (chosen, rejected) scores of pairs whose prompts are `group` [P]."""
+    if len(q) == 0:
+        raise QProbeError("--cv: a fold has no pairs; use fewer folds")
+    hit = (q[:, 0] > q[:, 1]) + 0.5 * (q[:, 0] == q[:, 1])  # [P]
+    g = np.unique(group, return_inverse=True)[1]
+    return float(np.mean(np.bincount(g, hit) / np.bincount(g)))
+
+
 def _inputs(r: Any, c: Candidate) -> np.ndarray:
     feats = r.features_of(c.feature_set) if c.feature_set else None
     return build_inputs(feats, r.extra_inputs() if c.extras else None, c.extras)
@@ -151,18 +163,24 @@ def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
         x: np.ndarray | None = None, **kw: Any):
     """Train `base` (a TrainConfig) with candidate `c` on `rows` of rollouts `r` (all: None);
     `x` is the candidate's input matrix when the caller has built it already."""
-    from qprobe.train import train_probe
+    from qprobe.train import objectives, train_probe
 
     x = _inputs(r, c) if x is None else x
     group, _ = r.groups()
     rewards = r.rewards
     pids = r.prompt_ids
+    pairs = r.pair_rows() if objectives.get(base.objective).pairs else None  # [P, 2]
     if rows is not None:
         x, group, rewards, pids = x[rows], group[rows], rewards[rows], pids[rows]
+        if pairs is not None:  # keep the pairs with both rows in `rows`, renumbered
+            new = np.full(len(r), -1, dtype=np.int64)
+            new[rows] = np.arange(len(rows))
+            pairs = new[pairs]
+            pairs = pairs[(pairs >= 0).all(axis=1)]
     cfg = dataclasses.replace(base, weight_decay=c.weight_decay, min_steps=c.min_steps,
                               lr=base.lr if c.lr is None else c.lr)
     spec = r.feature_sets[c.feature_set] if c.feature_set else None
-    probe, history = train_probe(x, rewards, group, None, cfg, feature_spec=spec, extras=c.extras,
+    probe, history = train_probe(x, rewards, group, pairs, cfg, feature_spec=spec, extras=c.extras,
                                  prompt_ids=pids, **kw)
     if c.beta is not None:  # the temperature CV chose for the policy (training used cfg.beta)
         probe.beta = float(c.beta)
@@ -176,14 +194,18 @@ def cross_validate(r: Any, base: Any, grid: CVGrid | None = None, folds: int = 5
     {"folds", "seed", "beta", "rows": [{"label", "candidate", "mean", "se", "per_fold"}],
      "best": index into rows (highest mean; ties: the simpler, earlier candidate)}. With
     `grid.beta`, each fitted probe is scored at every beta: one row per (setting, beta)."""
+    from qprobe.train import objectives
+
     say = log or (lambda s: None)
-    if base.objective in ("bt", "dpo"):
-        raise QProbeError("--cv: pair objectives (bt, dpo) are not cross-validated yet")
     group, _ = r.groups()
     fold = prompt_folds(group, folds, seed)
     rewards = r.rewards
     grid = grid or CVGrid()
     cands = candidates(r, grid)
+    pairs = r.pair_rows() if objectives.get(base.objective).pairs else None  # [P, 2]
+    if pairs is not None and grid.beta:
+        raise QProbeError("--cv-beta: pair objectives are scored by held-out pair accuracy, "
+                          "which does not depend on the policy's beta")
     betas: list[float | None] = [None] if not grid.beta else [float(b) for b in grid.beta]
     if any(b is not None and b < 0 for b in betas):
         raise QProbeError(f"--cv: beta values must be >= 0, got {grid.beta}")
@@ -197,6 +219,11 @@ def cross_validate(r: Any, base: Any, grid: CVGrid | None = None, folds: int = 5
         for f in range(folds):
             tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
             probe, _ = fit(r, c, base, tr, x=x_all, data_fingerprint=False)
+            if pairs is not None:  # held-out pair accuracy: pairs of the fold's prompts
+                held = pairs[fold[pairs[:, 0]] == f]  # [P_f, 2]
+                q = probe.score(x_all[held.ravel()]).astype(np.float64).reshape(-1, 2)
+                per_fold[None].append(held_out_pair_accuracy(group[held[:, 0]], q))
+                continue
             s = probe.score(x_all[te]).astype(np.float64)
             for b in betas:
                 per_fold[b].append(selection_reward(s, rewards[te], group[te],

@@ -283,23 +283,8 @@ def arrays_from_rollouts(r: Any, objective: str) -> dict[str, Any]:
     out: dict[str, Any] = {"features": features, "rewards": r.rewards, "groups": group,
                            "prompt_ids": pids, "pairs": None, "feature_spec": r.feature_spec}
     if objectives.get(objective).pairs:
-        table = r.pairs
-        if table is None or table.num_rows == 0:
+        if r.pairs is None or r.pairs.num_rows == 0:
             raise QProbeError(f"{where}: objective {objective} needs pairs.parquet "
                               "(preference pairs)")
-        missing = {"prompt_id", "chosen", "rejected"} - set(table.column_names)
-        if missing:
-            raise QProbeError(f"{where}/pairs.parquet: missing column(s) {sorted(missing)}")
-        row_of = {(p, int(s)): i for i, (p, s) in enumerate(zip(pids.tolist(),
-                                                                r.sample_idx.tolist()))}
-        pairs = []
-        for p, c, j in zip(table.column("prompt_id").to_pylist(),
-                           table.column("chosen").to_pylist(),
-                           table.column("rejected").to_pylist()):
-            try:
-                pairs.append((row_of[(str(p), int(c))], row_of[(str(p), int(j))]))
-            except (KeyError, TypeError, ValueError):
-                raise QProbeError(f"{where}/pairs.parquet: pair ({p!r}, {c!r}, {j!r}) refers to "
-                                  "a sample that is not in the rollouts") from None
-        out["pairs"] = np.asarray(pairs, dtype=np.int64)
+        out["pairs"] = r.pair_rows()  # [P, 2]
     return out
