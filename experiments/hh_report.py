@@ -52,6 +52,22 @@ def by_prompt(r: Rollouts, k: int) -> tuple[list[str], np.ndarray]:
     return [p for p in order if all((p, j) in where for j in range(k))], rows
 
 
+# probe folders OUT/probe-NAME and their pair accuracies OUT/eval-pairs-NAME.json: the CV-chosen
+# probes on the adapters' 400 pairs, the trainer's defaults on the same pairs (before pair CV
+# existed), and a CV-chosen bt probe on every train pair (pairs only, no samples)
+PROBES = ("bt", "dpo", "bt-nocv", "dpo-nocv", "bt-all")
+
+
+def probe_label(out: Path, name: str) -> tuple[str, str]:
+    """(label, what it was trained on) of OUT/probe-NAME, from its config.json."""
+    cfg = json.loads((out / f"probe-{name}" / "config.json").read_text())
+    how = f"CV: {cfg['cv']['chosen']}" if "cv" in cfg else "trainer defaults, no CV"
+    data = cfg["training_data"]
+    return (f"{cfg['objective']} probe (Q), {how}",
+            f"{data['pairs']} train pairs" + (f" + samples, {data['rows']} rows"
+                                              if cfg["objective"] == "dpo" else ""))
+
+
 def generations(out: Path, k: int) -> dict:
     """Per prompt: the judge score and offensiveness of each policy's answer."""
     from qprobe.probe import Probe
@@ -66,9 +82,10 @@ def generations(out: Path, k: int) -> dict:
     ll = base.loglik()
     pol: dict[str, np.ndarray] = {}  # name -> chosen row per prompt [P]
     pol["base sample (k=1)"] = rows[:, 0]
-    for obj in ("bt", "dpo"):
-        q = Probe.load(out / f"probe-{obj}").score_rollouts(base)  # [N]
-        pol[f"best-of-{k}, {obj} probe"] = rows[np.arange(len(rows)), q[rows].argmax(1)]
+    for name in ("bt", "dpo", "bt-all"):  # the CV-chosen probes
+        if (out / f"probe-{name}").exists():
+            q = Probe.load(out / f"probe-{name}").score_rollouts(base)  # [N]
+            pol[f"best-of-{k}, {name} probe"] = rows[np.arange(len(rows)), q[rows].argmax(1)]
     if ll is not None:
         m = ll["logprob_mean"]
         pol[f"best-of-{k}, mean log-prob"] = rows[np.arange(len(rows)), m[rows].argmax(1)]
@@ -127,32 +144,37 @@ def main() -> None:
     lines += ["## Held-out pair accuracy (test pairs)", "",
               "| scorer | trained on | pair accuracy |", "|---|---|---|"]
     pa = {}
-    for obj in ("bt", "dpo"):
-        f = out / f"eval-pairs-{obj}.json"
+    f = out / "eval-pairs-bt.json"
+    if f.exists():
+        j = json.loads(f.read_text())
+        for name in ("base logprob_sum", "base logprob_mean"):
+            e = j["scores"][name]
+            pa[name] = e
+            lines.append(f"| {name} (untrained) | - | {e['mean']:.3f} [{e['lo']:.3f}, "
+                         f"{e['hi']:.3f}] |")
+    for name in PROBES:
+        f = out / f"eval-pairs-{name}.json"
         if f.exists():
-            j = json.loads(f.read_text())
-            if obj == "bt":
-                for name in ("base logprob_sum", "base logprob_mean"):
-                    e = j["scores"][name]
-                    pa[name] = e
-                    lines.append(f"| {name} (untrained) | - | {e['mean']:.3f} [{e['lo']:.3f}, "
-                                 f"{e['hi']:.3f}] |")
-            e = j["scores"]["probe"]
-            pa[f"{obj} probe"] = e
-            lines.append(f"| {obj} probe (Q) | train pairs | {e['mean']:.3f} [{e['lo']:.3f}, "
+            e = json.loads(f.read_text())["scores"]["probe"]
+            label, trained_on = probe_label(out, name)
+            pa[label] = e
+            lines.append(f"| {label} | {trained_on} | {e['mean']:.3f} [{e['lo']:.3f}, "
                          f"{e['hi']:.3f}] |")
     for m, name in (("qadapter", "Q-Adapter (R)"), ("dpo", "DPO (beta log ratio)")):
         f = out / f"eval-pairs-adapter-{m}.json"
         if f.exists():
             e = json.loads(f.read_text())["accuracy"]
+            n = json.loads((out / f"adapter-{m}" / "adapter.json").read_text())["pairs"]
             pa[name] = e
-            lines.append(f"| {name} | train pairs | {e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}] |")
+            lines.append(f"| {name} | {n} train pairs | {e['mean']:.3f} [{e['lo']:.3f}, "
+                         f"{e['hi']:.3f}] |")
     f = out / "judge" / "judge.json"
     if f.exists():
-        e = json.loads(f.read_text())["test_accuracy"]
+        j = json.loads(f.read_text())
+        e = j["test_accuracy"]
         pa["judge"] = e
-        lines.append(f"| judge (MiniLM BT) | train pairs | {e['mean']:.3f} [{e['lo']:.3f}, "
-                     f"{e['hi']:.3f}] |")
+        lines.append(f"| judge (MiniLM BT, another model) | {j['train_pairs']} train pairs | "
+                     f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}] |")
     report["pair_accuracy"] = pa
     lines.append("")
 
