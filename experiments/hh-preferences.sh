@@ -52,10 +52,19 @@ timed collect-test "$OUT/pairs-test.done" $Q collect --model "$MODEL" --task hh-
 touch "$OUT/pairs-test.done"
 
 log "2. probes (bt, dpo) and their held-out pair accuracy"
+# CV_GRID: inputs (features, +log-likelihood, log-likelihood alone) x weight decay x steps,
+# scored by held-out pair accuracy over 5 folds of train prompts; -nocv: the trainer's defaults
+CV_GRID="--cv 5 --cv-weight-decay 0,0.1,1,10 --cv-min-steps 100,1000,10000"
+probe() {  # probe NAME ROLLOUTS OBJECTIVE [train flags...]
+  local name=$1 data=$2 obj=$3; shift 3
+  timed "probe-$name" "$OUT/probe-$name/config.json" $Q train "$data" --objective "$obj" \
+      --quiet --out "$OUT/probe-$name" "$@"
+  [ -e "$OUT/eval-pairs-$name.json" ] || $Q evaluate "$OUT/pairs-test" \
+      --probe "$OUT/probe-$name" --json "$OUT/eval-pairs-$name.json"
+}
 for obj in bt dpo; do
-  timed "probe-$obj" "$OUT/probe-$obj/config.json" $Q train "$OUT/pairs-train" --objective "$obj" \
-      --out "$OUT/probe-$obj"
-  $Q evaluate "$OUT/pairs-test" --probe "$OUT/probe-$obj" --json "$OUT/eval-pairs-$obj.json"
+  probe "$obj-nocv" "$OUT/pairs-train" "$obj"
+  probe "$obj" "$OUT/pairs-train" "$obj" $CV_GRID
 done
 
 log "3. adapters on the same $PAIRS pairs (cut to $MAXP prompt / $MAXA answer tokens, $EPOCHS epoch)"
@@ -63,8 +72,8 @@ for m in qadapter dpo; do
   timed "adapt-$m" "$OUT/adapter-$m/adapter.json" $Q adapt --method "$m" --model "$MODEL" \
       --task hh-harmless --split train --limit "$PAIRS" --epochs "$EPOCHS" \
       --max-prompt-tokens "$MAXP" --max-answer-tokens "$MAXA" --out "$OUT/adapter-$m"
-  $Q adapt-eval "$OUT/adapter-$m" --task hh-harmless --split test \
-      --json "$OUT/eval-pairs-adapter-$m.json"
+  [ -e "$OUT/eval-pairs-adapter-$m.json" ] || $Q adapt-eval "$OUT/adapter-$m" \
+      --task hh-harmless --split test --json "$OUT/eval-pairs-adapter-$m.json"
 done
 
 log "4. generations on $TEST_PROMPTS held-out prompts: base (best-of-$K pool), Q-Adapter, DPO"
@@ -103,6 +112,12 @@ for m in qadapter dpo; do
       --text-fields question,answer --limit "$TEXTS" --json "$OUT/ppl-$m.json"
 done
 
-log "7. report"
+log "7. a bt probe on every train pair (pairs only, no sampling: the data the judge has)"
+timed collect-train-all "$OUT/pairs-train-all.done" $Q collect --model "$MODEL" \
+    --task hh-harmless --split train --batch-prompts "$BATCH" --out "$OUT/pairs-train-all"
+touch "$OUT/pairs-train-all.done"
+probe bt-all "$OUT/pairs-train-all" bt $CV_GRID
+
+log "8. report"
 $PY "$HERE/hh_report.py" "$OUT" --k "$K"
 log "done: $OUT/report.md"
