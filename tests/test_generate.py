@@ -135,3 +135,24 @@ def test_policy_with_the_visible_test_input(tiny) -> None:
     assert seen == [(["ab"] * 4, c.candidates)]
     assert c.scores == pytest.approx([0.0, 0.0, 1.0, 0.5])  # None (no shown test): 0.5
     assert c.chosen == 2
+
+
+def test_a_probe_cannot_forget(tiny) -> None:
+    """Whatever its weights, a probe only chooses among the base model's own samples: every
+    candidate is the base sample for the seed, and at k = 1 the answer is the base model's
+    (greedy or sampled), so nothing the base model could do is lost."""
+    _, model, probe, _ = tiny
+    flipped = Probe(probe.feature_dim, beta=0.0, objective="q", feature_spec=probe.feature_spec)
+    with torch.no_grad():
+        flipped.net[-1].weight.copy_(-probe.net[-1].weight)
+    base = [s.text for s in model.sample(["2 * 3 ="], 6, PARAMS)[0]]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8, seed=3)
+    base_greedy = model.sample(["2 * 3 ="], 1, greedy)[0][0].text
+    chosen = set()
+    for p in (probe, flipped):
+        c = best_of_k(model, p, "2 * 3 =", k=6, beta=0.0, params=PARAMS)
+        assert c.candidates == base and c.text in base
+        chosen.add(c.chosen)
+        assert best_of_k(model, p, "2 * 3 =", k=1, params=greedy).text == base_greedy
+        assert best_of_k(model, p, "2 * 3 =", k=1, params=PARAMS).text == base[0]
+    assert len(chosen) == 2  # the two probes disagree, yet neither leaves the base's samples
