@@ -13,9 +13,9 @@ Folds are whole prompts (every sample of a prompt is in one fold). The score of 
 selection reward the policy gets: the mean over held-out prompts of the expected reward of
 softmax(Q/beta) over that prompt's samples (argmax at beta = 0). For the pair objectives (bt,
 dpo), which have preferences instead of rewards, it is the held-out pair accuracy: per prompt the
-share of its pairs whose chosen answer the probe scores higher, averaged over prompts. Only rows of the training
-folder are ever read, and for each fold the probe (standardisation statistics included) is fitted
-on the other folds alone. The chosen setting is then trained on every training row, and the table
+share of its pairs whose chosen answer the probe scores higher, averaged over prompts. Only rows
+of the training folder are ever read, and for each fold the probe (standardisation statistics
+included) is fitted on the other folds (and their pairs) alone. The chosen setting is then trained on every training row, and the table
 and the choice are stored in the probe's config.
 """
 
