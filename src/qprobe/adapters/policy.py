@@ -73,9 +73,12 @@ class AdapterLanguageModel(LanguageModel):
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def implicit_rewards(peft_model, info: dict[str, Any], pairs: list, pad_id: int,
-                     batch_pairs: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                     batch_pairs: int = 4, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(R_chosen [n], R_rejected [n]) of tokenised pairs (`data.TokenPair`) under an adapter."""
+    from tqdm.auto import tqdm
+
     from qprobe.adapters.data import batch_tensors
     from qprobe.adapters.qadapter import (
         QAdapterParams,
@@ -87,7 +90,8 @@ def implicit_rewards(peft_model, info: dict[str, Any], pairs: list, pad_id: int,
     lm = peft_model.get_base_model()
     dev = next(lm.parameters()).device
     out = []
-    for i in range(0, len(pairs), batch_pairs):
+    for i in tqdm(range(0, len(pairs), batch_pairs), desc="adapter rewards", unit="batch",
+                  disable=not progress):
         part = pairs[i : i + batch_pairs]
         b = {k: v.to(dev) for k, v in batch_tensors(part, pad_id).items()}
         if info["method"] == "qadapter":
@@ -129,7 +133,7 @@ def evaluate_adapter(folder: str | Path, task: str, split: str, data: str | None
     toks = tokenise_pairs(pairs, tok, tokenizer.eos_token_id, c["max_prompt_tokens"],
                           c["max_answer_tokens"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    rc, rr = implicit_rewards(peft_model, info, toks, pad)
+    rc, rr = implicit_rewards(peft_model, info, toks, pad, progress=True)
     group = np.unique([p.prompt_id for p in toks], return_inverse=True)[1]
     acc = pair_accuracy(group, rc, rr, n_boot, seed)
     return {"adapter": str(folder), "method": info["method"], "task": task, "split": split,
