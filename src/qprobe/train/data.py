@@ -283,7 +283,8 @@ def arrays_from_rollouts(r: Any, objective: str) -> dict[str, Any]:
     out: dict[str, Any] = {"features": features, "rewards": r.rewards, "groups": group,
                            "prompt_ids": pids, "pairs": None, "feature_spec": r.feature_spec}
     if objectives.get(objective).pairs:
-        if r.pairs is None or r.pairs.num_rows == 0:
+        table = r.pairs
+        if table is None or table.num_rows == 0:
             raise QProbeError(f"{where}: objective {objective} needs pairs.parquet "
                               "(preference pairs)")
         out["pairs"] = r.pair_rows()  # [P, 2]
