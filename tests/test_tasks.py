@@ -89,6 +89,17 @@ def test_mbpp_reference_solutions_pass():
         ids = [str(i) for i in range(1, 975)]
         refs = [t._rows()[int(i)]["code"] for i in ids]
         scores = t.score([""] * len(ids), refs, prompt_id=ids)
+        # A few references are slow (123 sums divisors up to 10,000: ~6 s alone); on a busy
+        # machine they can pass the 10 s limit. Correctness is the point here, not speed:
+        # score the timeouts again, one at a time, with a limit no healthy run reaches.
+        slow = [n for n, s in enumerate(scores) if s.status == "timeout"]
+        if slow:
+            patient = get_task("mbpp", data=str(DATA), sandbox=SandboxConfig(timeout=300.0))
+            try:
+                for n in slow:
+                    scores[n] = patient.score([""], [refs[n]], prompt_id=[ids[n]])[0]
+            finally:
+                patient.close()
         failed = {i for i, s in zip(ids, scores) if s.status != "passed"}
         assert failed == MBPP_KNOWN_BAD, {i: s for i, s in zip(ids, scores) if i in failed}
         # Broken completions fail, and the reward is 0/1.
