@@ -51,6 +51,7 @@ def text_logprobs(peft_model, info: dict[str, Any], ids: list[list[int]], pad_id
                   batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(base [n], adapter policy [n]): each text's summed log-likelihood of its tokens after the
     first, under pi_0 and under the adapter's policy."""
+    from qprobe.adapters.policy import sequence_logp
     from qprobe.adapters.qadapter import QAdapterParams, action_logits, policy_logits
 
     peft_model.eval()
@@ -67,7 +68,6 @@ def text_logprobs(peft_model, info: dict[str, Any], ids: list[list[int]], pad_id
             att[j, : len(x)] = 1
         inp, att = inp.to(dev), att.to(dev)
         act = att[:, 1:].bool()  # [B, T-1] predict token t+1 where it is real
-        target = inp[:, 1:][act]  # [N]
         q = action_logits(lm, inp, att, act)  # [N, V] adapter on
         with peft_model.disable_adapter():
             base_logp = torch.log_softmax(action_logits(lm, inp, att, act), -1)  # [N, V]
@@ -76,9 +76,7 @@ def text_logprobs(peft_model, info: dict[str, Any], ids: list[list[int]], pad_id
         else:
             pol_logp = torch.log_softmax(q, -1)
         for out, lp in ((base_out, base_logp), (pol_out, pol_logp)):
-            tok = lp.gather(1, target[:, None]).squeeze(1)  # [N]
-            full = torch.zeros(act.shape, dtype=tok.dtype, device=tok.device).masked_scatter(act, tok)
-            out.append(full.sum(1).double().cpu().numpy())
+            out.append(sequence_logp(lp, inp, act).double().cpu().numpy())
     return np.concatenate(base_out), np.concatenate(pol_out)
 
 

@@ -98,9 +98,9 @@ def implicit_rewards(peft_model, info: dict[str, Any], pairs: list, pad_id: int,
             big_r = forward_rewards(peft_model, b, QAdapterParams(**info["params"])).sum(1)
         elif info["method"] == "dpo":
             act, ids = b["action_mask"], b["input_ids"]
-            pol = _sequence_logp(action_logits(lm, ids, b["attention_mask"], act), ids, act)
+            pol = sequence_logp(action_logits(lm, ids, b["attention_mask"], act), ids, act)
             with peft_model.disable_adapter():
-                ref = _sequence_logp(action_logits(lm, ids, b["attention_mask"], act), ids, act)
+                ref = sequence_logp(action_logits(lm, ids, b["attention_mask"], act), ids, act)
             big_r = info["params"]["beta"] * (pol - ref)
         else:
             raise QProbeError(f"adapter: unknown method {info['method']!r}")
@@ -109,8 +109,9 @@ def implicit_rewards(peft_model, info: dict[str, Any], pairs: list, pad_id: int,
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
-def _sequence_logp(logits: torch.Tensor, ids: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """Sum of the answer tokens' log-probabilities [2B] from logits [N, V] at the action states."""
+def sequence_logp(logits: torch.Tensor, ids: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability [B] of its tokens `ids[:, 1:]` where `act` [B, T-1] is
+    set, from logits (or log-probabilities) [N, V] at those N positions."""
     tokens = ids[:, 1:][act]  # [N]
     lp = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
     full = torch.zeros(act.shape, dtype=lp.dtype, device=lp.device)
