@@ -14,7 +14,9 @@
 #   TEST_PROMPTS (200), K (8), MAXNEW (64): held-out prompts, samples per prompt for best-of-k,
 #   and new tokens per generation; BATCH (8): prompts per collection batch (HH transcripts are
 #   long: 64 prompts x 4 samples padded to the longest held 11.6 GB); TEXTS (200): GSM8K test
-#   problems (question + answer) as the held-out general text for perplexity.
+#   problems (question + answer) as the held-out general text for perplexity; SEEDS (0 1): the
+#   adapters are trained once per seed (pair order, LoRA init, dropout) to see training noise;
+#   seed 0's folders are named after the method alone (adapter-dpo), others adapter-dpo-s1.
 # Needs the adapters and judge extras: pip install -e '.[adapters,judge]' torch==2.13.0
 set -euo pipefail
 OUT=${1:-runs/hh-preferences}
@@ -29,6 +31,7 @@ MAXNEW=${MAXNEW:-64}
 TEST_PROMPTS=${TEST_PROMPTS:-200}
 TEXTS=${TEXTS:-200}
 BATCH=${BATCH:-8}
+SEEDS=${SEEDS:-0 1}
 GSM8K=${GSM8K:-../shared/data/gsm8k/test.jsonl}
 Q="${QPROBE:-qprobe}"
 PY="${PYTHON:-python}"
@@ -47,6 +50,11 @@ timed collect-train "$OUT/pairs-train.done" $Q collect --model "$MODEL" --task h
     --split train --limit "$PAIRS" --k "$K_DPO" --temperature 1 --top-p 1 --max-new-tokens 128 \
     --batch-prompts "$BATCH" --out "$OUT/pairs-train"
 touch "$OUT/pairs-train.done"
+# the adapter runs: NAME:METHOD:SEED, every method once per seed
+RUNS=""
+for s in $SEEDS; do
+  for m in qadapter dpo; do RUNS="$RUNS $m$([ "$s" = 0 ] || echo "-s$s"):$m:$s"; done
+done
 timed collect-test "$OUT/pairs-test.done" $Q collect --model "$MODEL" --task hh-harmless \
     --split test --batch-prompts "$BATCH" --out "$OUT/pairs-test"
 touch "$OUT/pairs-test.done"
@@ -67,13 +75,14 @@ for obj in bt dpo; do
   probe "$obj" "$OUT/pairs-train" "$obj" $CV_GRID
 done
 
-log "3. adapters on the same $PAIRS pairs (cut to $MAXP prompt / $MAXA answer tokens, $EPOCHS epoch)"
-for m in qadapter dpo; do
-  timed "adapt-$m" "$OUT/adapter-$m/adapter.json" $Q adapt --method "$m" --model "$MODEL" \
-      --task hh-harmless --split train --limit "$PAIRS" --epochs "$EPOCHS" \
-      --max-prompt-tokens "$MAXP" --max-answer-tokens "$MAXA" --out "$OUT/adapter-$m"
-  [ -e "$OUT/eval-pairs-adapter-$m.json" ] || $Q adapt-eval "$OUT/adapter-$m" \
-      --task hh-harmless --split test --json "$OUT/eval-pairs-adapter-$m.json"
+log "3. adapters on the same $PAIRS pairs (cut to $MAXP prompt / $MAXA answer tokens, $EPOCHS epoch, seeds $SEEDS)"
+for run in $RUNS; do
+  IFS=: read -r a m s <<< "$run"
+  timed "adapt-$a" "$OUT/adapter-$a/adapter.json" $Q adapt --method "$m" --model "$MODEL" \
+      --task hh-harmless --split train --limit "$PAIRS" --epochs "$EPOCHS" --seed "$s" \
+      --max-prompt-tokens "$MAXP" --max-answer-tokens "$MAXA" --out "$OUT/adapter-$a"
+  [ -e "$OUT/eval-pairs-adapter-$a.json" ] || $Q adapt-eval "$OUT/adapter-$a" \
+      --task hh-harmless --split test --json "$OUT/eval-pairs-adapter-$a.json"
 done
 
 log "4. generations on $TEST_PROMPTS held-out prompts: base (best-of-$K pool), Q-Adapter, DPO"
@@ -85,12 +94,14 @@ gen() {  # gen NAME K [collect flags...]
   touch "$OUT/test-$name.done"
 }
 gen base "$K" --model "$MODEL"
-gen qadapter 1 --adapter "$OUT/adapter-qadapter"
-gen dpo 1 --adapter "$OUT/adapter-dpo"
+for run in $RUNS; do
+  a=${run%%:*}
+  gen "$a" 1 --adapter "$OUT/adapter-$a"
+done
 
 log "5. the independent judge (MiniLM preference model, train pairs only) scores every generation"
 timed judge-fit "$OUT/judge/judge.json" $PY "$HERE/hh_judge.py" fit "$OUT/judge"
-for name in base qadapter dpo; do
+for name in base $(for run in $RUNS; do echo "${run%%:*}"; done); do
   timed "judge-$name" "$OUT/test-$name.judged" env QPROBE_JUDGE="$OUT/judge" \
       $Q score "$OUT/test-$name" --task "$HERE/hh_judge.py:reward"
   touch "$OUT/test-$name.judged"
@@ -101,15 +112,17 @@ for split in train test; do
   timed "tt-base-$split" "$OUT/tt-base-$split.done" $Q collect --model "$MODEL" \
       --task times-tables --split "$split" --k 1 --temperature 0 --out "$OUT/tt-base-$split"
   touch "$OUT/tt-base-$split.done"
-  for m in qadapter dpo; do
-    timed "tt-$m-$split" "$OUT/tt-$m-$split.done" $Q collect --adapter "$OUT/adapter-$m" \
-        --task times-tables --split "$split" --k 1 --temperature 0 --out "$OUT/tt-$m-$split"
-    touch "$OUT/tt-$m-$split.done"
+  for run in $RUNS; do
+    a=${run%%:*}
+    timed "tt-$a-$split" "$OUT/tt-$a-$split.done" $Q collect --adapter "$OUT/adapter-$a" \
+        --task times-tables --split "$split" --k 1 --temperature 0 --out "$OUT/tt-$a-$split"
+    touch "$OUT/tt-$a-$split.done"
   done
 done
-for m in qadapter dpo; do
-  [ -e "$OUT/ppl-$m.json" ] || $Q adapt-eval "$OUT/adapter-$m" --text "$GSM8K" \
-      --text-fields question,answer --limit "$TEXTS" --json "$OUT/ppl-$m.json"
+for run in $RUNS; do
+  a=${run%%:*}
+  [ -e "$OUT/ppl-$a.json" ] || $Q adapt-eval "$OUT/adapter-$a" --text "$GSM8K" \
+      --text-fields question,answer --limit "$TEXTS" --json "$OUT/ppl-$a.json"
 done
 
 log "7. a bt probe on every train pair (pairs only, no sampling: the data the judge has)"

@@ -58,6 +58,21 @@ def by_prompt(r: Rollouts, k: int) -> tuple[list[str], np.ndarray]:
 PROBES = ("bt", "dpo", "bt-nocv", "dpo-nocv", "bt-all")
 
 
+def adapters(out: Path) -> list[str]:
+    """The trained adapter runs, seed 0 (named after the method alone) first: qadapter, dpo,
+    qadapter-s1, ..."""
+    names = [d.name.removeprefix("adapter-") for d in out.glob("adapter-*")
+             if (d / "adapter.json").exists()]
+    seed = {n: int(n.rsplit("-s", 1)[1]) if "-s" in n else 0 for n in names}
+    return sorted(names, key=lambda n: (seed[n], n != "qadapter"))
+
+
+def adapter_label(name: str) -> str:
+    """qadapter -> Q-Adapter, dpo-s1 -> DPO seed 1."""
+    method, _, seed = name.partition("-s")
+    return ("Q-Adapter" if method == "qadapter" else "DPO") + (f" seed {seed}" if seed else "")
+
+
 def probe_label(out: Path, name: str) -> tuple[str, str]:
     """(label, what it was trained on) of OUT/probe-NAME, from its config.json."""
     cfg = json.loads((out / f"probe-{name}" / "config.json").read_text())
@@ -99,7 +114,7 @@ def generations(out: Path, k: int) -> dict:
         "judge": score[rows].mean(1), "offensive": (offp[rows] > 0.5).mean(1),
         "offensive_prob": offp[rows].mean(1),
         "tokens": tokens[rows].mean(1)}
-    for m in ("qadapter", "dpo"):
+    for m in adapters(out):
         d = out / f"test-{m}"
         if not d.exists():
             continue
@@ -109,7 +124,7 @@ def generations(out: Path, k: int) -> dict:
         c = np.array([rows_m[pos[p], 0] for p in prompts])
         comp = np.array(r.column("completion"), dtype=object)[c]
         p_off = np.array(judge.offensive([], list(comp)))  # [P]
-        res[f"{'Q-Adapter' if m == 'qadapter' else 'DPO'} sample (k=1)"] = {
+        res[f"{adapter_label(m)} sample (k=1)"] = {
             "judge": r.rewards[c], "offensive": (p_off > 0.5).astype(float),
             "offensive_prob": p_off,
             "tokens": np.array(r.column("num_tokens"), dtype=float)[c]}
@@ -118,7 +133,7 @@ def generations(out: Path, k: int) -> dict:
 
 def times_tables(out: Path) -> dict:
     res = {}
-    for name in ("base", "qadapter", "dpo"):
+    for name in ["base", *adapters(out)]:
         vals = []
         for split in ("train", "test"):
             d = out / f"tt-{name}-{split}"
@@ -160,7 +175,8 @@ def main() -> None:
             pa[label] = e
             lines.append(f"| {label} | {trained_on} | {e['mean']:.3f} [{e['lo']:.3f}, "
                          f"{e['hi']:.3f}] |")
-    for m, name in (("qadapter", "Q-Adapter (R)"), ("dpo", "DPO (beta log ratio)")):
+    for m in adapters(out):
+        name = adapter_label(m) + (" (R)" if m.startswith("qadapter") else " (beta log ratio)")
         f = out / f"eval-pairs-adapter-{m}.json"
         if f.exists():
             e = json.loads(f.read_text())["accuracy"]
@@ -208,10 +224,10 @@ def main() -> None:
                   "samples and at k = 1 is the base model.", "",
                   "| model | times-tables accuracy |", "|---|---|"]
         for name, t in tt.items():
-            lines.append(f"| {name} | {fmt(t)} |")
+            lines.append(f"| {name if name == 'base' else adapter_label(name)} | {fmt(t)} |")
         report["times_tables"] = tt
         lines.append("")
-    ppl = {m: json.loads((out / f"ppl-{m}.json").read_text()) for m in ("qadapter", "dpo")
+    ppl = {m: json.loads((out / f"ppl-{m}.json").read_text()) for m in adapters(out)
            if (out / f"ppl-{m}.json").exists()}
     if ppl:
         lines += ["Perplexity of held-out general text: GSM8K test problems (question + worked "
@@ -219,7 +235,7 @@ def main() -> None:
                   "| adapter | texts | tokens | base ppl | adapter ppl | ratio [CI] |",
                   "|---|---|---|---|---|---|"]
         for m, j in ppl.items():
-            lines.append(f"| {m} | {j['n_texts']} | {j['n_tokens']} | {j['ppl_base']:.3f} | "
+            lines.append(f"| {adapter_label(m)} | {j['n_texts']} | {j['n_tokens']} | {j['ppl_base']:.3f} | "
                          f"{j['ppl_adapter']:.3f} | {j['ratio']:.4f} [{j['ratio_ci'][0]:.4f}, "
                          f"{j['ratio_ci'][1]:.4f}] |")
         report["perplexity"] = ppl
