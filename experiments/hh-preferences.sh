@@ -33,6 +33,9 @@ TEXTS=${TEXTS:-200}
 BATCH=${BATCH:-8}
 SEEDS=${SEEDS:-0 1}
 GSM8K=${GSM8K:-../shared/data/gsm8k/test.jsonl}
+# the adapter runs, every method once per seed: qadapter dpo qadapter-s1 dpo-s1 ...
+ADAPTERS=$(for s in $SEEDS; do for m in qadapter dpo; do
+  echo "$m$([ "$s" = 0 ] || echo "-s$s")"; done; done)
 Q="${QPROBE:-qprobe}"
 PY="${PYTHON:-python}"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -50,11 +53,6 @@ timed collect-train "$OUT/pairs-train.done" $Q collect --model "$MODEL" --task h
     --split train --limit "$PAIRS" --k "$K_DPO" --temperature 1 --top-p 1 --max-new-tokens 128 \
     --batch-prompts "$BATCH" --out "$OUT/pairs-train"
 touch "$OUT/pairs-train.done"
-# the adapter runs: NAME:METHOD:SEED, every method once per seed
-RUNS=""
-for s in $SEEDS; do
-  for m in qadapter dpo; do RUNS="$RUNS $m$([ "$s" = 0 ] || echo "-s$s"):$m:$s"; done
-done
 timed collect-test "$OUT/pairs-test.done" $Q collect --model "$MODEL" --task hh-harmless \
     --split test --batch-prompts "$BATCH" --out "$OUT/pairs-test"
 touch "$OUT/pairs-test.done"
@@ -76,8 +74,9 @@ for obj in bt dpo; do
 done
 
 log "3. adapters on the same $PAIRS pairs (cut to $MAXP prompt / $MAXA answer tokens, $EPOCHS epoch, seeds $SEEDS)"
-for run in $RUNS; do
-  IFS=: read -r a m s <<< "$run"
+for a in $ADAPTERS; do
+  m=${a%%-s*} s=0
+  [ "$a" = "$m" ] || s=${a##*-s}
   timed "adapt-$a" "$OUT/adapter-$a/adapter.json" $Q adapt --method "$m" --model "$MODEL" \
       --task hh-harmless --split train --limit "$PAIRS" --epochs "$EPOCHS" --seed "$s" \
       --max-prompt-tokens "$MAXP" --max-answer-tokens "$MAXA" --out "$OUT/adapter-$a"
@@ -94,14 +93,13 @@ gen() {  # gen NAME K [collect flags...]
   touch "$OUT/test-$name.done"
 }
 gen base "$K" --model "$MODEL"
-for run in $RUNS; do
-  a=${run%%:*}
+for a in $ADAPTERS; do
   gen "$a" 1 --adapter "$OUT/adapter-$a"
 done
 
 log "5. the independent judge (MiniLM preference model, train pairs only) scores every generation"
 timed judge-fit "$OUT/judge/judge.json" $PY "$HERE/hh_judge.py" fit "$OUT/judge"
-for name in base $(for run in $RUNS; do echo "${run%%:*}"; done); do
+for name in base $ADAPTERS; do
   timed "judge-$name" "$OUT/test-$name.judged" env QPROBE_JUDGE="$OUT/judge" \
       $Q score "$OUT/test-$name" --task "$HERE/hh_judge.py:reward"
   touch "$OUT/test-$name.judged"
@@ -112,15 +110,13 @@ for split in train test; do
   timed "tt-base-$split" "$OUT/tt-base-$split.done" $Q collect --model "$MODEL" \
       --task times-tables --split "$split" --k 1 --temperature 0 --out "$OUT/tt-base-$split"
   touch "$OUT/tt-base-$split.done"
-  for run in $RUNS; do
-    a=${run%%:*}
+  for a in $ADAPTERS; do
     timed "tt-$a-$split" "$OUT/tt-$a-$split.done" $Q collect --adapter "$OUT/adapter-$a" \
         --task times-tables --split "$split" --k 1 --temperature 0 --out "$OUT/tt-$a-$split"
     touch "$OUT/tt-$a-$split.done"
   done
 done
-for run in $RUNS; do
-  a=${run%%:*}
+for a in $ADAPTERS; do
   [ -e "$OUT/ppl-$a.json" ] || $Q adapt-eval "$OUT/adapter-$a" --text "$GSM8K" \
       --text-fields question,answer --limit "$TEXTS" --json "$OUT/ppl-$a.json"
 done

@@ -58,18 +58,22 @@ def by_prompt(r: Rollouts, k: int) -> tuple[list[str], np.ndarray]:
 PROBES = ("bt", "dpo", "bt-nocv", "dpo-nocv", "bt-all")
 
 
+def _method_seed(name: str) -> tuple[str, int]:
+    """qadapter -> (qadapter, 0), dpo-s1 -> (dpo, 1): the script's adapter folder names."""
+    method, _, seed = name.partition("-s")
+    return method, int(seed or 0)
+
+
 def adapters(out: Path) -> list[str]:
-    """The trained adapter runs, seed 0 (named after the method alone) first: qadapter, dpo,
-    qadapter-s1, ..."""
+    """The trained adapter runs by seed, Q-Adapter first: qadapter, dpo, qadapter-s1, ..."""
     names = [d.name.removeprefix("adapter-") for d in out.glob("adapter-*")
              if (d / "adapter.json").exists()]
-    seed = {n: int(n.rsplit("-s", 1)[1]) if "-s" in n else 0 for n in names}
-    return sorted(names, key=lambda n: (seed[n], n != "qadapter"))
+    return sorted(names, key=lambda n: (_method_seed(n)[1], _method_seed(n)[0] != "qadapter"))
 
 
 def adapter_label(name: str) -> str:
     """qadapter -> Q-Adapter, dpo-s1 -> DPO seed 1."""
-    method, _, seed = name.partition("-s")
+    method, seed = _method_seed(name)
     return ("Q-Adapter" if method == "qadapter" else "DPO") + (f" seed {seed}" if seed else "")
 
 
@@ -235,8 +239,8 @@ def main() -> None:
                   "| adapter | texts | tokens | base ppl | adapter ppl | ratio [CI] |",
                   "|---|---|---|---|---|---|"]
         for m, j in ppl.items():
-            lines.append(f"| {adapter_label(m)} | {j['n_texts']} | {j['n_tokens']} | {j['ppl_base']:.3f} | "
-                         f"{j['ppl_adapter']:.3f} | {j['ratio']:.4f} [{j['ratio_ci'][0]:.4f}, "
+            lines.append(f"| {adapter_label(m)} | {j['n_texts']} | {j['n_tokens']} | "
+                         f"{j['ppl_base']:.3f} | {j['ppl_adapter']:.3f} | {j['ratio']:.4f} [{j['ratio_ci'][0]:.4f}, "
                          f"{j['ratio_ci'][1]:.4f}] |")
         report["perplexity"] = ppl
         lines.append("")
