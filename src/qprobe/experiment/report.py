@@ -1,5 +1,9 @@
 """The report folder of an experiment: results.md, results.json and PNG plots.
 
+The headline probe is the objective cross-validation on the train prompts ranks first (the best
+CV score of its chosen setting); the other objectives are shown beside it, never picked on test.
+Without CV no objective is the headline.
+
 - reward_vs_k.png        reward of each objective's probe vs k (mean over seeds, band = min..max
                          over seeds), with pass@1, pass@k (skyline), greedy and few-shot (paper fig. 3)
 - reward_vs_train_prompts.png  reward vs number of training prompts, mean and min..max band over
@@ -49,6 +53,34 @@ def _cv_note(cfg: dict[str, Any]) -> str:
             f"{folds}-fold cross-validation over the train prompts (the paired table says which)")
 
 
+def headline_objective(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The objective whose CV-chosen setting scored best on the train prompts, with every
+    objective's CV score (mean and standard error over folds); None without CV scores.
+    Ties go to the first objective of the config."""
+    objs = res["config"]["probes"]["objectives"]
+    first = next(iter(res["test"].values()), {}).get("probes", {})
+    scores = {o: first[o]["cv_score"] for o in objs if first.get(o, {}).get("cv_score")}
+    if not scores or len(scores) != len(objs):
+        return None
+    best = max(objs, key=lambda o: (scores[o]["mean"], -objs.index(o)))
+    return {"objective": best, "by": "cross-validation score on the train prompts",
+            "cv_scores": scores}
+
+
+def _headline_note(res: dict[str, Any]) -> list[str]:
+    h = res.get("headline")
+    if not h:
+        return ["No objective is chosen on train (no cross-validation): every probe row is shown, "
+                "none is the headline.", ""]
+    ranked = sorted(h["cv_scores"].items(), key=lambda kv: -kv[1]["mean"])
+    return [f"Headline: probe `{h['objective']}`, the objective cross-validation on the train "
+            "prompts ranks first (CV selection reward of each objective's chosen setting, mean "
+            "+- standard error over folds: "
+            + ", ".join(f"`{o}` {v['mean']:.4f} +- {v['se']:.4f}" for o, v in ranked)
+            + "). The other probes are shown beside it; choosing among them by their test "
+            "numbers would be choosing on test.", ""]
+
+
 def results_markdown(res: dict[str, Any]) -> str:
     """The headline tables: every baseline and probe on every test set, with CIs."""
     cfg = res["config"]
@@ -70,9 +102,11 @@ def results_markdown(res: dict[str, Any]) -> str:
         f"random k-subsets and over the training seeds; "
         f"'gain' is probe minus pass@1 (paired bootstrap CI); 'headroom' = gain / (pass@{k} - pass@1).",
         "",
+        *_headline_note(res),
     ]
+    head = (res.get("headline") or {}).get("objective")
     for label, t in res["test"].items():
-        lines += _test_table(label, t, k, beta, s["k"])
+        lines += _test_table(label, t, k, beta, s["k"], head)
         lines += _ranking_table(t)
         for n in t.get("notes", []):
             lines.append(f"note: {n}  ")
@@ -95,8 +129,10 @@ def results_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: int) -> list[str]:
-    """One test set: pass@1, the baselines, each probe and the pass@k skyline."""
+def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: int,
+                headline: str | None = None) -> list[str]:
+    """One test set: pass@1, the baselines, each probe (the headline marked) and the pass@k
+    skyline."""
     p1 = t["pass@1"]["mean"]
     pk = t["pass@k"][str(k)]["mean"]
     lines = [
@@ -131,7 +167,8 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
         head = f"{g['mean'] / (pk - p1):.0%}" if pk > p1 else "-"  # no headroom: undefined
         sm = pr["seed_means"]
         lines.append(
-            f"| probe `{obj}` (k={k}, beta={pr.get('beta', beta):g}) | {_ci(pr['mean_over_seeds'])} | "
+            f"| probe `{obj}` (k={k}, beta={pr.get('beta', beta):g})"
+            f"{', **headline** (best CV on train)' if obj == headline else ''} | {_ci(pr['mean_over_seeds'])} | "
             f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head} | "
             f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seed{'s' if len(sm) > 1 else ''}) |"
         )
@@ -350,6 +387,7 @@ def write_report(res: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     public = _public(res)
+    public["headline"] = headline_objective(public)
     # key order as built (not sorted): the file reads test sets first, config last
     atomic_write_text(out / "results.json", json.dumps(public, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(public))
@@ -362,3 +400,34 @@ def write_report(res: dict[str, Any], out_dir: str | os.PathLike) -> Path:
             data = res if name == "score_vs_reward.png" else public  # it needs the arrays
             atomic_write(out / name, lambda f, fn=fn, data=data: fn(data, f))
     return out
+
+
+def regenerate(exp_dir: str | os.PathLike) -> Path:
+    """Rewrite EXP_DIR/report/results.md and results.json from the stored results.json, filling
+    each probe's CV score from its saved probe (probes/<objective>-seed<s>/config.json) where
+    an older run did not record it. The plots are left as they are (they need the scores)."""
+    exp = Path(exp_dir)
+    out = exp / "report"
+    res = json.loads((out / "results.json").read_text())
+    seed0 = res["config"]["probes"]["seeds"][0]
+    for t in res["test"].values():
+        for obj, pr in t["probes"].items():
+            cfg_file = exp / "probes" / f"{obj}-seed{seed0}" / "config.json"
+            if "cv_score" not in pr and pr.get("cv_chosen") and cfg_file.exists():
+                cv = json.loads(cfg_file.read_text())["cv"]
+                if cv["chosen"] != pr["cv_chosen"]:
+                    raise ValueError(f"{cfg_file}: CV chose {cv['chosen']!r}, the report says "
+                                     f"{pr['cv_chosen']!r}; the probes are not the report's")
+                best = cv["rows"][cv["best"]]
+                pr["cv_score"] = {"mean": float(best["mean"]), "se": float(best["se"])}
+    res["headline"] = headline_objective(res)
+    atomic_write_text(out / "results.json", json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(res))
+    return out
+
+
+if __name__ == "__main__":  # python -m qprobe.experiment.report EXP_DIR [EXP_DIR ...]
+    import sys
+
+    for d in sys.argv[1:]:
+        print(regenerate(d) / "results.md")

@@ -424,10 +424,18 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
         if "cv" in probes[(obj, cfg.probes.seeds[0])].info:
             cv = probes[(obj, cfg.probes.seeds[0])].info["cv"]
             entry["probes"][obj]["cv_chosen"] = cv["chosen"]
+            entry["probes"][obj]["cv_score"] = cv_score(cv)
         scores_by[obj] = scores
     entry["_scores"] = scores_by  # for the plots; dropped from results.json
     entry["_rewards"] = rewards
     return entry
+
+
+def cv_score(cv: dict[str, Any]) -> dict[str, float]:
+    """The cross-validation score (mean and standard error over folds) of the chosen setting:
+    what the report ranks objectives by."""
+    best = cv["rows"][cv["best"]]
+    return {"mean": float(best["mean"]), "se": float(best["se"])}
 
 
 def headline_beta(ctx: Context, obj: str) -> float:
