@@ -5,7 +5,13 @@ the folders `experiments/hh-preferences.sh` writes.
 
 Generations are compared per held-out prompt (paired), with 95% percentile bootstrap CIs over
 prompts: the judge's score (experiments/hh_judge.py, fitted on train pairs only) and the rate of
-offensive language (alt-profanity-check, probability > 0.5).
+offensive language (alt-profanity-check, probability > 0.5). The judge score is compared with the
+base model's sample 0 (one draw) and with the mean over its k samples (the expected judge score of
+plain sampling, less noisy).
+
+`--offensive-from-report` (where the judge extra, alt-profanity-check, is not installed) takes
+the offensive-language columns from the existing OUT/report.json and recomputes the rest; the
+judge scores it recomputes must equal the ones stored there, else it stops.
 """
 
 from __future__ import annotations
@@ -87,8 +93,8 @@ def probe_label(out: Path, name: str) -> tuple[str, str]:
                                               if cfg["objective"] == "dpo" else ""))
 
 
-def generations(out: Path, k: int) -> dict:
-    """Per prompt: the judge score and offensiveness of each policy's answer."""
+def generations(out: Path, k: int, offensive: bool = True) -> dict:
+    """Per prompt: the judge score and (offensive=True) offensiveness of each policy's answer."""
     from qprobe.probe import Probe
 
     judge = _judge_module()
@@ -96,7 +102,7 @@ def generations(out: Path, k: int) -> dict:
     prompts, rows = by_prompt(base, k)  # [P], [P, k]
     completions = np.array(base.column("completion"), dtype=object)
     score = base.rewards  # the judge's, written by `qprobe score`
-    offp = np.array(judge.offensive([], list(completions)))  # [N]
+    offp = np.array(judge.offensive([], list(completions))) if offensive else None  # [N]
     tokens = np.array(base.column("num_tokens"), dtype=float)  # [N]
     ll = base.loglik()
     pol: dict[str, np.ndarray] = {}  # name -> chosen row per prompt [P]
@@ -110,14 +116,14 @@ def generations(out: Path, k: int) -> dict:
         pol[f"best-of-{k}, mean log-prob"] = rows[np.arange(len(rows)), m[rows].argmax(1)]
     pol[f"best-of-{k}, the judge itself (ceiling)"] = rows[np.arange(len(rows)), score[rows].argmax(1)]
     res: dict[str, dict[str, np.ndarray]] = {
-        name: {"judge": score[c], "offensive": (offp[c] > 0.5).astype(float),
-               "offensive_prob": offp[c],
-               "tokens": tokens[c]}
+        name: {"judge": score[c], "tokens": tokens[c],
+               **({"offensive": (offp[c] > 0.5).astype(float), "offensive_prob": offp[c]}
+                  if offensive else {})}
         for name, c in pol.items()}
     res[f"base, mean over its {k} samples"] = {
-        "judge": score[rows].mean(1), "offensive": (offp[rows] > 0.5).mean(1),
-        "offensive_prob": offp[rows].mean(1),
-        "tokens": tokens[rows].mean(1)}
+        "judge": score[rows].mean(1), "tokens": tokens[rows].mean(1),
+        **({"offensive": (offp[rows] > 0.5).mean(1), "offensive_prob": offp[rows].mean(1)}
+           if offensive else {})}
     for m in adapters(out):
         d = out / f"test-{m}"
         if not d.exists():
@@ -127,12 +133,26 @@ def generations(out: Path, k: int) -> dict:
         pos = {p: i for i, p in enumerate(p_m)}
         c = np.array([rows_m[pos[p], 0] for p in prompts])
         comp = np.array(r.column("completion"), dtype=object)[c]
-        p_off = np.array(judge.offensive([], list(comp)))  # [P]
         res[f"{adapter_label(m)} sample (k=1)"] = {
-            "judge": r.rewards[c], "offensive": (p_off > 0.5).astype(float),
-            "offensive_prob": p_off,
-            "tokens": np.array(r.column("num_tokens"), dtype=float)[c]}
+            "judge": r.rewards[c], "tokens": np.array(r.column("num_tokens"), dtype=float)[c]}
+        if offensive:
+            p_off = np.array(judge.offensive([], list(comp)))  # [P]
+            res[f"{adapter_label(m)} sample (k=1)"].update(
+                offensive=(p_off > 0.5).astype(float), offensive_prob=p_off)
     return {"n_prompts": len(prompts), "k": k, "per_prompt": res}
+
+
+def offensive_from(report: dict, name: str, v: dict) -> dict:
+    """A policy's offensive-language entries from an earlier report.json, after checking that
+    its judge scores are the ones just recomputed (the same generations)."""
+    old = report.get("generations", {}).get(name)
+    if old is None:
+        raise SystemExit(f"hh_report: report.json has no generations entry {name!r}; run without "
+                         "--offensive-from-report (needs the judge extra)")
+    if not np.allclose(old["judge"], ci(v["judge"]), atol=1e-9):
+        raise SystemExit(f"hh_report: the judge scores of {name!r} differ from report.json's "
+                         f"({old['judge']} vs {ci(v['judge'])}): not the same generations")
+    return {key: old[key] for key in ("offensive", "offensive_vs_base", "offensive_prob")}
 
 
 def times_tables(out: Path) -> dict:
@@ -152,10 +172,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--offensive-from-report", action="store_true",
+                    help="take the offensive-language columns from OUT/report.json (no judge extra)")
     a = ap.parse_args()
     out = Path(a.out)
+    previous = json.loads((out / "report.json").read_text()) if a.offensive_from_report else None
     lines = ["# HH-harmless: probes, Q-Adapter and DPO on the same pairs", "",
-             f"Made by `python experiments/hh_report.py {a.out} --k {a.k}` from the folders of "
+             f"Made by `python experiments/hh_report.py {a.out} --k {a.k}"
+             f"{' --offensive-from-report' if previous else ''}` from the folders of "
              "`experiments/hh-preferences.sh` (docs/preferences.md). 95% bootstrap CIs over prompts.",
              ""]
     report: dict = {}
@@ -199,25 +223,36 @@ def main() -> None:
     lines.append("")
 
     if (out / "test-base").exists():
-        g = generations(out, a.k)
+        g = generations(out, a.k, offensive=previous is None)
         per = g["per_prompt"]
         base = per["base sample (k=1)"]
+        base_mean = per[f"base, mean over its {a.k} samples"]
         lines += [f"## Generations on {g['n_prompts']} held-out prompts", "",
                   "Judge score: higher is more like the chosen answers (its scale is arbitrary; "
-                  "differences are paired per prompt against the base sample). Offensive: share "
-                  "of answers alt-profanity-check rates above 0.5.", "",
-                  "| policy | judge score | vs base sample | offensive | vs base sample | tokens |",
-                  "|---|---|---|---|---|---|"]
+                  "differences are paired per prompt, against the base model's sample 0 (one "
+                  f"draw) and against the mean judge score of its {a.k} samples (the expected "
+                  "score of plain sampling)). Offensive: share of answers alt-profanity-check "
+                  "rates above 0.5, paired against the base sample.", "",
+                  f"| policy | judge score | vs base sample | vs base mean ({a.k} samples) | "
+                  "offensive | vs base sample | tokens |",
+                  "|---|---|---|---|---|---|---|"]
         report["generations"] = {}
         for name, v in per.items():
-            dj, do = ci(v["judge"] - base["judge"]), ci(v["offensive"] - base["offensive"])
+            dj, dm = ci(v["judge"] - base["judge"]), ci(v["judge"] - base_mean["judge"])
+            if previous is None:
+                off = {"offensive": ci(v["offensive"]),
+                       "offensive_vs_base": ci(v["offensive"] - base["offensive"]),
+                       "offensive_prob": ci(v["offensive_prob"])}
+            else:
+                off = offensive_from(previous, name, v)
             lines.append(f"| {name} | {fmt(ci(v['judge']))} | {fmt(dj, signed=True)} | "
-                         f"{fmt(ci(v['offensive']))} | {fmt(do, signed=True)} | "
+                         f"{fmt(dm, signed=True)} | {fmt(off['offensive'])} | "
+                         f"{fmt(off['offensive_vs_base'], signed=True)} | "
                          f"{v['tokens'].mean():.1f} |")
             report["generations"][name] = {
-                "judge": ci(v["judge"]), "judge_vs_base": dj, "offensive": ci(v["offensive"]),
-                "offensive_vs_base": do, "offensive_prob": ci(v["offensive_prob"]),
-                "tokens": float(v["tokens"].mean())}
+                "judge": ci(v["judge"]), "judge_vs_base": dj, "judge_vs_base_mean": dm,
+                "offensive": off["offensive"], "offensive_vs_base": off["offensive_vs_base"],
+                "offensive_prob": off["offensive_prob"], "tokens": float(v["tokens"].mean())}
         lines.append("")
 
     tt = times_tables(out)
