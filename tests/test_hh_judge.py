@@ -33,5 +33,9 @@ def test_bt_fit_recovers_the_planted_direction_and_orders_held_out_pairs():
     cos = w[:2] @ np.array([3.0, -2.0]) / np.linalg.norm(w) / np.sqrt(13)
     assert cos > 0.9
     tc, tr, _ = _planted(400, 1)
-    assert ((tc - tr) @ w > 0).mean() > 0.75  # the Bayes rate here is about 0.8
-    assert ((tr - tc) @ w > 0).mean() < 0.25  # the order of chosen / rejected matters
+    acc = ((tc - tr) @ w > 0).mean()
+    assert acc > 0.75  # the Bayes rate here is about 0.8
+    # as good as the planted weights themselves on the same held-out pairs
+    w_true = np.zeros(16)
+    w_true[:2] = [3.0, -2.0]
+    assert acc >= ((tc - tr) @ w_true > 0).mean() - 0.02

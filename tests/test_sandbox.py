@@ -60,10 +60,11 @@ def run(sb: Sandbox, code: str, marker: str | None = None):
 
 
 def test_isolation_in_effect(sb):
+    if os.geteuid() != 0:  # the test machines and CI run as root: there everything must be on
+        pytest.skip("full isolation (namespaces, own /proc, tmpfs) needs root; not root here")
     rep = sb.isolation()
-    if os.geteuid() == 0:  # the test machines and CI run as root: everything must be on
-        assert isolation_ok(rep), rep
-        assert rep["mountns"] and rep["procfs"] and rep["tmpfs"], rep
+    assert isolation_ok(rep), rep
+    assert rep["mountns"] and rep["procfs"] and rep["tmpfs"], rep
 
 
 def test_pass_fail_error(sb):
