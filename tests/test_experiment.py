@@ -226,3 +226,44 @@ def test_run_with_the_prompts_shown_tests(tmp_path) -> None:
     assert any("+visible" in row["label"] for row in cv["rows"])
     md = (tmp_path / "run" / "report" / "results.md").read_text()
     assert "filter by the prompt's shown tests" in md and "vs shown-tests filter" in md
+
+
+def test_report_headline_is_the_objective_cv_ranks_first_not_the_best_on_test(tmp_path) -> None:
+    """The committed MBPP report: `ce` is best on test, `pg` best in CV on train. The headline
+    follows CV wherever the CV scores put it, and regenerating from the stored results.json and
+    the probes' CV records gives the same files."""
+    import shutil
+    from pathlib import Path
+
+    from qprobe.experiment.report import headline_objective, regenerate, results_markdown
+
+    exp = Path(__file__).resolve().parents[1] / "results" / "mbpp-qwen-coder"
+    res = json.loads((exp / "report" / "results.json").read_text())
+    t = res["test"]["mbpp-test"]["probes"]
+    assert max(t, key=lambda o: t[o]["mean_over_seeds"]["mean"]) == "ce"
+    assert headline_objective(res)["objective"] == "pg" == res["headline"]["objective"]
+    for probes in (p["probes"] for p in res["test"].values()):
+        probes["q"]["cv_score"] = {"mean": 0.9, "se": 0.01}  # now q is first in CV
+    res["headline"] = headline_objective(res)
+    md = results_markdown(res)
+    assert res["headline"]["objective"] == "q" and "`q` 0.9000 +- 0.0100" in md
+    rows = [line for line in md.splitlines() if "**headline**" in line]
+    assert len(rows) == 2 and all(line.startswith("| probe `q` (k=16, beta=0)") for line in rows)
+    del res["headline"]
+    for probes in (p["probes"] for p in res["test"].values()):
+        del probes["q"]["cv_score"]
+    assert headline_objective(res) is None  # a CV score missing: no headline
+    assert "none is the headline" in results_markdown(res)
+    # regenerate() from results.json without cv_score + the probes' CV records: the same report
+    copy = tmp_path / "exp"
+    shutil.copytree(exp / "report", copy / "report")
+    shutil.copytree(exp / "probes", copy / "probes", ignore=shutil.ignore_patterns("*.safetensors"))
+    stored = json.loads((copy / "report" / "results.json").read_text())
+    for probes in (p["probes"] for p in stored["test"].values()):
+        for p in probes.values():
+            del p["cv_score"]
+    del stored["headline"]
+    (copy / "report" / "results.json").write_text(json.dumps(stored, indent=2) + "\n")
+    regenerate(copy)
+    for f in ("results.json", "results.md"):
+        assert (copy / "report" / f).read_text() == (exp / "report" / f).read_text()
