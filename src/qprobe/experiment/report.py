@@ -53,6 +53,13 @@ def _cv_note(cfg: dict[str, Any]) -> str:
             f"{folds}-fold cross-validation over the train prompts (the paired table says which)")
 
 
+def cv_score(cv: dict[str, Any]) -> dict[str, float]:
+    """The cross-validation score (mean and standard error over folds) of the setting CV chose,
+    from its table (`qprobe.train.cv.cross_validate`): what the headline ranks objectives by."""
+    best = cv["rows"][cv["best"]]
+    return {"mean": float(best["mean"]), "se": float(best["se"])}
+
+
 def headline_objective(res: dict[str, Any]) -> dict[str, Any] | None:
     """The objective whose CV-chosen setting scored best on the train prompts, with every
     objective's CV score (mean and standard error over folds); None without CV scores.
@@ -418,8 +425,7 @@ def regenerate(exp_dir: str | os.PathLike) -> Path:
                 if cv["chosen"] != pr["cv_chosen"]:
                     raise ValueError(f"{cfg_file}: CV chose {cv['chosen']!r}, the report says "
                                      f"{pr['cv_chosen']!r}; the probes are not the report's")
-                best = cv["rows"][cv["best"]]
-                pr["cv_score"] = {"mean": float(best["mean"]), "se": float(best["se"])}
+                pr["cv_score"] = cv_score(cv)
     res["headline"] = headline_objective(res)
     atomic_write_text(out / "results.json", json.dumps(res, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(res))

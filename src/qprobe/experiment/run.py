@@ -33,6 +33,7 @@ from qprobe.experiment.baselines import (
 )
 from qprobe.experiment.config import DataConfig, ExperimentConfig
 from qprobe.experiment.curve import learning_curve
+from qprobe.experiment.report import cv_score
 
 
 class Log:
@@ -429,13 +430,6 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
     entry["_scores"] = scores_by  # for the plots; dropped from results.json
     entry["_rewards"] = rewards
     return entry
-
-
-def cv_score(cv: dict[str, Any]) -> dict[str, float]:
-    """The cross-validation score (mean and standard error over folds) of the chosen setting:
-    what the report ranks objectives by."""
-    best = cv["rows"][cv["best"]]
-    return {"mean": float(best["mean"]), "se": float(best["se"])}
 
 
 def headline_beta(ctx: Context, obj: str) -> float:
