@@ -90,30 +90,16 @@ class CollectConfig:
                 "rows to this process), shared (require it) or driver (always return rows)."})
 
 
-def load_task(name_or_path: str, data: str | None = None):
-    """A task from `qprobe.tasks`, or a plain {id, prompt} JSONL file (rewards left empty)."""
-    path = Path(name_or_path)
-    if path.suffix in (".jsonl", ".gz") and path.is_file():
-        from qprobe.tasks.custom import load_jsonl_task
-
-        return load_jsonl_task(path, plain=True)
-    from qprobe.tasks import get_task
-
-    return get_task(name_or_path, data=data)
-
-
 def load_collect_model(cfg: CollectConfig) -> LanguageModel:
     """The model `cfg` names: a backend with its own features gets the feature options; one that
     returns text gets `cfg.embedder` ("server", or a local model loaded as an Embedder)."""
     from qprobe.backends import load_embedder, load_model, resolve
 
     if cfg.adapter:
-        from qprobe.adapters.policy import AdapterLanguageModel
-
-        return AdapterLanguageModel(cfg.adapter, layer=cfg.layer, position=cfg.position,
-                                    feature_dtype=cfg.feature_dtype, device=cfg.device,
-                                    max_batch_rows=cfg.batch_prompts * max(1, cfg.k or 16)
-                                    if cfg.batch_prompts else None)
+        return load_model(cfg.adapter, backend="adapter", layer=cfg.layer, position=cfg.position,
+                          device=cfg.device, chat=cfg.chat, feature_dtype=cfg.feature_dtype,
+                          max_batch_rows=cfg.batch_prompts * max(1, cfg.k or 16)
+                          if cfg.batch_prompts else None)
     if resolve(cfg.model, cfg.backend).own_features:
         if cfg.embedder:
             raise QProbeError("collect: --embedder is for API models; a local model computes "
@@ -145,6 +131,8 @@ def collect(cfg: CollectConfig, lm: LanguageModel | None = None,
     `cfg.pairs` is False."""
     if cfg.executor not in ("local", "ray"):
         raise QProbeError(f"collect: --executor must be local or ray, got {cfg.executor!r}")
+    from qprobe.tasks import load_task
+
     task = load_task(cfg.task, cfg.data)
     as_pairs = cfg.pairs and hasattr(task, "pairs")
     k = (0 if as_pairs else 16) if cfg.k is None else cfg.k

@@ -44,13 +44,13 @@ from qprobe.collect import (
     _summary,
     collect_meta,
     load_collect_model,
-    load_task,
     plan,
     rollouts_meta,
     sample_batch,
 )
 from qprobe.errors import QProbeError
 from qprobe.fileio import atomic_write_text
+from qprobe.tasks import load_task
 
 MARKER = ".qprobe-ray-marker"  # in the rollouts folder while a Ray collection runs
 

@@ -3,7 +3,7 @@
 `qprobe collect --task hh-harmless --split train` (or a pair file) lands here instead of sampling.
 For each pair the model reads prompt + chosen and prompt + rejected as exact tokens (the prompt as
 the sampler would send it, the answer tokenised on its own, as `qprobe embed` re-encodes a stored
-completion) in one forward pass that shares the prompt's KV cache (`embed.GroupEncoder`), and
+completion) in one forward pass that shares the prompt's KV cache (`backends.hf.encode.GroupEncoder`), and
 stores the feature the folder's `FeatureSpec` names, the answer's log-likelihood and its token ids.
 So a probe trained on these rows scores sampled completions of the same model on the same scale.
 
@@ -41,12 +41,12 @@ class PairEncoder:
         self.spec = lm.feature_spec
         self._enc = None
         if hasattr(lm, "tok") and hasattr(lm, "model") and hasattr(lm, "layer"):
+            from qprobe.backends.hf.encode import GroupEncoder
             from qprobe.backends.hf.generic import decoder_blocks
-            from qprobe.embed import GroupEncoder
+            from qprobe.backends.hf.tokenizer import pad_id
 
             self._enc = GroupEncoder(lm.model, [lm.layer], decoder_blocks(lm.model))
-            tk = lm.tok.tokenizer
-            self._pad = tk.pad_token_id if tk.pad_token_id is not None else 0
+            self._pad = pad_id(lm.tok.tokenizer)
         elif self.spec is not None and not hasattr(lm, "embed"):
             raise QProbeError(f"collect: {type(lm).__name__} cannot embed given answers")
 
