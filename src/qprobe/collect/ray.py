@@ -211,8 +211,7 @@ def _schedule(ray, cfg, task, split, draw, settings, say, Worker, actors: list[A
             meta_extra = ray.get(actor.meta_extra.remote(cfg))
         except ray.exceptions.RayActorError as e:
             if not info_refs or getattr(e, "actor_init_failed", False):
-                raise QProbeError(f"collect (ray): an actor could not load the model or the task: "
-                                  f"{_cause(e)}") from None
+                raise _load_failed(e) from None
     meta = draw.meta(info["model"], task, split, meta_extra)
     writer = RolloutWriter(cfg.out, meta=meta, feature_spec=info["feature_spec"])
     per_batch = cfg.batch_prompts or draw.per_batch(info["max_batch_rows"])
@@ -259,8 +258,7 @@ def _schedule(ray, cfg, task, split, draw, settings, say, Worker, actors: list[A
                     a = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
                     if getattr(e, "actor_init_failed", False):
-                        raise QProbeError(f"collect (ray): an actor could not load the model or "
-                                          f"the task: {_cause(e)}") from None
+                        raise _load_failed(e) from None
                     stats["deaths"] += 1
                     say("collect (ray): an actor died before its first batch; replaced")
                     if queue or running:
@@ -279,8 +277,7 @@ def _schedule(ray, cfg, task, split, draw, settings, say, Worker, actors: list[A
                 res = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 if getattr(e, "actor_init_failed", False):
-                    raise QProbeError(f"collect (ray): an actor could not load the model or the "
-                                      f"task: {_cause(e)}") from None
+                    raise _load_failed(e) from None
                 stats["deaths"] += 1
                 batch.deaths += 1
                 gone = where.get(actor, "an actor")
@@ -331,6 +328,10 @@ def _schedule(ray, cfg, task, split, draw, settings, say, Worker, actors: list[A
                           f"{'; '.join(stats['failed_batches'])}; the rest is stored, rerun to "
                           "retry them")
     return summary
+
+
+def _load_failed(e: Exception) -> QProbeError:
+    return QProbeError(f"collect (ray): an actor could not load the model or the task: {_cause(e)}")
 
 
 def _cause(e: Exception) -> str:
