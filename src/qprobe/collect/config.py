@@ -42,7 +42,8 @@ class CollectConfig:
     split: str | None = field(default=None, metadata={"help": "Task split (default: the only one)."})
     model: str | None = field(default=None, metadata={"help": "Model (default: embedded SmolLM2)."})
     backend: str | None = field(
-        default=None, metadata={"help": "Backend: hf or openai (default: openai for an http(s):// "
+        default=None, metadata={"help": "Backend: hf, openai or adapter (--model an adapter "
+                                "folder, as --adapter) (default: openai for an http(s):// "
                                 "--model, else hf)."}
     )
     k: int | None = field(default=None, metadata={
