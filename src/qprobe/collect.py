@@ -59,6 +59,9 @@ class CollectConfig:
     )
     data: str | None = field(default=None, metadata={"help": "Local data folder for the task."})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if any)."})
+    dtype: str | None = field(default=None, metadata={
+        "help": "Weights dtype of a local model: float32, bfloat16 or float16 (default: float32 "
+                "on CPU, bfloat16 on CUDA; float32 on CUDA reproduces CPU rows)."})
     embedder: str | None = field(
         default=None,
         metadata={"help": "For an API --model: local model computing the features, or "
@@ -108,6 +111,8 @@ def load_collect_model(cfg: CollectConfig) -> LanguageModel:
     from qprobe.backends import load_embedder, load_model, resolve
 
     if cfg.adapter:
+        if cfg.dtype:
+            raise QProbeError("collect: --dtype applies to a local --model, not to --adapter")
         from qprobe.adapters.policy import AdapterLanguageModel
 
         return AdapterLanguageModel(cfg.adapter, layer=cfg.layer, position=cfg.position,
@@ -119,14 +124,18 @@ def load_collect_model(cfg: CollectConfig) -> LanguageModel:
             raise QProbeError("collect: --embedder is for API models; a local model computes "
                               "its own features")
         return load_model(cfg.model, backend=cfg.backend, layer=cfg.layer, position=cfg.position,
-                          device=cfg.device, chat=cfg.chat, feature_dtype=cfg.feature_dtype,
+                          device=cfg.device, dtype=cfg.dtype, chat=cfg.chat,
+                          feature_dtype=cfg.feature_dtype,
                           max_batch_rows=cfg.batch_prompts * max(1, cfg.k or 16)
                           if cfg.batch_prompts else None)
     emb = cfg.embedder
+    if cfg.dtype and emb in (None, "server"):
+        raise QProbeError("collect: --dtype applies to a local --model or --embedder; this "
+                          "model is an API server")
     if emb and emb != "server":
         # The server gets the raw prompt (/v1/completions): no chat template by default.
         emb = load_embedder(emb, layer=cfg.layer, position=cfg.position, device=cfg.device,
-                            chat=bool(cfg.chat), feature_dtype=cfg.feature_dtype)
+                            dtype=cfg.dtype, chat=bool(cfg.chat), feature_dtype=cfg.feature_dtype)
     return load_model(cfg.model, backend=cfg.backend, embedder=emb)
 
 
