@@ -417,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as e:
         print(f"gpu_check: FAILED at {e} (work folder kept: {work})", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug here or an output it did not expect: still one line
+        print(f"gpu_check: FAILED: {type(e).__name__}: {e} (work folder kept: {work})"
+              .splitlines()[0], file=sys.stderr)
+        return 1
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

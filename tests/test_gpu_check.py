@@ -180,6 +180,18 @@ def test_compare_command_exit_status_and_line(ref, tmp_path):
     assert "rollouts folder not found" in p.stderr
 
 
+def test_a_failing_step_is_one_line_and_keeps_the_work_folder(tmp_path):
+    work = tmp_path / "work"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu",
+                        "--task", "no-such-task", "--out", str(work)],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 1
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("gpu_check: FAILED at collect ref-cpu-float32: exit 2: ")
+    assert "no-such-task" in line and line.endswith(f"(work folder kept: {work})")
+    assert work.is_dir()
+
+
 # --- the flags the check drives: collect --dtype, generate/serve --device --------------------
 
 
