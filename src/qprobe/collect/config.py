@@ -67,6 +67,9 @@ class CollectConfig:
     )
     data: str | None = field(default=None, metadata={"help": "Local data folder for the task."})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if any)."})
+    dtype: str | None = field(default=None, metadata={
+        "help": "Weights dtype of a local model: float32, bfloat16 or float16 (default: float32 "
+                "on CPU, bfloat16 on CUDA; float32 on CUDA reproduces CPU rows)."})
     embedder: str | None = field(
         default=None,
         metadata={"help": "For an API --model: local model computing the features, or "

@@ -17,6 +17,8 @@ def load_collect_model(cfg: CollectConfig) -> LanguageModel:
 
     rows = cfg.batch_prompts * max(1, cfg.k or 16) if cfg.batch_prompts else None
     if cfg.adapter:
+        if cfg.dtype:
+            raise QProbeError("collect: --dtype applies to a local --model, not to --adapter")
         return load_model(cfg.adapter, backend="adapter", layer=cfg.layer, position=cfg.position,
                           device=cfg.device, chat=cfg.chat, feature_dtype=cfg.feature_dtype,
                           max_batch_rows=rows)
@@ -25,13 +27,16 @@ def load_collect_model(cfg: CollectConfig) -> LanguageModel:
             raise QProbeError("collect: --embedder is for API models; a local model computes "
                               "its own features")
         return load_model(cfg.model, backend=cfg.backend, layer=cfg.layer, position=cfg.position,
-                          device=cfg.device, chat=cfg.chat, feature_dtype=cfg.feature_dtype,
-                          max_batch_rows=rows)
+                          device=cfg.device, dtype=cfg.dtype, chat=cfg.chat,
+                          feature_dtype=cfg.feature_dtype, max_batch_rows=rows)
     emb = cfg.embedder
+    if cfg.dtype and emb in (None, "server"):
+        raise QProbeError("collect: --dtype applies to a local --model or --embedder; this "
+                          "model is an API server")
     if emb and emb != "server":
         # The server gets the raw prompt (/v1/completions): no chat template by default.
         emb = load_embedder(emb, layer=cfg.layer, position=cfg.position, device=cfg.device,
-                            chat=bool(cfg.chat), feature_dtype=cfg.feature_dtype)
+                            dtype=cfg.dtype, chat=bool(cfg.chat), feature_dtype=cfg.feature_dtype)
     return load_model(cfg.model, backend=cfg.backend, embedder=emb)
 
 

@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=_HELP["chat"])
     p.add_argument("--data", default=None, help=_HELP["data"])
     p.add_argument("--device", default=None, help=_HELP["device"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help=_HELP["dtype"])
     p.add_argument("--embedder", default=None, help=_HELP["embedder"])
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     p.add_argument("--adapter", default=None, metavar="ADAPTER_DIR", help=_HELP["adapter"])
