@@ -25,7 +25,15 @@ for arg in "$@"; do
   case "$arg" in
     --dev)
       $PIP install -q -e ".[ray]"  # the Ray executor's tests run a local Ray cluster
-      [ -f requirements-test.txt ] && $PIP install -q -r requirements-test.txt
+      # --no-cache-dir: pip caches the wheel it builds by sdist, not by the cmake args in
+      # requirements-test.txt, so a native wheel built earlier could be reused. An installed
+      # non-portable build (or one that crashes) is rebuilt once; then the check must pass.
+      $PIP install -q --no-cache-dir -r requirements-test.txt
+      if ! .venv/bin/python tests/llama_build.py 2>/dev/null; then
+        echo "setup.sh: rebuilding llama-cpp-python portably (10-15 minutes)" >&2
+        $PIP install -q --no-cache-dir --force-reinstall --no-deps -r requirements-test.txt
+        .venv/bin/python tests/llama_build.py
+      fi
       # preference adapters (peft, trl), with torch pinned in the same command
       $PIP install -q -e ".[adapters]" torch==2.13.0
       ;;

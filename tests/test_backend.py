@@ -411,12 +411,12 @@ def test_the_registry_picks_the_backend(tmp_path):
     from qprobe.backends.openai import OpenAIBackend
     from tiny_lm import save_tiny
 
-    assert set(BACKENDS) == {"hf", "openai"}
+    assert set(BACKENDS) == {"hf", "openai", "adapter"}
     assert resolve("http://127.0.0.1:8000").key == "openai" and resolve("https://h/v1").key == "openai"
     assert resolve(None).key == resolve("default").key == resolve("org/model").key == "hf"
     assert resolve("org/model", backend="openai").key == "openai"
     assert not resolve("http://h").own_features and resolve(None).own_features
-    with pytest.raises(QProbeError, match="unknown backend 'vllm'; known: hf, openai"):
+    with pytest.raises(QProbeError, match="unknown backend 'vllm'; known: hf, openai, adapter"):
         resolve("x", backend="vllm")
     with pytest.raises(QProbeError, match="base URL"):  # the key wins over the name's form
         load_model("some/folder", backend="openai")

@@ -210,7 +210,7 @@ def test_collect_task_with_a_prefix(tiny, tmp_path):
     """The few-shot loop: the prefix goes before each prompt when sampling, the rows keep the
     original prompt, the prefix is part of the meta identity; a rerun has nothing to do."""
     from qprobe.backends import load_model
-    from qprobe.collect import load_task
+    from qprobe.tasks import load_task
 
     lm = load_model(str(tiny), chat=False, feature_dtype="float32")
     task = load_task(str(_prompts(tmp_path / "p.jsonl", 3)))

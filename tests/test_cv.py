@@ -204,3 +204,49 @@ def test_cv_pairs_fits_on_training_pairs_and_picks_the_input_that_ranks_held_out
     assert cv["rows"][cv["best"]]["label"].startswith("L2-mean")
     with pytest.raises(QProbeError, match="pair accuracy"):
         cross_validate(r, base, CVGrid(loglik=["without"], beta=[0.0, 1.0]), folds=4)
+
+
+@pytest.fixture
+def anti_objective():
+    """A planted objective: `q` trained on 1 - reward, so its probe ranks samples backwards."""
+    from qprobe.train import objectives
+
+    q = objectives.get("q")
+    anti = dataclasses.replace(q, name="anti-q", grad=None, native=None,
+                               loss=lambda cfg, s, b: q.loss(cfg, s, dataclasses.replace(
+                                   b, rewards=1.0 - b.rewards)))
+    objectives.register(anti)
+    yield anti.name
+    objectives.REGISTRY.pop(anti.name)
+
+
+def test_cv_objective_axis_picks_the_objective_that_chooses_best(tmp_path, anti_objective):
+    r = make_folder(tmp_path / "train", 0)
+    grid = CVGrid(feature_sets=None, loglik=["only"], weight_decay=[0.0], min_steps=[300])
+    for order in (["anti-q", "q"], ["q", "anti-q"]):
+        cv = cross_validate(r, BASE, dataclasses.replace(grid, objectives=order), folds=2)
+        assert [row["label"].split(":")[0] for row in cv["rows"]] == order
+        means = {row["candidate"]["objective"]: row["mean"] for row in cv["rows"]}
+        assert means["q"] > means["anti-q"] + 0.05, means
+        assert cv["rows"][cv["best"]]["candidate"]["objective"] == "q"
+    probe, _ = train_with_cv(r, BASE, dataclasses.replace(grid, objectives=["anti-q", "q"]),
+                             folds=2)
+    assert probe.info["cv"]["chosen"].startswith("q: ")
+    assert probe.info["train_config"]["objective"] == "q"
+    with pytest.raises(QProbeError, match="mix pair objectives"):
+        cross_validate(r, BASE, dataclasses.replace(grid, objectives=["pg", "bt"]), folds=2)
+
+
+def test_cv_signals_axis_adds_each_group_and_checks_names(tmp_path):
+    r = make_folder(tmp_path / "train", 0)
+    grid = CVGrid(feature_sets=["L1-last"], loglik=["without"], visible=["without"],
+                  weight_decay=[0.0], min_steps=[300], signals=["none", "logprob_mean"])
+    cv = cross_validate(r, BASE, grid, folds=2)
+    assert [tuple(row["candidate"]["extras"]) for row in cv["rows"]] == [(), ("logprob_mean",)]
+    assert cv["rows"][1]["label"] == "L1-last+loglik wd=0 steps=300"
+    # the log-likelihood carries the planted signal: the group with it chooses better
+    assert cv["rows"][1]["mean"] > cv["rows"][0]["mean"]
+    with pytest.raises(QProbeError, match="unknown signal"):
+        cross_validate(r, BASE, dataclasses.replace(grid, signals=["nope"]), folds=2)
+    with pytest.raises(QProbeError, match="stores no"):
+        cross_validate(r, BASE, dataclasses.replace(grid, signals=["visible_pass"]), folds=2)

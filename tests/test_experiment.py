@@ -143,6 +143,10 @@ def test_config_errors(tmp_path) -> None:
     ex = config_from_dict({"train": {"task": "x"}, "test": [{"task": "x"}],
                            "executor": {"kind": "ray", "workers": 4, "gpus_per_worker": 1}}).executor
     assert (ex.kind, ex.workers, ex.gpus_per_worker, ex.storage) == ("ray", 4, 1, "auto")
+    # the knobs an experiment hands to each collection are the same dataclass as collect's flags
+    from qprobe.collect import RayConfig
+
+    assert ex.ray_knobs() == RayConfig(workers=4, gpus_per_worker=1)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     assert main(["run", str(bad)]) == 2

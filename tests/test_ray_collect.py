@@ -1,5 +1,5 @@
 """`qprobe collect --executor ray` on a real local Ray cluster (2 CPUs) with a tiny random model:
-the same rows as the local collector, actors killed mid-run, a batch that keeps killing actors,
+the same rows as the local collector (sampled prompts, and preference pairs), actors killed mid-run, a batch that keeps killing actors,
 the driver killed and rerun, and a second node joined with `ray start --address` on loopback.
 
 Every test is bounded: subprocesses have timeouts and a hung test ends the run after
@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,13 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from qprobe.collect import CollectConfig, collect  # noqa: E402
+from qprobe.collect import CollectConfig, RayConfig, collect  # noqa: E402
 from qprobe.errors import QProbeError  # noqa: E402
 from qprobe.rollouts import Rollouts  # noqa: E402
 from tiny_lm import save_tiny  # noqa: E402
 
 HANG_SECONDS = 600
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Keep Ray light on a shared 2-core machine: no dashboard, no usage report, a small object store.
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0",
            "RAY_enable_metrics_collection": "0", "OMP_NUM_THREADS": "1"}
@@ -71,10 +73,14 @@ def _prompts(path: Path, n: int) -> Path:
     return path
 
 
-def _cfg(tiny: Path, task: Path, out: Path, **kw) -> CollectConfig:
+def _cfg(tiny: Path, task: Path | str, out: Path, **kw) -> CollectConfig:
+    """The test's collection; Ray knobs (workers, retries, storage, ...) go to its RayConfig."""
     base = dict(model=str(tiny), task=str(task), out=str(out), k=3, max_new_tokens=12, seed=4,
                 batch_prompts=1, progress=False, workers=2)
-    return CollectConfig(**{**base, **kw})
+    kw = {**base, **kw}
+    knobs = {f.name for f in fields(RayConfig)}
+    ray_kw = {n: kw.pop(n) for n in list(kw) if n in knobs}
+    return CollectConfig(**kw, ray=RayConfig(**ray_kw))
 
 
 def _by_key(out: Path) -> dict:
@@ -104,6 +110,31 @@ def test_ray_collect_equals_local_row_for_row(cluster, tiny, tmp_path):
     assert not any("returns its rows to the driver" in ln for ln in lines)
     assert _by_key(tmp_path / "ray") == _by_key(tmp_path / "local")
     assert _identity(tmp_path / "ray") == _identity(tmp_path / "local")
+
+
+def test_ray_collects_preference_pairs_as_the_local_executor(cluster, tiny, tmp_path):
+    """hh-harmless pairs through Ray actors (both answers embedded, 2 samples of the prompt beside
+    each pair): the rows (texts, roles, log-likelihoods, token ids, features), pairs.parquet and
+    the folder's identity equal the local executor's."""
+    kw = dict(split="test", data=str(DATA), limit=5, k=2, max_new_tokens=6, batch_prompts=2)
+    local = collect(_cfg(tiny, "hh-harmless", tmp_path / "local", **kw))
+    lines: list[str] = []
+    s = collect(_cfg(tiny, "hh-harmless", tmp_path / "ray", executor="ray", **kw),
+                say=lines.append)
+    assert s["pairs"] == local["pairs"] == 5 and s["new_rows"] == local["new_rows"] == 5 * 4
+    assert s["executor"]["batches"] == 3 and s["executor"]["deaths"] == 0
+    assert s["executor"]["committed_by_actors"] == 20
+    a, b = Rollouts(tmp_path / "ray"), Rollouts(tmp_path / "local")
+    assert a.meta["kind"] == "preferences" and _identity(tmp_path / "ray") == _identity(tmp_path / "local")
+    assert a.pairs.equals(b.pairs) and a.pairs.num_rows == 5
+    assert _by_key(tmp_path / "ray") == _by_key(tmp_path / "local")
+    for col in ("role", "logprob_sum", "token_ids", "prompt"):
+        assert dict(zip(zip(a.prompt_ids, a.sample_idx), a.column(col))) == dict(
+            zip(zip(b.prompt_ids, b.sample_idx), b.column(col))), col
+    assert sorted(a.column("role")).count("sample") == 10
+    # a rerun finds every pair stored and leaves pairs.parquet as it was
+    again = collect(_cfg(tiny, "hh-harmless", tmp_path / "ray", executor="ray", **kw))
+    assert again["new_rows"] == 0 and Rollouts(tmp_path / "ray").pairs.equals(b.pairs)
 
 
 POISON = '''

@@ -9,7 +9,8 @@ stores, beside the original features:
 
 Cost: one forward pass per prompt group. The prompt is run once and its KV cache is shared by the
 group's k completions, which then run as one batch [k, longest completion]; logits are computed
-only at completion positions. Sampling decodes token by token; this is a prefill, far cheaper.
+only at completion positions (`backends.hf.encode.GroupEncoder`). Sampling decodes token by
+token; this is a prefill, far cheaper.
 
 Tokens: new rollouts store the sampled `token_ids`; for older ones the completion text is
 re-tokenised and the count compared with the stored `num_tokens` (`retokenised_match`).
@@ -27,24 +28,23 @@ where it stopped and never leaves a half shard.
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from qprobe.errors import QProbeError
-from qprobe.features import POSITIONS, FeatureSpec
+from qprobe.features import POSITIONS, FeatureSpec, chat_identity
 from qprobe.fileio import atomic_write, atomic_write_json, remove_stale_tmp
 from qprobe.rollouts import EMBED_DIR, feature_set_name, shard_ids
+
+if TYPE_CHECKING:  # torch is imported when a model runs
+    from qprobe.backends.hf.encode import GroupEncoder
 
 
 def default_layers(n_layers: int, collection_layer: int) -> list[int]:
@@ -80,98 +80,6 @@ class EmbedConfig:
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
 
 
-class GroupEncoder:
-    """One forward pass for one prompt and its completions: log-likelihoods and features.
-
-    Works on any transformers causal LM whose `.model` returns a cache and whose blocks are
-    reachable (`decoder_blocks`); the prompt's KV cache is repeated over the completions.
-    """
-
-    def __init__(self, model, layers: Sequence[int], blocks: Sequence[torch.nn.Module]) -> None:
-        self.model = model
-        self.layers = list(layers)
-        self.blocks = blocks
-        self.dev = next(model.parameters()).device
-        # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` before).
-        params = inspect.signature(model.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-
-    @torch.no_grad()
-    def encode(self, prompt_ids: list[int], completions: list[list[int]], pad_id: int = 0
-               ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, np.ndarray]]]:
-        """(logprob_sum [n], logprob_tokens [n], {layer: {"last": [n, D], "mean": [n, D]}})."""
-        from transformers import DynamicCache
-
-        n = len(completions)
-        lens = np.array([len(c) for c in completions], dtype=np.int64)  # [n]
-        captured: dict[int, torch.Tensor] = {}
-        hooks = [self.blocks[layer].register_forward_hook(self._grab(captured, layer))
-                 for layer in self.layers]
-        try:
-            ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.dev)  # [1, P]
-            cache = DynamicCache(config=self.model.config)
-            out = self.model.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True)
-            prompt_last = {layer: captured[layer][0, -1].float() for layer in self.layers}  # [D]
-            h_prompt = out.last_hidden_state[0, -1]  # [D], after the final norm
-            logprob = np.zeros(n)
-            feats = {layer: {pos: np.tile(prompt_last[layer].cpu().numpy(), (n, 1))
-                             for pos in ("last", "mean")} for layer in self.layers}
-            for rows in _length_chunks(lens):
-                self._encode_rows(rows, completions, lens, cache, h_prompt, captured, pad_id,
-                                  logprob, feats)
-            return logprob, lens, feats
-        finally:
-            for hk in hooks:
-                hk.remove()
-
-    def _encode_rows(self, rows: np.ndarray, completions: list[list[int]], lens: np.ndarray,
-                     prompt_cache, h_prompt: torch.Tensor, captured: dict[int, torch.Tensor],
-                     pad_id: int, logprob: np.ndarray, feats: dict[int, dict[str, np.ndarray]]
-                     ) -> None:
-        """Run completions `rows` (similar lengths, none empty) after the shared prompt cache."""
-        n, ln = len(rows), lens[rows]
-        longest = int(ln.max())
-        comp = torch.full((n, longest), pad_id, dtype=torch.long)  # right padded [n, C]
-        for a, i in enumerate(rows):
-            comp[a, : ln[a]] = torch.tensor(completions[i], dtype=torch.long)
-        comp = comp.to(self.dev)
-        cache = copy.deepcopy(prompt_cache)  # the prompt's KV [1, ...] -> [n, ...]
-        cache.batch_repeat_interleave(n)
-        out = self.model.model(input_ids=comp, **{self._cache_kw: cache}, use_cache=True)
-        # Position j of the completion is predicted from the hidden state before it.
-        h = torch.cat([h_prompt.expand(n, 1, -1), out.last_hidden_state[:, :-1]], dim=1)
-        logprob[rows] = self._token_logprobs(h, comp, ln)  # [n]
-        valid = torch.arange(longest, device=self.dev)[None, :] < torch.as_tensor(ln, device=self.dev)[:, None]
-        m = valid[..., None].float()  # [n, C, 1]
-        last_idx = torch.as_tensor(ln - 1, device=self.dev)
-        for layer in self.layers:
-            hl = captured[layer].float()  # [n, C, D]
-            feats[layer]["last"][rows] = hl[torch.arange(n, device=self.dev), last_idx].cpu().numpy()
-            feats[layer]["mean"][rows] = ((hl * m).sum(1) / m.sum(1)).cpu().numpy()
-
-    @staticmethod
-    def _grab(store: dict[int, torch.Tensor], layer: int):
-        def hook(_mod, _inp, output):
-            store[layer] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def _token_logprobs(self, h: torch.Tensor, comp: torch.Tensor, lens: np.ndarray,
-                        chunk: int = 512) -> np.ndarray:
-        """Sum over each row's real positions of log softmax(lm_head(h))[token]: [n] float64."""
-        n, longest, _ = h.shape
-        valid = (torch.arange(longest)[None, :] < torch.as_tensor(lens)[:, None]).reshape(-1)
-        flat_h = h.reshape(n * longest, -1)[valid.to(h.device)]  # [T, D]
-        flat_t = comp.reshape(-1)[valid.to(comp.device)]  # [T]
-        row = torch.arange(n).repeat_interleave(torch.as_tensor(lens))  # [T]
-        out = torch.zeros(n, dtype=torch.float64)
-        head = self.model.get_output_embeddings()
-        for s in range(0, flat_h.shape[0], chunk):
-            logits = head(flat_h[s : s + chunk]).float()  # [c, V]
-            lp = logits.gather(1, flat_t[s : s + chunk, None]).squeeze(1) - torch.logsumexp(logits, 1)
-            out.index_add_(0, row[s : s + chunk], lp.double().cpu())
-        return out.numpy()
-
-
 def read_sets(path: str | Path) -> dict[str, Any]:
     """The embedded/sets.json of a rollouts folder ({} when it has none)."""
     f = Path(path) / EMBED_DIR / "sets.json"
@@ -187,7 +95,9 @@ def embed_rollouts(cfg: EmbedConfig, model_bundle: tuple | None = None, say=prin
     """Re-encode a rollouts folder (resumable); returns a summary dict.
 
     `model_bundle` = (hf_model, tokenizer, identity) skips loading (tests pass tiny models)."""
-    from qprobe.backends.hf.model import _Tok, load_hf
+    from qprobe.backends.hf.encode import GroupEncoder
+    from qprobe.backends.hf.model import load_hf
+    from qprobe.backends.hf.tokenizer import PromptTokenizer, pad_id
     from qprobe.rollouts import Rollouts
 
     path = Path(cfg.rollouts)
@@ -202,20 +112,20 @@ def embed_rollouts(cfg: EmbedConfig, model_bundle: tuple | None = None, say=prin
         model_bundle = load_hf(model_for(cfg), device=cfg.device)
     hf, tokenizer, identity = model_bundle
     chat = bool(meta.get("chat", False))
-    tok = _Tok(tokenizer, chat)
-    if spec is not None and spec.model != identity + ("+chat" if chat else ""):
+    tok = PromptTokenizer(tokenizer, chat)
+    if spec is not None and spec.model != chat_identity(identity, chat):
         raise QProbeError(f"embed: {path} was collected with {spec.model!r}, this model is "
                           f"{identity!r}; pass --model with the collection's model")
     from qprobe.backends.hf.generic import decoder_blocks
 
     blocks = decoder_blocks(hf)
-    ident = identity + ("+chat" if chat else "")
+    ident = chat_identity(identity, chat)
     compute, sets = _plan_sets(cfg, spec, ident, int(hf.config.hidden_size), len(blocks))
     out_dir = _prepare_dir(path, ident, chat, sets)
     shards = shard_ids(path)[: cfg.limit_shards]
     todo = [s for s in shards if not (out_dir / f"loglik-{s}.parquet").is_file()]
     enc = GroupEncoder(hf, compute, blocks)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     t0, n_tok, n_rows, mismatched = time.perf_counter(), 0, 0, 0
     bar = None
     if cfg.progress:
@@ -307,21 +217,6 @@ def model_for(cfg: EmbedConfig) -> str:
     if not name:
         raise QProbeError("embed: the folder's meta.json names no model; pass --model")
     return name
-
-
-def _length_chunks(lens: np.ndarray, waste: float = 1.25, min_rows: int = 4) -> list[np.ndarray]:
-    """Non-empty rows sorted by length, cut so that padding each chunk to its longest row costs
-    at most `waste` x its real tokens (chunks of fewer than `min_rows` rows are not cut off)."""
-    order = [int(i) for i in np.argsort(lens, kind="stable") if lens[i] > 0]
-    chunks: list[list[int]] = []
-    for i in order:
-        cur = chunks[-1] if chunks else None
-        if cur is not None and (len(cur) < min_rows or
-                                (len(cur) + 1) * lens[i] <= waste * (lens[cur].sum() + lens[i])):
-            cur.append(i)
-        else:
-            chunks.append([i])
-    return [np.asarray(c, dtype=np.int64) for c in chunks]
 
 
 def _retokenise(tok, text: str, kept: int | None) -> list[int]:

@@ -16,6 +16,12 @@ POSITIONS = ("last", "mean")
 DTYPES = ("float16", "float32")
 
 
+def chat_identity(identity: str, chat: bool) -> str:
+    """The model a feature is read from: the backend's identity, plus "+chat" when prompts went
+    through the chat template (it changes the context the feature is read in)."""
+    return identity + ("+chat" if chat else "")
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """Identity of a feature vector.

@@ -37,12 +37,13 @@ def perplexity(model_bundle: tuple, prompts: Sequence[str], completions: Sequenc
 
     Returns {"mean", "median", "corpus", "n", "empty", "model", "per_sample" [N] (nan where
     empty)}."""
+    from qprobe.backends.hf.encode import GroupEncoder
     from qprobe.backends.hf.generic import decoder_blocks
-    from qprobe.embed import GroupEncoder
+    from qprobe.backends.hf.tokenizer import pad_id
 
     hf, tok, identity = model_bundle
     enc = GroupEncoder(hf, [], decoder_blocks(hf))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     order: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         order.setdefault(p, []).append(i)

@@ -24,7 +24,7 @@ class TokenPair:
 def tokenise_pairs(pairs: list[dict], tok, eos_id: int | None, max_prompt_tokens: int | None,
                    max_answer_tokens: int | None) -> list[TokenPair]:
     """`pairs`: rows {prompt_id, prompt, chosen, rejected} (`Preferences.pairs`); `tok`: the
-    backend's `_Tok` (chat template or not, as the sampler)."""
+    backend's `PromptTokenizer` (chat template or not, as the sampler)."""
     out = []
     for p in pairs:
         prompt = tok.prompt_ids(p["prompt"])

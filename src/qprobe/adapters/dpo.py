@@ -44,7 +44,8 @@ def dpo_rows(pairs: list[dict], tok, max_prompt_tokens: int | None, max_answer_t
 def train_dpo(cfg: AdaptConfig, bundle: tuple | None = None, say=print) -> dict[str, Any]:
     """Train (or resume) DPO on a LoRA with TRL; returns the adapter.json contents."""
     from qprobe.adapters.train import _finished
-    from qprobe.backends.hf.model import _Tok, load_hf
+    from qprobe.backends.hf.model import load_hf
+    from qprobe.backends.hf.tokenizer import PromptTokenizer
 
     cfg.validate()
     try:
@@ -61,7 +62,7 @@ def train_dpo(cfg: AdaptConfig, bundle: tuple | None = None, say=print) -> dict[
         return done
     pairs = load_pairs(cfg)
     model, tokenizer, identity = bundle or load_hf(cfg.model, device=cfg.device)
-    tok = _Tok(tokenizer, cfg.chat)
+    tok = PromptTokenizer(tokenizer, cfg.chat)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ds = Dataset.from_list(dpo_rows(pairs, tok, cfg.max_prompt_tokens, cfg.max_answer_tokens))

@@ -86,13 +86,14 @@ def perplexity(folder: str | Path, texts: list[str], max_tokens: int = 256, n_bo
     """Perplexity of `texts` under the base model and under the adapter's policy, and their
     ratio with a 95% bootstrap CI over texts."""
     from qprobe.adapters.train import load_adapter
+    from qprobe.backends.hf.tokenizer import pad_id
 
     peft_model, _, tokenizer, info = load_adapter(folder, device, bundle)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
     keep = [x for x in ids if len(x) >= 2]
     if not keep:
         raise QProbeError("perplexity: every text is shorter than 2 tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     base, pol = text_logprobs(peft_model, info, keep, pad)
     n_tok = np.array([len(x) - 1 for x in keep], dtype=float)  # [n] predicted tokens per text
 

@@ -1,7 +1,7 @@
 """Sampling from an adapter's policy, and the adapters' implicit rewards on held-out pairs.
 
-`AdapterLanguageModel` is a `LanguageModel` (so `qprobe collect --adapter DIR` and experiments
-use it like any model): a Q-Adapter samples through the decode loop of the frozen base model with
+`AdapterLanguageModel` is a `LanguageModel`, loaded by the "adapter" backend key (`load_model`;
+so `qprobe collect --adapter DIR` and experiments use it like any model): a Q-Adapter samples through the decode loop of the frozen base model with
 `QAdapterHook` (the samples' features are the base model's, the spec of the folder's probes); a
 DPO adapter is merged into a copy of the base model and sampled plainly, without features (its
 hidden states are another model's).
@@ -32,6 +32,7 @@ class AdapterLanguageModel(LanguageModel):
         from qprobe.adapters.qadapter import QAdapterParams
         from qprobe.adapters.train import load_adapter
         from qprobe.backends.hf.model import HFLanguageModel
+        from qprobe.backends.hf.tokenizer import pad_id
 
         self.peft, base, tokenizer, self.info = load_adapter(folder, device, bundle)
         self.method = self.info["method"]
@@ -47,8 +48,7 @@ class AdapterLanguageModel(LanguageModel):
             self.lm = HFLanguageModel(merged, tokenizer, identity=self.name, layer=layer,
                                       chat=self.info["chat"], features=False,
                                       max_batch_rows=max_batch_rows)
-        tk = tokenizer
-        self.pad = tk.pad_token_id if tk.pad_token_id is not None else (tk.eos_token_id or 0)
+        self.pad = pad_id(tokenizer)
 
     @property
     def chat(self) -> bool:
@@ -70,6 +70,22 @@ class AdapterLanguageModel(LanguageModel):
         ids = [self.lm.tok.prompt_ids(p) for p in prompts]
         hook = QAdapterHook(self.peft, ids, k, self.params, pad_id=self.pad)
         return self.lm.sample(prompts, k, params, hook=hook)
+
+
+def load_model(folder: str | Path, *, layer: int | None = None, position: str = "last",
+               device: str | None = None, dtype: Any = None, chat: bool | None = None,
+               **kw: Any) -> AdapterLanguageModel:
+    """The "adapter" backend (`backends.registry`): an adapter folder's policy. The base model,
+    its dtype and the chat setting are the adapter's own; `chat` given must match it. Other
+    keywords (feature_dtype, max_batch_rows, features) go to `AdapterLanguageModel`."""
+    if dtype is not None:
+        raise QProbeError("adapter: the base model is loaded as the adapter was trained; "
+                          "no dtype can be given")
+    lm = AdapterLanguageModel(folder, layer=layer, position=position, device=device, **kw)
+    if chat is not None and bool(chat) != lm.chat:
+        raise QProbeError(f"adapter: {folder} was trained with chat={lm.chat}; "
+                          f"--chat/--no-chat must match it")
+    return lm
 
 
 @torch.no_grad()
@@ -124,16 +140,16 @@ def evaluate_adapter(folder: str | Path, task: str, split: str, data: str | None
     """Held-out pair accuracy of an adapter's implicit reward, with a bootstrap CI over prompts."""
     from qprobe.adapters.data import tokenise_pairs
     from qprobe.adapters.train import AdaptConfig, load_adapter, load_pairs
-    from qprobe.backends.hf.model import _Tok
+    from qprobe.backends.hf.tokenizer import PromptTokenizer, pad_id
     from qprobe.evaluate import pair_accuracy
 
     peft_model, _, tokenizer, info = load_adapter(folder, device, bundle)
     c = info["config"]
     pairs = load_pairs(AdaptConfig(out=str(folder), task=task, split=split, data=data, limit=limit))
-    tok = _Tok(tokenizer, info["chat"])
+    tok = PromptTokenizer(tokenizer, info["chat"])
     toks = tokenise_pairs(pairs, tok, tokenizer.eos_token_id, c["max_prompt_tokens"],
                           c["max_answer_tokens"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     rc, rr = implicit_rewards(peft_model, info, toks, pad, progress=True)
     group = np.unique([p.prompt_id for p in toks], return_inverse=True)[1]
     acc = pair_accuracy(group, rc, rr, n_boot, seed)

@@ -44,7 +44,7 @@ def add_lora(model, cfg: AdaptConfig):
 
 
 def load_pairs(cfg: AdaptConfig) -> list[dict]:
-    from qprobe.collect import load_task
+    from qprobe.tasks import load_task
 
     task = load_task(cfg.task, cfg.data)
     if not hasattr(task, "pairs"):
@@ -61,7 +61,8 @@ def train_qadapter(cfg: AdaptConfig, bundle: tuple | None = None, say=print) -> 
     bundle: (hf_model, tokenizer, identity) to skip loading (tests pass tiny models)."""
     from qprobe.adapters.data import batch_tensors, tokenise_pairs
     from qprobe.adapters.qadapter import QAdapterParams, forward_rewards, qadapter_loss
-    from qprobe.backends.hf.model import _Tok, load_hf
+    from qprobe.backends.hf.model import load_hf
+    from qprobe.backends.hf.tokenizer import PromptTokenizer, pad_id
 
     cfg.validate()
     out = Path(cfg.out)
@@ -72,9 +73,9 @@ def train_qadapter(cfg: AdaptConfig, bundle: tuple | None = None, say=print) -> 
         return done
     pairs = load_pairs(cfg)
     model, tokenizer, identity = bundle or load_hf(cfg.model, device=cfg.device)
-    tok = _Tok(tokenizer, cfg.chat)
+    tok = PromptTokenizer(tokenizer, cfg.chat)
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    pad = pad_id(tokenizer)
     data = tokenise_pairs(pairs, tok, eos, cfg.max_prompt_tokens, cfg.max_answer_tokens)
     p = QAdapterParams(cfg.a, cfg.a0, cfg.gamma, cfg.beta)
     for prm in model.parameters():

@@ -8,6 +8,11 @@ imported only when its backend is used (`import qprobe` stays free of torch). Ca
               a .gguf file, a transformers folder or a hub id; computes its own features.
     "openai"  an OpenAI-compatible server at an http(s):// URL; returns text, so features come
               from an `Embedder` (a local model, or the server's /v1/embeddings).
+    "adapter" the policy of an adapter folder (`qprobe adapt`) on the base model it was trained
+              on (`qprobe collect --adapter DIR`); never chosen from the name.
+
+A key names a module by string, so a lower floor (collection, serving) can load a model that a
+higher one implements (adapters/) without importing it.
 
 To add a backend: a module with `load_model(name_or_path, **kw) -> LanguageModel`, one entry here.
 """
@@ -42,6 +47,8 @@ BACKENDS: dict[str, BackendInfo] = {
                       "file, a folder or a hub id"),
     "openai": BackendInfo("openai", "qprobe.backends.openai", False,
                           "an OpenAI-compatible server (/v1/completions or /v1/chat/completions)"),
+    "adapter": BackendInfo("adapter", "qprobe.adapters.policy", True,
+                           "the policy of an adapter folder (`qprobe adapt`) on its base model"),
 }
 
 URL_PREFIXES = ("http://", "https://")  # a model named by a URL is served by "openai"

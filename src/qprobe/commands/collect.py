@@ -9,9 +9,10 @@ from dataclasses import fields
 
 from qprobe import defaults
 from qprobe.backends.registry import BACKENDS
-from qprobe.collect import CollectConfig
+from qprobe.collect.config import CollectConfig, RayConfig
 
 _HELP = {f.name: f.metadata.get("help", "") for f in fields(CollectConfig)}
+_RAY = {f.name: f.metadata.get("help", "") for f in fields(RayConfig)}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=_HELP["chat"])
     p.add_argument("--data", default=None, help=_HELP["data"])
     p.add_argument("--device", default=None, help=_HELP["device"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help=_HELP["dtype"])
     p.add_argument("--embedder", default=None, help=_HELP["embedder"])
     p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
     p.add_argument("--adapter", default=None, metavar="ADAPTER_DIR", help=_HELP["adapter"])
@@ -53,21 +56,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=_HELP["pairs"])
     g = p.add_argument_group("scale-out (docs/scale-out.md)")
     g.add_argument("--executor", choices=["local", "ray"], default="local", help=_HELP["executor"])
-    g.add_argument("--address", default=None, help=_HELP["address"])
-    g.add_argument("--workers", type=int, default=None, help=_HELP["workers"])
-    g.add_argument("--gpus-per-worker", type=float, default=0.0, help=_HELP["gpus_per_worker"])
+    g.add_argument("--address", default=None, help=_RAY["address"])
+    g.add_argument("--workers", type=int, default=None, help=_RAY["workers"])
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help=_RAY["gpus_per_worker"])
     g.add_argument("--threads-per-worker", type=int, default=1,
-                   help=_HELP["threads_per_worker"] + " (1)")
-    g.add_argument("--retries", type=int, default=2, help=_HELP["retries"] + " (2)")
+                   help=_RAY["threads_per_worker"] + " (1)")
+    g.add_argument("--retries", type=int, default=2, help=_RAY["retries"] + " (2)")
     g.add_argument("--storage", choices=["auto", "shared", "driver"], default="auto",
-                   help=_HELP["storage"])
+                   help=_RAY["storage"])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from qprobe.collect import collect
 
-    cfg = CollectConfig(**{f.name: getattr(args, f.name) for f in fields(CollectConfig)})
+    ray = RayConfig(**{n: getattr(args, n) for n in _RAY})
+    cfg = CollectConfig(**{f.name: getattr(args, f.name) for f in fields(CollectConfig)
+                           if f.name != "ray"}, ray=ray)
     s = collect(cfg)
     mean = "n/a" if s["mean_reward"] is None else f"{s['mean_reward']:.4f}"
     print(

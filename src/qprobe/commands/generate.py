@@ -44,6 +44,8 @@ class GenerateOptions:
                 "trained)"})
     embedder: str | None = field(default=None, metadata={
         "help": "local model computing the features when --model is an API server"})
+    device: str | None = field(default=None, metadata={
+        "help": "cpu / cuda for the local model and embedder (default: cuda if any)"})
     temperature: float = field(default=TEMPERATURE, metadata={"help": "sampling temperature"})
     top_p: float = field(default=TOP_P, metadata={"help": "nucleus sampling mass"})
     max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "tokens per completion"})
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if spec is None:  # a probe on log-likelihoods alone: the model's own, no features
         pass
     elif o.embedder:
-        embedder = load_embedder(o.embedder, layer=spec.layer, position=spec.position)
+        embedder = load_embedder(o.embedder, layer=spec.layer, position=spec.position,
+                                 device=o.device)
     elif is_api:
         raise QProbeError(
             "generate: an API --model needs --embedder (the local model of the probe)"
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(
             o.model,
             backend=o.backend,
+            device=o.device,
             **({} if spec is None else {"layer": spec.layer, "position": spec.position,
                                         "feature_dtype": spec.dtype}),
             features=embedder is None and spec is not None,
@@ -155,13 +159,14 @@ def _guided(o: GenerateOptions, prompt: str) -> int:
         raise QProbeError(f"{o.guide}: the head has no feature spec")
     chat = spec.model.endswith("+chat") if o.chat is None else o.chat
     # At the head's block, an ARM head on this model reads the loop's own state (no extra pass).
-    model = load_model(o.model, backend=o.backend, layer=spec.layer, chat=chat, features=False)
+    model = load_model(o.model, backend=o.backend, layer=spec.layer, chat=chat, features=False,
+                       device=o.device)
     trunk = None
     if spec.model != model._spec.model:  # a head on another model's states: load that one
         name = o.reward_model or head.trunk
         if not name:
             raise QProbeError(f"{o.guide}: reads {spec.model!r}; pass --reward-model")
-        trunk = load_hf(name)
+        trunk = load_hf(name, device=o.device)
     sampler = GuidedSampler(model, head, GuideConfig(beta=o.beta, top_k=o.guide_top_k,
                                                      inverse=o.inverse), trunk)
     params = SamplingParams(

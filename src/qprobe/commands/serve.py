@@ -31,6 +31,8 @@ class ServeOptions:
                 "model, its model id)"})
     embedder: str | None = field(default=None, metadata={
         "help": "local model computing the features when --model is an API server"})
+    device: str | None = field(default=None, metadata={
+        "help": "cpu / cuda for the local model and embedder (default: cuda if any)"})
     upstream_model: str | None = field(default=None, metadata={
         "help": "model id sent to an upstream server (default: the first it lists)"})
     upstream_endpoint: str = field(default="completions", metadata={
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     upstream = {"model": o.upstream_model, "endpoint": o.upstream_endpoint,
                 "api_key_env": o.upstream_key_env}
     served = load_served(o.model, o.probe, backend=o.backend, embedder=o.embedder, base=o.name,
-                         upstream=upstream)
+                         upstream=upstream, device=o.device)
     limits = ServeLimits(k=o.k, max_k=o.max_k, beta=o.beta, max_beta=o.max_beta,
                          temperature=o.temperature, top_p=o.top_p, max_tokens=o.max_tokens,
                          max_tokens_limit=o.max_tokens_limit, max_body_bytes=o.max_body_bytes,

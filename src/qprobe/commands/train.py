@@ -57,6 +57,12 @@ def register(subparsers: Any) -> None:
     g.add_argument("--cv-beta", type=comma_list(float), default=None, metavar="X,Y",
                    help="--cv: policy temperatures to score each probe at (0 = argmax; default: "
                    "--beta alone); the chosen one is stored as the probe's beta")
+    g.add_argument("--cv-signals", type=comma_list(str), default=["none"], metavar="G,H",
+                   help="--cv: groups of stored signals to try as extra inputs, each 'none' or "
+                   "names joined by '+' (e.g. none,mbr_share+codet_score; docs/verifier.md)")
+    g.add_argument("--cv-objectives", type=comma_list(str), default=None, metavar="A,B",
+                   help="--cv: objectives to try (default: --objective alone); the probe is "
+                   "trained with the one CV picks")
     g.add_argument("--cv-seed", type=int, default=0, help="--cv: seed of the prompt folds")
     p.set_defaults(func=run)
 
@@ -85,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
         grid = CVGrid(feature_sets=args.cv_feature_sets, loglik=args.cv_loglik,
                       visible=args.cv_visible, weight_decay=args.cv_weight_decay, min_steps=args.cv_min_steps,
-                      lr=args.cv_lr, beta=args.cv_beta)
+                      lr=args.cv_lr, beta=args.cv_beta, signals=args.cv_signals,
+                      objectives=args.cv_objectives)
         probe, _ = train_with_cv(r, cfg, grid, folds=args.cv, seed=args.cv_seed, log=log)
     else:
         from qprobe.train.cv import Candidate, fit

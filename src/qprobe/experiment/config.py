@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qprobe.collect.config import RayConfig
 from qprobe.defaults import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
 from qprobe.errors import QProbeError
 
@@ -164,24 +165,13 @@ class CurveConfig:
 
 
 @dataclass
-class ExecutorConfig:
-    """Where the collection's batches run (`qprobe collect --executor`, docs/scale-out.md)."""
+class ExecutorConfig(RayConfig):
+    """Where the collection's batches run (`qprobe collect --executor`, docs/scale-out.md): the
+    kind, and with ray the knobs of `RayConfig` (address, workers, ..., the same keys)."""
 
     kind: str = field(default="local", metadata={
         "help": "local (this process) or ray (actors on a Ray cluster collect the train and test "
                 "sets and the greedy baseline; the few-shot baseline and the rest stay here)"})
-    address: str | None = field(default=None, metadata={
-        "help": "Ray cluster address (null: $RAY_ADDRESS, else start Ray on this machine)"})
-    workers: int | None = field(default=None, metadata={
-        "help": "Ray actors (null: as many as the cluster's CPUs or GPUs fit)"})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per actor (0: CPU)"})
-    threads_per_worker: int = field(default=1, metadata={
-        "help": "CPUs reserved per actor and torch threads in it"})
-    retries: int = field(default=2, metadata={
-        "help": "times a batch whose actor died is re-queued before it is reported"})
-    storage: str = field(default="auto", metadata={
-        "help": "auto, shared (actors must see the output folder) or driver (rows go through "
-                "the driver)"})
 
 
 @dataclass

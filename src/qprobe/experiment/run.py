@@ -163,7 +163,7 @@ def _executor(cfg: ExperimentConfig) -> Iterator[None]:
     if cfg.executor.kind != "ray":
         yield
         return
-    from qprobe.collect_ray import ray_session
+    from qprobe.collect.ray import ray_session
 
     with ray_session(cfg.executor.address):
         yield
@@ -189,9 +189,7 @@ def collect_set(ctx: Context, d: DataConfig, out_dir: Path, k: int, temperature:
     ex = cfg.executor
     if ex.kind == "ray":  # the actors load the model by name, with the driver's batch size
         ccfg = dataclasses.replace(
-            ccfg, executor="ray", model=cfg.model.name, address=ex.address, workers=ex.workers,
-            gpus_per_worker=ex.gpus_per_worker, threads_per_worker=ex.threads_per_worker,
-            retries=ex.retries, storage=ex.storage,
+            ccfg, executor="ray", model=cfg.model.name, ray=ex.ray_knobs(),
             batch_prompts=max(1, ctx.model.max_batch_rows // k))  # fmt: skip
     summary = collect(ccfg, lm=ctx.model, say=ctx.say)
     lim = ctx.lim(d)

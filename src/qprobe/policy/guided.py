@@ -35,6 +35,7 @@ import torch
 
 from qprobe.backends.hf.loop import Candidates, LiveRows, _prefill
 from qprobe.errors import QProbeError
+from qprobe.features import chat_identity
 from qprobe.policy.heads import RewardHead, tokenizer_identity
 
 if TYPE_CHECKING:
@@ -239,7 +240,7 @@ class GuidedSampler:
             self.own = spec.layer == model.layer
         else:
             hf, tokenizer, identity = trunk
-            ident = identity + ("+chat" if model.chat else "")
+            ident = chat_identity(identity, model.chat)
             if ident != spec.model:
                 raise QProbeError(f"guide: the head was trained on {spec.model!r}; the reward "
                                   f"model given is {ident!r}")

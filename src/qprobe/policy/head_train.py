@@ -253,9 +253,10 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
 
     model_bundle = (transformers model, tokenizer, identity) skips loading (tests)."""
     from qprobe.backends.hf.generic import decoder_blocks
-    from qprobe.backends.hf.model import _Tok, load_hf, resolve_layer
+    from qprobe.backends.hf.model import load_hf, resolve_layer
+    from qprobe.backends.hf.tokenizer import PromptTokenizer
     from qprobe.embed import EmbedConfig, model_for
-    from qprobe.features import FeatureSpec
+    from qprobe.features import FeatureSpec, chat_identity
     from qprobe.policy.heads import tokenizer_identity
     from qprobe.rollouts import Rollouts
 
@@ -271,12 +272,12 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
         say(f"train-head: loading {trunk_name}")
         model_bundle = load_hf(trunk_name, device=cfg.device)
     hf, tokenizer, identity = model_bundle
-    tok = _Tok(tokenizer, chat)
+    tok = PromptTokenizer(tokenizer, chat)
     n_layers = len(decoder_blocks(hf))
     own = rs[0].feature_spec
     if cfg.layer is not None:
         layer = resolve_layer(cfg.layer, n_layers)
-    elif own is not None and own.model == identity + ("+chat" if chat else ""):
+    elif own is not None and own.model == chat_identity(identity, chat):
         layer = own.layer
     else:
         layer = resolve_layer(None, n_layers)
@@ -302,7 +303,7 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
     y = np.asarray(rewards)
     labels = (y > cfg.label_threshold).astype(np.float64) if cfg.label_threshold is not None else y
     dim = int(hf.config.hidden_size)
-    spec = FeatureSpec(model=identity + ("+chat" if chat else ""), layer=layer, position="last",
+    spec = FeatureSpec(model=chat_identity(identity, chat), layer=layer, position="last",
                        dim=dim, dtype="float32")
     torch.manual_seed(cfg.seed)
     fit = FitConfig(epochs=cfg.epochs, lr=cfg.lr, batch=cfg.batch, weight_decay=cfg.weight_decay,

@@ -91,8 +91,10 @@ class ServedModels:
 
 def load_served(model: str, probe_args: list[str], *, backend: str | None = None,
                 embedder: str | None = None, base: str | None = None,
-                upstream: dict[str, Any] | None = None) -> ServedModels:
-    """Load the probes, then the model with the probes' feature layer (see `generate`)."""
+                upstream: dict[str, Any] | None = None,
+                device: str | None = None) -> ServedModels:
+    """Load the probes, then the model with the probes' feature layer (see `generate`) on
+    `device` (a local model or embedder; default: cuda if any)."""
     from qprobe.backends import load_embedder, load_model, resolve
     from qprobe.probe import Probe
 
@@ -119,7 +121,7 @@ def load_served(model: str, probe_args: list[str], *, backend: str | None = None
     emb = None
     if spec is not None and embedder:
         emb = load_embedder(embedder, layer=spec.layer, position=spec.position,
-                            feature_dtype=spec.dtype)
+                            feature_dtype=spec.dtype, device=device)
     elif spec is not None and is_api:
         raise QProbeError("serve: an API --model needs --embedder (the local model of the probe)")
     if is_api:
@@ -127,7 +129,8 @@ def load_served(model: str, probe_args: list[str], *, backend: str | None = None
     else:
         kw = {} if spec is None else {"layer": spec.layer, "position": spec.position,
                                       "feature_dtype": spec.dtype}
-        lm = load_model(model, backend=backend, features=emb is None and spec is not None, **kw)
+        lm = load_model(model, backend=backend, features=emb is None and spec is not None,
+                        device=device, **kw)
     # Check every probe against the features it will get, now rather than at the first request.
     got = (emb.feature_spec if emb is not None else lm.feature_spec) if spec is not None else None
     for name, _, p in loaded:

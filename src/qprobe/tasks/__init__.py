@@ -1,5 +1,6 @@
 """Tasks: prompts, stop sequences and rewards. `get_task(name_or_path)` is the entry point.
 
+`load_task` is what collection uses (a plain JSONL of prompts, without rewards, is a task too).
 Registered names come from `register(name, factory, description)`; a factory takes keyword
 arguments such as `data` (a local data path) and `sandbox` (a SandboxConfig) and ignores those it
 does not know. `--task` also takes a .jsonl/.jsonl.gz path or `module:function`.
@@ -62,6 +63,17 @@ def get_task(name_or_path: str, **kwargs) -> Task:
     )
 
 
+def load_task(name_or_path: str, data: str | None = None) -> Task:
+    """The task `qprobe collect --task` names: a registered name (`data`: its local data folder),
+    `module:function`, or a plain {id, prompt} JSONL file (rewards left empty)."""
+    path = Path(name_or_path)
+    if path.suffix in (".jsonl", ".gz") and path.is_file():
+        from qprobe.tasks.custom import load_jsonl_task
+
+        return load_jsonl_task(path, plain=True)
+    return get_task(name_or_path, data=data)
+
+
 def _builtin() -> None:
     from qprobe.tasks.gsm8k import GSM8K
     from qprobe.tasks.humaneval import HumanEval
@@ -103,5 +115,6 @@ __all__ = [
     "find_data",
     "get_task",
     "list_tasks",
+    "load_task",
     "register",
 ]

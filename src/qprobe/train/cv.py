@@ -7,7 +7,11 @@ were not trained on:
 
 - inputs: each complete feature set of the folder (`L19-last`, `L12-mean`, ... from `qprobe
   embed`), with or without the log-likelihood extras, and the extras alone;
-- regularisation: weight decay x optimiser steps.
+- signals: groups of free per-candidate signals a folder stores (`signals`: e.g. the reviewer
+  likelihood, execution agreement), each group tried beside every other input;
+- regularisation: weight decay x optimiser steps;
+- the objective itself (`objectives`): the probe a user gets is the objective CV picks, not the
+  one that scored best on test.
 
 Folds are whole prompts (every sample of a prompt is in one fold). The score of a setting is the
 selection reward the policy gets: the mean over held-out prompts of the expected reward of
@@ -60,6 +64,12 @@ class CVGrid:
         "help": "learning rates to try (default: the training config's alone); with Adam a "
                 "weight moves at most about lr per step, so lr x steps bounds how decisive a "
                 "strong single input (the visible test) can become at a small beta"})
+    signals: list[str] = field(default_factory=lambda: ["none"], metadata={
+        "help": "groups of extra inputs to try beside the others, each 'none' or names of "
+                "qprobe.probe.EXTRAS joined by '+' (e.g. none, mbr_share+codet_score)"})
+    objectives: list[str] | None = field(default=None, metadata={
+        "help": "objectives to try (default: the training config's alone); all reward "
+                "objectives or all pair objectives, since they are scored differently"})
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,17 @@ class Candidate:
     min_steps: int
     lr: float | None = None  # None: the training config's
     beta: float | None = None  # the policy temperature it is scored at; None: the config's
+    objective: str | None = None  # None: the training config's
 
     @property
     def label(self) -> str:
+        named = {*LOGLIK, "visible_pass"}
         inputs = "+".join(([self.feature_set] if self.feature_set else []) +
                           (["loglik"] if set(LOGLIK) & set(self.extras) else []) +
-                          (["visible"] if "visible_pass" in self.extras else []))
-        return (f"{inputs} wd={self.weight_decay:g} steps={self.min_steps}"
+                          (["visible"] if "visible_pass" in self.extras else []) +
+                          [e for e in self.extras if e not in named])
+        return (("" if self.objective is None else f"{self.objective}: ")
+                + f"{inputs} wd={self.weight_decay:g} steps={self.min_steps}"
                 + ("" if self.lr is None else f" lr={self.lr:g}")
                 + ("" if self.beta is None else f" beta={self.beta:g}"))
 
@@ -115,10 +129,31 @@ def candidates(r: Any, grid: CVGrid) -> list[Candidate]:
     if has_vis and "with" in grid.visible:
         with_vis = [(fs, (*ex, "visible_pass")) for fs, ex in inputs]
         inputs = with_vis + inputs if "without" in grid.visible else with_vis
+    groups = signal_groups(grid.signals, r.extra_inputs())
+    inputs = [(fs, (*ex, *g)) for g in groups for fs, ex in inputs]
     lrs: list[float | None] = [None] if not grid.lr else [float(x) for x in grid.lr]
-    return [Candidate(fs, ex, float(wd), int(st), lr)
-            for (fs, ex), wd, st, lr in itertools.product(inputs, grid.weight_decay,
-                                                          grid.min_steps, lrs)]
+    objs: list[str | None] = [None] if not grid.objectives else list(grid.objectives)
+    return [Candidate(fs, ex, float(wd), int(st), lr, objective=o)
+            for o, (fs, ex), wd, st, lr in itertools.product(objs, inputs, grid.weight_decay,
+                                                             grid.min_steps, lrs)]
+
+
+def signal_groups(spec: list[str], columns: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The `signals` axis as tuples of extra names ('none' -> ()), each checked against
+    qprobe.probe.EXTRAS and the folder's stored columns."""
+    from qprobe.probe import EXTRAS
+
+    groups = []
+    for item in spec or ["none"]:
+        names = () if item == "none" else tuple(n for n in item.split("+") if n)
+        bad = [n for n in names if n not in EXTRAS]
+        if bad:
+            raise QProbeError(f"--cv: unknown signal(s) {bad}; known: {list(EXTRAS)}")
+        missing = [n for n in names if n not in columns]
+        if missing:
+            raise QProbeError(f"--cv: the folder stores no {missing} (see docs/verifier.md)")
+        groups.append(names)
+    return groups
 
 
 def prompt_folds(group: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -169,7 +204,8 @@ def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
     group, _ = r.groups()
     rewards = r.rewards
     pids = r.prompt_ids
-    pairs = r.pair_rows() if objectives.get(base.objective).pairs else None  # [P, 2]
+    objective = base.objective if c.objective is None else c.objective
+    pairs = r.pair_rows() if objectives.get(objective).pairs else None  # [P, 2]
     if rows is not None:
         x, group, rewards, pids = x[rows], group[rows], rewards[rows], pids[rows]
         if pairs is not None:  # keep the pairs with both rows in `rows`, renumbered
@@ -178,7 +214,8 @@ def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
             pairs = new[pairs]
             pairs = pairs[(pairs >= 0).all(axis=1)]
     cfg = dataclasses.replace(base, weight_decay=c.weight_decay, min_steps=c.min_steps,
-                              lr=base.lr if c.lr is None else c.lr)
+                              lr=base.lr if c.lr is None else c.lr,
+                              objective=base.objective if c.objective is None else c.objective)
     spec = r.feature_sets[c.feature_set] if c.feature_set else None
     probe, history = train_probe(x, rewards, group, pairs, cfg, feature_spec=spec, extras=c.extras,
                                  prompt_ids=pids, **kw)
@@ -202,7 +239,11 @@ def cross_validate(r: Any, base: Any, grid: CVGrid | None = None, folds: int = 5
     rewards = r.rewards
     grid = grid or CVGrid()
     cands = candidates(r, grid)
-    pairs = r.pair_rows() if objectives.get(base.objective).pairs else None  # [P, 2]
+    kinds = {objectives.get(o).pairs for o in (grid.objectives or [base.objective])}
+    if len(kinds) > 1:
+        raise QProbeError("--cv: objectives mix pair objectives (scored by pair accuracy) with "
+                          "reward objectives (scored by selection reward); CV them apart")
+    pairs = r.pair_rows() if kinds.pop() else None  # [P, 2]
     if pairs is not None and grid.beta:
         raise QProbeError("--cv-beta: pair objectives are scored by held-out pair accuracy, "
                           "which does not depend on the policy's beta")

@@ -20,8 +20,9 @@ from qprobe.backends.base import Embedder, LanguageModel, Sample, SamplingParams
 from qprobe.backends.hf.generic import GenericDecoder, StopForward, decoder_blocks
 from qprobe.backends.hf.llama import FastDecoder, supports
 from qprobe.backends.hf.loop import StepHook, run_batch
+from qprobe.backends.hf.tokenizer import PromptTokenizer
 from qprobe.errors import QProbeError
-from qprobe.features import FeatureSpec
+from qprobe.features import FeatureSpec, chat_identity
 
 PAPER_DEPTH = 26 / 32  # the paper read block 26 of Code-Llama-7B's 32
 
@@ -80,46 +81,8 @@ def load_hf(name_or_path: str | None, device: str | None = None, dtype: str | to
     return model, tok, identity
 
 
-class _Tok:
-    """Prompt formatting and fast detokenisation shared by the sampler and the embedder."""
-
-    def __init__(self, tokenizer, chat: bool | None) -> None:
-        self.tokenizer = tokenizer
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        if chat and not has_template:
-            raise QProbeError("--chat: this model's tokenizer has no chat template")
-        self.chat = has_template if chat is None else bool(chat)
-        self.backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        if self.chat:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(prompt)["input_ids"])
-
-    def completion_ids(self, completion: str) -> list[int]:
-        return list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
-
-    def decode(self, batch: list[list[int]]) -> list[str]:
-        if self.backend is not None:
-            return self.backend.decode_batch(batch, skip_special_tokens=False)
-        return [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in batch]
-
-    def eos_ids(self, model) -> set[int]:
-        ids: set[int] = set()
-        for src in (getattr(model, "generation_config", None), model.config):
-            e = getattr(src, "eos_token_id", None) if src is not None else None
-            ids.update([e] if isinstance(e, int) else (e or []))
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
-
-
 def _spec(identity: str, chat: bool, layer: int, position: str, dim: int, dtype: str) -> FeatureSpec:
-    # The chat template changes the context the feature is read in, so it is part of the identity.
-    return FeatureSpec(model=identity + ("+chat" if chat else ""), layer=layer, position=position,
+    return FeatureSpec(model=chat_identity(identity, chat), layer=layer, position=position,
                        dim=dim, dtype=dtype)
 
 
@@ -130,7 +93,7 @@ class HFLanguageModel(LanguageModel):
                  position: str = "last", chat: bool | None = None, features: bool = True,
                  feature_dtype: str = "float16", max_batch_rows: int | None = None) -> None:
         self.model = model
-        self.tok = _Tok(tokenizer, chat)
+        self.tok = PromptTokenizer(tokenizer, chat)
         self.name = identity
         self.n_layers = len(decoder_blocks(model))
         self.layer = resolve_layer(layer, self.n_layers)
@@ -190,7 +153,7 @@ class HFEmbedder(Embedder):
                  position: str = "last", chat: bool | None = None, feature_dtype: str = "float16",
                  max_batch_tokens: int = 8192) -> None:
         self.model = model
-        self.tok = _Tok(tokenizer, chat)
+        self.tok = PromptTokenizer(tokenizer, chat)
         self.blocks = decoder_blocks(model)
         self.n_layers = len(self.blocks)
         self.layer = resolve_layer(layer, self.n_layers)

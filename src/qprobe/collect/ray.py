@@ -1,10 +1,11 @@
 """`qprobe collect --executor ray`: the same collection, its batches spread over Ray actors.
 
 The driver (the process running `qprobe collect`) plans what is not stored yet, exactly as the
-local loop does (`collect.plan`: the prompts cut every `batch_prompts`, stored prompts left out),
+local loop does (`core.plan`: the prompts cut every `batch_prompts`, stored prompts left out),
 and hands the batches to actors, one batch per actor at a time. Each actor (`CollectWorker`)
-loads the model and the task once and runs `collect.sample_batch` on its batches: sampling,
-features and sandboxed rewards, the local collector's batch work. Samples are seeded per
+loads the model and the task once and runs `core.BatchWork` on its batches: sampling, features
+and sandboxed rewards, or a preference pair's two answers embedded (the driver then rewrites
+pairs.parquet after each batch), the local collector's batch work. Samples are seeded per
 (prompt, sample), so they do not depend on which actor drew them.
 
 Where the shards are written:
@@ -38,19 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qprobe.backends.base import SamplingParams
-from qprobe.collect import (
-    CollectConfig,
-    _summary,
-    collect_meta,
-    load_collect_model,
-    load_task,
-    plan,
-    rollouts_meta,
-    sample_batch,
-)
+from qprobe.collect.config import CollectConfig, RayConfig
+from qprobe.collect.core import BatchWork, Draw, plan, summarize, write_pairs
+from qprobe.collect.model import collect_meta, load_collect_model
 from qprobe.errors import QProbeError
 from qprobe.fileio import atomic_write_text
+from qprobe.tasks import load_task
 
 MARKER = ".qprobe-ray-marker"  # in the rollouts folder while a Ray collection runs
 
@@ -73,6 +67,7 @@ class CollectWorker:
         self.lm = load_collect_model(cfg)
         self.task = load_task(cfg.task, cfg.data)
         self.writer = None
+        self.work: BatchWork | None = None
         self.job: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
@@ -94,6 +89,7 @@ class CollectWorker:
         from qprobe.rollouts import RolloutWriter
 
         self.job = job
+        self.work = BatchWork(self.lm, self.task, job["draw"])
         try:
             seen = (Path(job["out"]) / MARKER).read_text() == job["token"]
         except OSError:
@@ -108,10 +104,8 @@ class CollectWorker:
 
     def run(self, todo: list[dict], stored: list[tuple[str, int]]) -> dict[str, Any]:
         """Sample, score and commit one batch (or return it when the folder is not shared)."""
-        job = self.job
         done = set(stored) | (self.writer.done if self.writer is not None else set())
-        rows, features, tokens = sample_batch(self.lm, self.task, todo, job["k"], job["params"],
-                                              "", done)
+        rows, features, tokens = self.work(todo, done)
         if self.writer is not None:
             n = self.writer.append(rows, features, skip_stored=True)
             return {"committed": n, "tokens": tokens, "rows": None, "features": None}
@@ -134,7 +128,7 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _resources(ray, cfg: CollectConfig) -> tuple[int, int, dict[str, float]]:
+def _resources(ray, cfg: RayConfig) -> tuple[int, int, dict[str, float]]:
     """(actors to start, how many the cluster holds, each one's Ray resources)."""
     if cfg.threads_per_worker < 1 or cfg.gpus_per_worker < 0:
         raise QProbeError("collect: --threads-per-worker must be >= 1 and --gpus-per-worker >= 0")
@@ -170,40 +164,42 @@ def ray_session(address: str | None) -> Iterator[Any]:
             ray.shutdown()
 
 
-def collect_ray(cfg: CollectConfig, task, split: str, params: SamplingParams,
+def collect_ray(cfg: CollectConfig, task, split: str, draw: Draw,
                 settings: dict[str, Any], say: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) the collection `cfg` describes on Ray actors; returns the summary (with an
-    "executor" entry: actors, which of them committed shards, deaths, failed batches)."""
-    with ray_session(cfg.address) as ray:
-        return _drive(ray, cfg, task, split, params, settings, say or _stderr)
+    """Run (or resume) the collection `cfg` describes (what each prompt gets: `draw`) on Ray
+    actors placed by `cfg.ray`; returns the summary (with an "executor" entry: actors, which of
+    them committed shards, deaths, failed batches)."""
+    with ray_session(cfg.ray.address) as ray:
+        return _drive(ray, cfg, task, split, draw, settings, say or _stderr)
 
 
-def _drive(ray, cfg, task, split, params, settings, say) -> dict[str, Any]:
-    n_workers, fit, options = _resources(ray, cfg)
+def _drive(ray, cfg, task, split, draw, settings, say) -> dict[str, Any]:
+    n_workers, fit, options = _resources(ray, cfg.ray)
     if n_workers > fit:
         say(f"collect (ray): the cluster holds {fit} of the {n_workers} actors; the others "
             "start when Ray finds room")
     Worker = ray.remote(max_restarts=0, max_task_retries=0, **options)(CollectWorker)
     actors: list[Any] = []  # every actor started, ended when the collection ends however it ends
     try:
-        return _schedule(ray, cfg, task, split, params, settings, say, Worker, actors, n_workers)
+        return _schedule(ray, cfg, task, split, draw, settings, say, Worker, actors, n_workers)
     finally:
         for a in actors:
             ray.kill(a, no_restart=True)
 
 
-def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list[Any],
+def _schedule(ray, cfg, task, split, draw, settings, say, Worker, actors: list[Any],
               n_workers: int) -> dict[str, Any]:
     """Start the actors, learn the model's identity, open the folder, then hand out batches."""
     from tqdm import tqdm
 
     from qprobe.rollouts import RolloutWriter
 
-    rows = task.prompts(split, limit=cfg.limit)
+    rc = cfg.ray
+    rows = draw.rows(task, split, cfg.limit)
     t0 = time.time()
-    actors.extend(Worker.remote(cfg, cfg.threads_per_worker) for _ in range(n_workers))
-    say(f"collect (ray): {n_workers} actors x {cfg.threads_per_worker} CPU"
-        + (f" + {cfg.gpus_per_worker:g} GPU" if cfg.gpus_per_worker else "") + "; loading the model")
+    actors.extend(Worker.remote(cfg, rc.threads_per_worker) for _ in range(n_workers))
+    say(f"collect (ray): {n_workers} actors x {rc.threads_per_worker} CPU"
+        + (f" + {rc.gpus_per_worker:g} GPU" if rc.gpus_per_worker else "") + "; loading the model")
     # The first actor to load the model tells the folder's identity; the others load meanwhile.
     info_refs = {a.info.remote(): a for a in actors}
     info, meta_extra = None, None
@@ -215,21 +211,20 @@ def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list
             meta_extra = ray.get(actor.meta_extra.remote(cfg))
         except ray.exceptions.RayActorError as e:
             if not info_refs or getattr(e, "actor_init_failed", False):
-                raise QProbeError(f"collect (ray): an actor could not load the model or the task: "
-                                  f"{_cause(e)}") from None
-    meta = rollouts_meta(info["model"], task, split, cfg.k, params, "", meta_extra)
+                raise _load_failed(e) from None
+    meta = draw.meta(info["model"], task, split, meta_extra)
     writer = RolloutWriter(cfg.out, meta=meta, feature_spec=info["feature_spec"])
-    per_batch = cfg.batch_prompts or max(1, info["max_batch_rows"] // cfg.k)
+    per_batch = cfg.batch_prompts or draw.per_batch(info["max_batch_rows"])
     done = writer.done
-    queue = deque(_Batch(i, todo, [(str(r["id"]), j) for r in todo for j in range(cfg.k)
+    queue = deque(_Batch(i, todo, [(str(r["id"]), j) for r in todo for j in draw.keys
                                    if (str(r["id"]), j) in done])
-                  for i, todo in enumerate(plan(rows, cfg.k, done, per_batch)))
+                  for i, todo in enumerate(plan(rows, draw.keys, done, per_batch)))
     n_batches = len(queue)
     token = secrets.token_hex(16)
     marker = Path(cfg.out) / MARKER
     atomic_write_text(marker, token)
-    job = {"out": str(Path(cfg.out).resolve()), "meta": meta, "token": token, "k": cfg.k,
-           "params": params, "storage": cfg.storage}
+    job = {"out": str(Path(cfg.out).resolve()), "meta": meta, "token": token, "draw": draw,
+           "storage": rc.storage}
     stats = {"actors": n_workers, "committed_by_actors": 0, "returned_to_driver": 0, "deaths": 0,
              "failed_batches": []}
     where: dict[Any, str] = {}  # actor -> "node host pid" once it has attached
@@ -246,7 +241,7 @@ def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list
 
     def replace(actor) -> None:
         ray.kill(actor, no_restart=True)
-        new = Worker.remote(cfg, cfg.threads_per_worker)
+        new = Worker.remote(cfg, rc.threads_per_worker)
         actors.append(new)
         pending_attach[new.attach.remote(job)] = new
 
@@ -263,8 +258,7 @@ def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list
                     a = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
                     if getattr(e, "actor_init_failed", False):
-                        raise QProbeError(f"collect (ray): an actor could not load the model or "
-                                          f"the task: {_cause(e)}") from None
+                        raise _load_failed(e) from None
                     stats["deaths"] += 1
                     say("collect (ray): an actor died before its first batch; replaced")
                     if queue or running:
@@ -283,19 +277,18 @@ def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list
                 res = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 if getattr(e, "actor_init_failed", False):
-                    raise QProbeError(f"collect (ray): an actor could not load the model or the "
-                                      f"task: {_cause(e)}") from None
+                    raise _load_failed(e) from None
                 stats["deaths"] += 1
                 batch.deaths += 1
                 gone = where.get(actor, "an actor")
-                if batch.deaths > cfg.retries:
+                if batch.deaths > rc.retries:
                     stats["failed_batches"].append(batch.label())
                     say(f"collect (ray): {gone} died in {batch.label()}; it has killed "
                         f"{batch.deaths} actors: reported, not retried")
                 else:
                     queue.append(batch)
                     say(f"collect (ray): {gone} died in {batch.label()}; re-queued "
-                        f"(death {batch.deaths} of at most {cfg.retries + 1})")
+                        f"(death {batch.deaths} of at most {rc.retries + 1})")
                 if queue or running:
                     replace(actor)
                 continue
@@ -310,6 +303,8 @@ def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list
                 n = res["committed"]
                 stats["committed_by_actors"] += n
             n_new += n
+            if draw.pairs:  # the actors' shards are in the folder: list the complete pairs
+                write_pairs(writer, rows)
             if n and t_first is None:
                 t_first = time.time()
                 say(f"collect (ray): first shard committed {t_first - t0:.1f}s after start")
@@ -319,8 +314,10 @@ def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list
     finally:
         bar.close()
         marker.unlink(missing_ok=True)
+    if draw.pairs:
+        write_pairs(writer, rows)
     seconds = time.time() - t_start
-    summary = _summary(writer, seconds, n_new, n_tokens, len(rows), settings)
+    summary = summarize(writer, draw, rows, seconds, n_new, n_tokens, settings)
     summary["executor"] = {"kind": "ray", "batches": n_batches, **stats,
                            "first_shard_s": None if t_first is None else round(t_first - t0, 2)}
     if n_new:
@@ -331,6 +328,10 @@ def _schedule(ray, cfg, task, split, params, settings, say, Worker, actors: list
                           f"{'; '.join(stats['failed_batches'])}; the rest is stored, rerun to "
                           "retry them")
     return summary
+
+
+def _load_failed(e: Exception) -> QProbeError:
+    return QProbeError(f"collect (ray): an actor could not load the model or the task: {_cause(e)}")
 
 
 def _cause(e: Exception) -> str:
