@@ -34,17 +34,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from qprobe.errors import QProbeError
 from qprobe.features import POSITIONS, FeatureSpec
 from qprobe.fileio import atomic_write, atomic_write_json, remove_stale_tmp
 from qprobe.rollouts import EMBED_DIR, feature_set_name, shard_ids
+
+if TYPE_CHECKING:  # torch is imported where a model runs: `qprobe --help` does not load it
+    import torch
 
 
 def default_layers(n_layers: int, collection_layer: int) -> list[int]:
@@ -96,10 +98,17 @@ class GroupEncoder:
         params = inspect.signature(model.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
-    @torch.no_grad()
     def encode(self, prompt_ids: list[int], completions: list[list[int]], pad_id: int = 0
                ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, np.ndarray]]]:
         """(logprob_sum [n], logprob_tokens [n], {layer: {"last": [n, D], "mean": [n, D]}})."""
+        import torch
+
+        with torch.no_grad():
+            return self._encode(prompt_ids, completions, pad_id)
+
+    def _encode(self, prompt_ids: list[int], completions: list[list[int]], pad_id: int
+                ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, np.ndarray]]]:
+        import torch
         from transformers import DynamicCache
 
         n = len(completions)
@@ -129,6 +138,8 @@ class GroupEncoder:
                      pad_id: int, logprob: np.ndarray, feats: dict[int, dict[str, np.ndarray]]
                      ) -> None:
         """Run completions `rows` (similar lengths, none empty) after the shared prompt cache."""
+        import torch
+
         n, ln = len(rows), lens[rows]
         longest = int(ln.max())
         comp = torch.full((n, longest), pad_id, dtype=torch.long)  # right padded [n, C]
@@ -158,6 +169,8 @@ class GroupEncoder:
     def _token_logprobs(self, h: torch.Tensor, comp: torch.Tensor, lens: np.ndarray,
                         chunk: int = 512) -> np.ndarray:
         """Sum over each row's real positions of log softmax(lm_head(h))[token]: [n] float64."""
+        import torch
+
         n, longest, _ = h.shape
         valid = (torch.arange(longest)[None, :] < torch.as_tensor(lens)[:, None]).reshape(-1)
         flat_h = h.reshape(n * longest, -1)[valid.to(h.device)]  # [T, D]
