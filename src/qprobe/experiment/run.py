@@ -257,27 +257,36 @@ def collect_baselines(ctx: Context, train_dir: Path) -> Baselines:
 
 
 def visible_sets(ctx: Context, folders: list[tuple[Path, DataConfig]]) -> None:
-    """A `visible_reward` column (`qprobe score --visible`) on every folder that lacks one."""
+    """A `visible_reward` value (`qprobe score --visible`) for every sample that lacks one.
+
+    Only the rows of shards without the column are run: a folder that grew since the last run
+    (a raised limit) gets its new shards filled, and the stored values stay as they are. A row
+    left without a value would read as "the prompt shows no tests" (visible_pass 0.5)."""
     from qprobe.tasks import get_task
     from qprobe.tasks.code import CodeTask
 
     for folder, d in folders:
         r = _rollouts(folder)
-        if "visible_reward" in r.table.column_names:
+        todo = np.flatnonzero(r.lacks_column("visible_reward"))  # [M] rows to run
+        if len(todo) == 0:
             continue
         task = get_task(d.task)
         try:
             if not isinstance(task, CodeTask):
                 raise QProbeError(f"baselines.visible: task {d.task!r} shows no tests (code tasks only)")
             t0 = time.perf_counter()
-            vis = task.visible_reward(r.column("prompt"), r.column("completion"),
-                                      prompt_id=[str(x) for x in r.prompt_ids])
+            prompts, comps, ids = r.column("prompt"), r.column("completion"), r.prompt_ids
+            new = task.visible_reward([prompts[i] for i in todo], [comps[i] for i in todo],
+                                      prompt_id=[str(ids[i]) for i in todo])
         finally:
             task.close()
+        vis = r.column("visible_reward") if "visible_reward" in r.table.column_names else [None] * len(r)
+        for i, v in zip(todo, new):
+            vis[i] = v
         r.set_rewards([None if x != x else float(x) for x in r.rewards],
                       extra_columns={"visible_reward": vis})
-        shown = [v for v in vis if v is not None]
-        ctx.say(f"{folder.name}: shown tests run on {len(vis)} samples in "
+        shown = [v for v in new if v is not None]
+        ctx.say(f"{folder.name}: shown tests run on {len(new)} of {len(r)} samples in "
                 f"{time.perf_counter() - t0:.0f}s ({len(shown)} with shown tests, pass rate "
                 f"{_fmt_reward(sum(shown) / len(shown) if shown else None)})")
 
