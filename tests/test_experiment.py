@@ -106,6 +106,8 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     lines2: list[str] = []
     res2 = run_experiment(cfg, log=lines2.append, progress=False)
     assert sum("already collected" in s for s in lines2) == 4  # train, test, greedy, few-shot
+    assert any("probes: train data and settings unchanged, 6 probes loaded" in s for s in lines2)
+    assert not any("trained probe" in s for s in lines2)
     assert (
         res2["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
         == res["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
@@ -113,6 +115,45 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     # a lower limit than the folder holds is refused: training would read every stored prompt
     with pytest.raises(QProbeError, match="more than the limit 3"):
         run_experiment(cfg, log=lambda s: None, limit=3, progress=False)
+
+
+def test_probes_are_trained_again_only_when_their_inputs_change(tmp_path) -> None:
+    """A resumed run loads the stored probes when the train data and the probe settings are
+    the same (probes/inputs.json), and trains them again after a change of either."""
+    model_dir = save_tiny(tmp_path / "model")
+    probes = {"objectives": ["pg"], "seeds": [0], "cv": 2,
+              "cv_grid": {"min_steps": [20], "weight_decay": [0.0], "beta": [0.0, 0.5]},
+              "train": {"epochs": 5, "min_steps": 20, "batch_size": 16}}
+    small = {"train": {"task": "test-vowels", "split": "train", "limit": 8}, "probes": probes,
+             "baselines": {"greedy": False, "few_shot": 0}, "curve": {"sizes": [], "samples": []},
+             "eval": {"ks": [1, 4], "betas": [0.0], "beta": 0.1, "n_boot": 50}}
+    weights = tmp_path / "run" / "probes" / "pg-seed0" / "probe.safetensors"
+
+    def run(**over):
+        lines: list[str] = []
+        res = run_experiment(_config(tmp_path, model_dir, **{**small, **over}), log=lines.append,
+                             progress=False)
+        return res["test"]["vowels"]["probes"]["pg"], res, sum("trained probe" in s for s in lines)
+
+    pg1, _, trained = run()
+    assert trained == 1
+    stamp = weights.stat().st_mtime_ns
+    pg2, _, trained = run()  # nothing changed: loaded, same numbers, same CV choice
+    assert trained == 0 and weights.stat().st_mtime_ns == stamp
+    assert (pg2["mean_over_seeds"], pg2["cv_chosen"], pg2["beta"]) == (
+        pg1["mean_over_seeds"], pg1["cv_chosen"], pg1["beta"])
+    wider = {**probes, "cv_grid": {**probes["cv_grid"], "weight_decay": [0.0, 1.0]}}
+    _, _, trained = run(probes=wider)  # a changed CV grid
+    assert trained == 1 and weights.stat().st_mtime_ns != stamp
+    assert any("wd=1 " in row["label"] for row in Probe.load(weights.parent).info["cv"]["rows"])
+    _, _, trained = run(probes=wider)
+    assert trained == 0
+    stamp = weights.stat().st_mtime_ns
+    _, res, trained = run(probes=wider, train={"task": "test-vowels", "split": "train", "limit": 12})
+    assert trained == 1 and weights.stat().st_mtime_ns != stamp  # more train rows
+    assert res["train"]["n_prompts"] == 12
+    stored = json.loads((tmp_path / "run" / "probes" / "inputs.json").read_text())
+    assert stored["train"]["rows"] == 48 and stored["probes"]["cv_grid"]["weight_decay"] == [0.0, 1.0]
 
 
 def test_config_errors(tmp_path) -> None:

@@ -330,13 +330,75 @@ def _rollouts(path: Path) -> Any:
     return Rollouts(path)
 
 
+PROBE_INPUTS = "inputs.json"  # beside the probes: what they were trained on (`probe_inputs`)
+
+
+def probe_inputs(ctx: Context, tr: Any) -> dict[str, Any]:
+    """Everything the probes are a function of: the train folder's rows, columns and files
+    (name, size and modification time of every samples / features / pairs / embedded file: any
+    new shard, re-scoring or filled column changes them), the feature spec, the probe and CV
+    settings, the trainer config of each objective x seed, and the qprobe version."""
+    import hashlib
+    import json
+
+    from qprobe import __version__
+
+    cfg = ctx.cfg
+    files = [[str(p.relative_to(tr.path)), p.stat().st_size, p.stat().st_mtime_ns]
+             for p in sorted(tr.path.rglob("*")) if p.is_file() and p.suffix in (".parquet", ".npy")]
+    d = {
+        "qprobe": __version__,
+        "train": {"rows": len(tr), "columns": tr.table.column_names,
+                  "files": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
+                  "feature_sets": sorted(tr.feature_sets)},
+        "feature_spec": ctx.spec.to_dict(),
+        "probes": dataclasses.asdict(cfg.probes),
+        "seed": cfg.seed,
+        "visible": cfg.baselines.visible,
+        "trainer": {f"{obj}-seed{seed}": dataclasses.asdict(cfg.train_config(obj, seed))
+                    for obj in cfg.probes.objectives for seed in cfg.probes.seeds},
+    }
+    return json.loads(json.dumps(d, default=str))  # as read back from the file
+
+
+def _stored_probes(ctx: Context, inputs: dict[str, Any]) -> dict[tuple[str, int], Any] | None:
+    """The probes of an earlier run, if it trained them on the same `inputs`; else None."""
+    import json
+
+    from qprobe.probe import Probe
+
+    d = ctx.out / "probes"
+    try:
+        if json.loads((d / PROBE_INPUTS).read_text()) != inputs:
+            return None
+        return {(obj, seed): Probe.load(d / f"{obj}-seed{seed}")
+                for obj in ctx.cfg.probes.objectives for seed in ctx.cfg.probes.seeds}
+    except (OSError, ValueError, QProbeError):
+        return None
+
+
 def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[str, int], Any]]:
-    """One probe per objective x seed on all train rollouts, saved to probes/<obj>-seed<seed>."""
+    """One probe per objective x seed on all train rollouts, saved to probes/<obj>-seed<seed>.
+
+    Skipped when probes/inputs.json says the stored probes were trained on the same inputs
+    (`probe_inputs`): they are loaded, with the candidate CV chose. Otherwise every probe is
+    trained again and inputs.json is written last."""
+    from qprobe.fileio import atomic_write_json
     from qprobe.train import train_probe
 
     tr = _rollouts(train_dir)
     group, prompts = tr.groups()
     train = TrainSet(np.asarray(tr.features), tr.rewards, group, prompts, tr.prompt_ids, len(tr))
+    inputs = probe_inputs(ctx, tr)
+    stored = _stored_probes(ctx, inputs)
+    if stored is not None:
+        for obj in ctx.cfg.probes.objectives:
+            cv = stored[(obj, ctx.cfg.probes.seeds[0])].info.get("cv")
+            if ctx.cfg.probes.cv and cv is not None:
+                ctx.chosen[obj] = _chosen_candidate(cv)
+        ctx.say(f"probes: train data and settings unchanged, {len(stored)} probes loaded")
+        return train, stored
+    (ctx.out / "probes" / PROBE_INPUTS).unlink(missing_ok=True)  # stale until all are retrained
     probes: dict[tuple[str, int], Any] = {}
     for obj in ctx.cfg.probes.objectives:
         chosen = choose_by_cv(ctx, tr, obj) if ctx.cfg.probes.cv else None
@@ -361,13 +423,22 @@ def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[st
             probe.save(ctx.out / "probes" / f"{obj}-seed{seed}")
             probes[(obj, seed)] = probe
             ctx.say(f"trained probe {obj} seed {seed}")
+    atomic_write_json(ctx.out / "probes" / PROBE_INPUTS, inputs)
     return train, probes
+
+
+def _chosen_candidate(cv: dict[str, Any]) -> Any:
+    """The candidate a CV table (`cross_validate`'s result) ranks best."""
+    from qprobe.train.cv import Candidate
+
+    best = cv["rows"][cv["best"]]["candidate"]
+    return Candidate(**{**best, "extras": tuple(best["extras"])})
 
 
 def choose_by_cv(ctx: Context, tr: Any, obj: str) -> tuple[Any, dict[str, Any]]:
     """The candidate (inputs, regularisation) that cross-validation over the train prompts
     picks for one objective, and its table (stored in every seed's probe)."""
-    from qprobe.train.cv import Candidate, CVGrid, cross_validate
+    from qprobe.train.cv import CVGrid, cross_validate
 
     grid = CVGrid(**ctx.cfg.probes.cv_grid)
     if not ctx.cfg.baselines.visible and "visible" not in ctx.cfg.probes.cv_grid:
@@ -375,7 +446,7 @@ def choose_by_cv(ctx: Context, tr: Any, obj: str) -> tuple[Any, dict[str, Any]]:
     cv = cross_validate(tr, ctx.cfg.train_config(obj, ctx.cfg.seed), grid,
                         folds=ctx.cfg.probes.cv, seed=ctx.cfg.seed, log=ctx.say)
     best = cv["rows"][cv["best"]]
-    c = Candidate(**{**best["candidate"], "extras": tuple(best["candidate"]["extras"])})
+    c = _chosen_candidate(cv)
     ctx.say(f"cv {obj}: chose {c.label} ({best['mean']:.4f} +- {best['se']:.4f})")
     return c, {**cv, "chosen": c.label}
 
