@@ -166,3 +166,18 @@ def test_a_run_fills_the_shown_tests_of_the_shards_a_folder_gained(tmp_path):
     visible_sets(ctx, [(path, d)])
     assert len(lines) == 2
     assert [p.stat().st_mtime_ns for p in sorted(path.glob("samples-*.parquet"))] == stamps
+
+
+def test_score_visible_only_missing_fills_a_grown_folder(tmp_path, capsys):
+    recs = _mbpp_folder(tmp_path / "all", get_task("mbpp")).table.to_pylist()
+    spec = FeatureSpec(model="m", layer=1, position="last", dim=2)
+    path = tmp_path / "ro"
+    RolloutWriter(path, meta={"task": "mbpp"}, feature_spec=spec).append(recs[:2], np.zeros((2, 2), np.float32))
+    args = ["score", str(path), "--task", "mbpp", "--visible", "--only-missing"]
+    assert main(args) == 0
+    RolloutWriter(path, meta={"task": "mbpp"}, feature_spec=spec).append(recs[2:], np.zeros((2, 2), np.float32))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "visible tests of 2 completions" in capsys.readouterr().err
+    assert Rollouts(path).column("visible_reward") == [1.0, 0.0, 1.0, 0.0]
+    assert main(args) == 0 and "nothing to do" in capsys.readouterr().err
