@@ -223,12 +223,16 @@ def collect_sets(ctx: Context) -> tuple[Path, dict[str, Path]]:
 def collect_baselines(ctx: Context, train_dir: Path) -> Baselines:
     """Greedy and few-shot completions of every test set (one per prompt, resumable)."""
     from qprobe.backends import SamplingParams
+    from qprobe.rollouts import read_meta
     from qprobe.tasks import get_task
 
     cfg, rollouts = ctx.cfg, ctx.out / "rollouts"
     base = Baselines()
-    if cfg.baselines.few_shot > 0:
-        base.shots = pick_shots(train_dir, cfg.baselines.few_shot, cfg.seed)
+    if cfg.baselines.few_shot > 0:  # a resumed run keeps the shots its folders were made with
+        stored = [read_meta(p).get("prefix") for p in (rollouts / f"fewshot-{ts.label}" for ts in cfg.test)
+                  if (p / "meta.json").is_file()]
+        base.shots = pick_shots(train_dir, cfg.baselines.few_shot, cfg.seed,
+                                stored[0] if stored else None)
         if len(base.shots) < cfg.baselines.few_shot:
             ctx.say(f"few-shot: only {len(base.shots)} successful train completions available")
     tasks: dict[str, Any] = {}  # name -> task, shared by the test sets of one task
