@@ -108,6 +108,7 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     assert sum("already collected" in s for s in lines2) == 4  # train, test, greedy, few-shot
     assert any("probes: train data and settings unchanged, 6 probes loaded" in s for s in lines2)
     assert not any("trained probe" in s for s in lines2)
+    assert any("stored curve used" in s for s in lines2) and res2["curve"] == res["curve"]
     assert (
         res2["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
         == res["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
@@ -126,7 +127,8 @@ def test_probes_are_trained_again_only_when_their_inputs_change(tmp_path) -> Non
               "cv_grid": {"min_steps": [20], "weight_decay": [0.0], "beta": [0.0, 0.5]},
               "train": {"epochs": 5, "min_steps": 20, "batch_size": 16}}
     small = {"train": {"task": "test-vowels", "split": "train", "limit": 8}, "probes": probes,
-             "baselines": {"greedy": False, "few_shot": 2}, "curve": {"sizes": [], "samples": []},
+             "baselines": {"greedy": False, "few_shot": 2},
+             "curve": {"sizes": [4], "subsets": 1, "objective": "pg", "samples": []},
              "eval": {"ks": [1, 4], "betas": [0.0], "beta": 0.1, "n_boot": 50}}
     weights = tmp_path / "run" / "probes" / "pg-seed0" / "probe.safetensors"
 
@@ -134,13 +136,18 @@ def test_probes_are_trained_again_only_when_their_inputs_change(tmp_path) -> Non
         lines: list[str] = []
         res = run_experiment(_config(tmp_path, model_dir, **{**small, **over}), log=lines.append,
                              progress=False)
-        return res["test"]["vowels"]["probes"]["pg"], res, sum("trained probe" in s for s in lines)
+        trained = sum("trained probe" in s for s in lines)
+        # the test set and the curve settings stay: the curve is kept exactly when the probes are
+        assert any("stored curve used" in s for s in lines) == (trained == 0)
+        return res["test"]["vowels"]["probes"]["pg"], res, trained
 
     pg1, _, trained = run()
     assert trained == 1
     stamp = weights.stat().st_mtime_ns
-    pg2, _, trained = run()  # nothing changed: loaded, same numbers, same CV choice
+    pg2, res2, trained = run()  # nothing changed: loaded, same numbers, same CV choice
     assert trained == 0 and weights.stat().st_mtime_ns == stamp
+    curve = json.loads((tmp_path / "run" / "probes" / "curve.json").read_text())
+    assert res2["curve"] == curve["curve"] and len(curve["curve"]["sizes"]["4"]) == 1
     assert (pg2["mean_over_seeds"], pg2["cv_chosen"], pg2["beta"]) == (
         pg1["mean_over_seeds"], pg1["cv_chosen"], pg1["beta"])
     wider = {**probes, "cv_grid": {**probes["cv_grid"], "weight_decay": [0.0, 1.0]}}

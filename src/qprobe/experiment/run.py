@@ -121,9 +121,7 @@ def run_experiment(
             results["test"][ts.label] = evaluate_test_set(ctx, ts, test_dirs[ts.label], probes, base)
             say(f"evaluated {ts.label}")
         if cfg.curve.sizes or cfg.curve.samples:  # learning curves on the first test set
-            first_test = _rollouts(test_dirs[cfg.test[0].label])
-            results["curve"] = learning_curve(cfg, _rollouts(train_dir), first_test,
-                                              ctx.chosen.get(cfg.curve.objective), say)
+            results["curve"] = curve_stage(ctx, train_dir, test_dirs[cfg.test[0].label])
     ctx.timings["total_s"] = time.perf_counter() - t_start
     return write_results(ctx, results, train_dir, train)
 
@@ -337,24 +335,31 @@ def _rollouts(path: Path) -> Any:
 PROBE_INPUTS = "inputs.json"  # beside the probes: what they were trained on (`probe_inputs`)
 
 
+def _folder_inputs(r: Any) -> dict[str, Any]:
+    """A rollouts folder as a stage's input: rows, columns, feature sets and a digest of the
+    name, size and modification time of its data files (samples, features, pairs, embedded)."""
+    import hashlib
+    import json
+
+    files = [[str(p.relative_to(r.path)), p.stat().st_size, p.stat().st_mtime_ns]
+             for p in sorted(r.path.rglob("*")) if p.is_file() and p.suffix in (".parquet", ".npy")]
+    return {"rows": len(r), "columns": r.table.column_names, "feature_sets": sorted(r.feature_sets),
+            "files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+
+
 def probe_inputs(ctx: Context, tr: Any) -> dict[str, Any]:
     """Everything the probes are a function of: the train folder's rows, columns and files
     (name, size and modification time of every samples / features / pairs / embedded file: any
     new shard, re-scoring or filled column changes them), the feature spec, the probe and CV
     settings, the trainer config of each objective x seed, and the qprobe version."""
-    import hashlib
     import json
 
     from qprobe import __version__
 
     cfg = ctx.cfg
-    files = [[str(p.relative_to(tr.path)), p.stat().st_size, p.stat().st_mtime_ns]
-             for p in sorted(tr.path.rglob("*")) if p.is_file() and p.suffix in (".parquet", ".npy")]
     d = {
         "qprobe": __version__,
-        "train": {"rows": len(tr), "columns": tr.table.column_names,
-                  "files": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
-                  "feature_sets": sorted(tr.feature_sets)},
+        "train": _folder_inputs(tr),
         "feature_spec": ctx.spec.to_dict(),
         "probes": dataclasses.asdict(cfg.probes),
         "seed": cfg.seed,
@@ -429,6 +434,38 @@ def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[st
             ctx.say(f"trained probe {obj} seed {seed}")
     atomic_write_json(ctx.out / "probes" / PROBE_INPUTS, inputs)
     return train, probes
+
+
+CURVE = "curve.json"  # beside the probes: the last learning curve and its inputs
+
+
+def curve_stage(ctx: Context, train_dir: Path, test_dir: Path) -> dict[str, Any]:
+    """The learning curve (`curve.learning_curve`), or the stored one when its inputs are the
+    same: the probes' inputs, the first test folder, the curve and eval settings, and the
+    candidate CV chose."""
+    import json
+
+    from qprobe.fileio import atomic_write_json
+
+    cfg, tr, te = ctx.cfg, _rollouts(train_dir), _rollouts(test_dir)
+    chosen = ctx.chosen.get(cfg.curve.objective)
+    inputs = json.loads(json.dumps({
+        "probes": probe_inputs(ctx, tr), "test": _folder_inputs(te),
+        "curve": dataclasses.asdict(cfg.curve), "ks": cfg.eval.ks, "beta": cfg.eval.beta,
+        "trainer": [dataclasses.asdict(cfg.train_config(cfg.curve.objective, j))
+                    for j in range(cfg.curve.subsets)],
+        "candidate": None if chosen is None else dataclasses.asdict(chosen)}, default=str))
+    path = ctx.out / "probes" / CURVE
+    try:
+        stored = json.loads(path.read_text())
+        if stored["inputs"] == inputs:
+            ctx.say("curve: train and test data and settings unchanged, stored curve used")
+            return stored["curve"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    curve = json.loads(json.dumps(learning_curve(cfg, tr, te, chosen, ctx.say), default=float))
+    atomic_write_json(path, {"inputs": inputs, "curve": curve})
+    return curve
 
 
 def _chosen_candidate(cv: dict[str, Any]) -> Any:
