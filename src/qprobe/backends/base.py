@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from qprobe import defaults
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
+
+if TYPE_CHECKING:  # annotations only: the CLI's parser imports this module and not numpy
+    import numpy as np
 
 
 @dataclass

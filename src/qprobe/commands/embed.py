@@ -11,7 +11,7 @@ from qprobe.commands.flags import comma_list
 
 
 def register(subparsers: Any) -> None:
-    from qprobe.embed import EmbedConfig
+    from qprobe.embed_config import EmbedConfig
 
     h = {f.name: f.metadata.get("help", "") for f in fields(EmbedConfig)}
     p = subparsers.add_parser(

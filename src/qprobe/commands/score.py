@@ -30,6 +30,10 @@ class ScoreOptions:
         "help": "instead of the reward, run only the tests each prompt shows (MBPP's first assert, "
                 "HumanEval's docstring examples) and store 1/0 as visible_reward (empty where a "
                 "prompt shows none): a signal available at inference time, a probe input"})
+    only_missing: bool = field(default=False, metadata={
+        "help": "rollouts folder only: score only the samples without a value (no reward; with "
+                "--visible, no visible_reward column in their shard) and keep the others, e.g. "
+                "after the folder grew"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
     src = Path(o.input)
     if not src.exists():
         raise QProbeError(f"score: {src} does not exist")
+    if o.only_missing and not src.is_dir():
+        raise QProbeError(f"score: --only-missing needs a rollouts folder, {src} is a file")
     task = get_task(o.task, data=o.data,
                     sandbox=SandboxConfig(timeout=o.timeout, workers=o.workers))  # fmt: skip
-    store = None
+    store, todo = None, None
     if src.is_dir():
         from qprobe.rollouts import Rollouts
 
@@ -80,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
             {"prompt_id": pid, "prompt": p, "completion": c}
             for pid, p, c in zip(ids, store.column("prompt"), store.column("completion"))
         ]
+        if o.only_missing:
+            missing = store.lacks_column("visible_reward") if o.visible else _isnan(store.rewards)
+            todo = [i for i, m in enumerate(missing) if m]
+            if not todo:
+                task.close()
+                print(f"score: every sample of {src} has a value; nothing to do", file=sys.stderr)
+                return 0
+            rows = [rows[i] for i in todo]
     else:
         rows = _read_rows(src)
     ids = [str(r["prompt_id"]) for r in rows]
@@ -89,14 +103,14 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise QProbeError(f"score: prompt_id {bad[0]!r} is not in {task.name} split {o.split}")
     if o.visible:
-        return _visible(task, rows, ids, store, src, o.out)
+        return _visible(task, rows, ids, store, src, o.out, todo)
     scores = _score(task, rows, ids)
     if store is not None:
-        store.set_rewards(
-            [s.reward for s in scores],
-            extra_columns={"verdict": [s.status for s in scores],
-                           "verdict_detail": [s.detail for s in scores]},
-        )  # fmt: skip
+        cols = {"reward": [s.reward for s in scores], "verdict": [s.status for s in scores],
+                "verdict_detail": [s.detail for s in scores]}
+        if todo is not None:  # the stored values, with the new ones in their rows
+            cols = {name: _fill(store, name, todo, vals) for name, vals in cols.items()}
+        store.set_rewards(cols.pop("reward"), extra_columns=cols)
         where = str(src)
     else:
         where = _write_rows(rows, scores, src, o.out)
@@ -111,8 +125,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _isnan(values: Any) -> list[bool]:
+    return [x != x for x in values.tolist()]
+
+
+def _fill(store: Any, name: str, todo: list[int], values: list) -> list:
+    """Column `name` of the folder (None where absent) with `values` put at rows `todo`."""
+    if name == "reward":
+        col = [None if x != x else x for x in store.rewards.tolist()]
+    else:
+        col = store.column(name) if name in store.table.column_names else [None] * len(store)
+    for i, v in zip(todo, values):
+        col[i] = v
+    return col
+
+
 def _visible(task: Any, rows: list[dict], ids: list[str], store: Any, src: Path,
-             out: str | None) -> int:
+             out: str | None, todo: list[int] | None = None) -> int:
     """`--visible`: the visible-test verdict of every row, into the folder or the output rows."""
     from qprobe.errors import QProbeError
     from qprobe.fileio import atomic_write_text
@@ -126,7 +155,9 @@ def _visible(task: Any, rows: list[dict], ids: list[str], store: Any, src: Path,
     finally:
         task.close()
     if store is not None:
-        store.set_rewards([None if x != x else float(x) for x in store.rewards], extra_columns={"visible_reward": vis})
+        col = vis if todo is None else _fill(store, "visible_reward", todo, vis)
+        store.set_rewards([None if x != x else float(x) for x in store.rewards],
+                          extra_columns={"visible_reward": col})
         where = str(src)
     else:
         text = "".join(json.dumps(dict(r, visible_reward=v), ensure_ascii=False) + "\n"

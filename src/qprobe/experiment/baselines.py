@@ -16,11 +16,39 @@ from typing import Any
 import numpy as np
 
 
-def pick_shots(train_dir: Path, n: int, seed: int) -> list[tuple[str, str]]:
-    """n (prompt, completion) pairs with the best reward, from distinct train prompts (seeded)."""
+def pick_shots(train_dir: Path, n: int, seed: int, stored: str | None = None
+               ) -> list[tuple[str, str]]:
+    """n (prompt, completion) pairs with the best reward, from distinct train prompts (seeded).
+
+    stored: the prefix an existing few-shot folder was collected with. When the train set grew
+    since, the seeded choice differs and the folder would be refused on resume; its own shots
+    are kept instead, if they are still train samples and as many as a new choice gives."""
     from qprobe.rollouts import Rollouts
 
     r = Rollouts(train_dir)
+    shots = _pick(r, n, seed)
+    if stored is not None and few_shot_prefix(shots) != stored:
+        kept = _shots_in(r, stored)
+        if kept is not None and len(kept) == len(shots):
+            return kept
+    return shots
+
+
+def _shots_in(r: Any, prefix: str) -> list[tuple[str, str]] | None:
+    """The train samples a few-shot prefix is made of, in its order (read from its start, the
+    longest sample text that fits at each point); None if it is not made of them."""
+    texts = {few_shot_prefix([(p, c)]): (p, c) for p, c in zip(r.column("prompt"), r.column("completion"))}
+    shots, pos = [], 0
+    while pos < len(prefix):
+        t = max((t for t in texts if prefix.startswith(t, pos)), key=len, default=None)
+        if t is None:
+            return None
+        shots.append(texts[t])
+        pos += len(t)
+    return shots
+
+
+def _pick(r: Any, n: int, seed: int) -> list[tuple[str, str]]:
     rewards = r.rewards
     if np.isnan(rewards).all():
         return []

@@ -122,9 +122,7 @@ def run_experiment(
             results["test"][ts.label] = evaluate_test_set(ctx, ts, test_dirs[ts.label], probes, base)
             say(f"evaluated {ts.label}")
         if cfg.curve.sizes or cfg.curve.samples:  # learning curves on the first test set
-            first_test = _rollouts(test_dirs[cfg.test[0].label])
-            results["curve"] = learning_curve(cfg, _rollouts(train_dir), first_test,
-                                              ctx.chosen.get(cfg.curve.objective), say)
+            results["curve"] = curve_stage(ctx, train_dir, test_dirs[cfg.test[0].label])
     ctx.timings["total_s"] = time.perf_counter() - t_start
     return write_results(ctx, results, train_dir, train)
 
@@ -222,12 +220,16 @@ def collect_sets(ctx: Context) -> tuple[Path, dict[str, Path]]:
 def collect_baselines(ctx: Context, train_dir: Path) -> Baselines:
     """Greedy and few-shot completions of every test set (one per prompt, resumable)."""
     from qprobe.backends import SamplingParams
+    from qprobe.rollouts import read_meta
     from qprobe.tasks import get_task
 
     cfg, rollouts = ctx.cfg, ctx.out / "rollouts"
     base = Baselines()
-    if cfg.baselines.few_shot > 0:
-        base.shots = pick_shots(train_dir, cfg.baselines.few_shot, cfg.seed)
+    if cfg.baselines.few_shot > 0:  # a resumed run keeps the shots its folders were made with
+        stored = [read_meta(p).get("prefix") for p in (rollouts / f"fewshot-{ts.label}" for ts in cfg.test)
+                  if (p / "meta.json").is_file()]
+        base.shots = pick_shots(train_dir, cfg.baselines.few_shot, cfg.seed,
+                                stored[0] if stored else None)
         if len(base.shots) < cfg.baselines.few_shot:
             ctx.say(f"few-shot: only {len(base.shots)} successful train completions available")
     tasks: dict[str, Any] = {}  # name -> task, shared by the test sets of one task
@@ -256,27 +258,36 @@ def collect_baselines(ctx: Context, train_dir: Path) -> Baselines:
 
 
 def visible_sets(ctx: Context, folders: list[tuple[Path, DataConfig]]) -> None:
-    """A `visible_reward` column (`qprobe score --visible`) on every folder that lacks one."""
+    """A `visible_reward` value (`qprobe score --visible`) for every sample that lacks one.
+
+    Only the rows of shards without the column are run: a folder that grew since the last run
+    (a raised limit) gets its new shards filled, and the stored values stay as they are. A row
+    left without a value would read as "the prompt shows no tests" (visible_pass 0.5)."""
     from qprobe.tasks import get_task
     from qprobe.tasks.code import CodeTask
 
     for folder, d in folders:
         r = _rollouts(folder)
-        if "visible_reward" in r.table.column_names:
+        todo = np.flatnonzero(r.lacks_column("visible_reward"))  # [M] rows to run
+        if len(todo) == 0:
             continue
         task = get_task(d.task)
         try:
             if not isinstance(task, CodeTask):
                 raise QProbeError(f"baselines.visible: task {d.task!r} shows no tests (code tasks only)")
             t0 = time.perf_counter()
-            vis = task.visible_reward(r.column("prompt"), r.column("completion"),
-                                      prompt_id=[str(x) for x in r.prompt_ids])
+            prompts, comps, ids = r.column("prompt"), r.column("completion"), r.prompt_ids
+            new = task.visible_reward([prompts[i] for i in todo], [comps[i] for i in todo],
+                                      prompt_id=[str(ids[i]) for i in todo])
         finally:
             task.close()
+        vis = r.column("visible_reward") if "visible_reward" in r.table.column_names else [None] * len(r)
+        for i, v in zip(todo, new):
+            vis[i] = v
         r.set_rewards([None if x != x else float(x) for x in r.rewards],
                       extra_columns={"visible_reward": vis})
-        shown = [v for v in vis if v is not None]
-        ctx.say(f"{folder.name}: shown tests run on {len(vis)} samples in "
+        shown = [v for v in new if v is not None]
+        ctx.say(f"{folder.name}: shown tests run on {len(new)} of {len(r)} samples in "
                 f"{time.perf_counter() - t0:.0f}s ({len(shown)} with shown tests, pass rate "
                 f"{_fmt_reward(sum(shown) / len(shown) if shown else None)})")
 
@@ -320,13 +331,82 @@ def _rollouts(path: Path) -> Any:
     return Rollouts(path)
 
 
+PROBE_INPUTS = "inputs.json"  # beside the probes: what they were trained on (`probe_inputs`)
+
+
+def _folder_inputs(r: Any) -> dict[str, Any]:
+    """A rollouts folder as a stage's input: rows, columns, feature sets and a digest of the
+    name, size and modification time of its data files (samples, features, pairs, embedded)."""
+    import hashlib
+    import json
+
+    files = [[str(p.relative_to(r.path)), p.stat().st_size, p.stat().st_mtime_ns]
+             for p in sorted(r.path.rglob("*")) if p.is_file() and p.suffix in (".parquet", ".npy")]
+    return {"rows": len(r), "columns": r.table.column_names, "feature_sets": sorted(r.feature_sets),
+            "files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+
+
+def probe_inputs(ctx: Context, tr: Any) -> dict[str, Any]:
+    """Everything the probes are a function of: the train folder's rows, columns and files
+    (name, size and modification time of every samples / features / pairs / embedded file: any
+    new shard, re-scoring or filled column changes them), the feature spec, the probe and CV
+    settings, the trainer config of each objective x seed, and the qprobe version."""
+    import json
+
+    from qprobe import __version__
+
+    cfg = ctx.cfg
+    d = {
+        "qprobe": __version__,
+        "train": _folder_inputs(tr),
+        "feature_spec": ctx.spec.to_dict(),
+        "probes": dataclasses.asdict(cfg.probes),
+        "seed": cfg.seed,
+        "visible": cfg.baselines.visible,
+        "trainer": {f"{obj}-seed{seed}": dataclasses.asdict(cfg.train_config(obj, seed))
+                    for obj in cfg.probes.objectives for seed in cfg.probes.seeds},
+    }
+    return json.loads(json.dumps(d, default=str))  # as read back from the file
+
+
+def _stored_probes(ctx: Context, inputs: dict[str, Any]) -> dict[tuple[str, int], Any] | None:
+    """The probes of an earlier run, if it trained them on the same `inputs`; else None."""
+    import json
+
+    from qprobe.probe import Probe
+
+    d = ctx.out / "probes"
+    try:
+        if json.loads((d / PROBE_INPUTS).read_text()) != inputs:
+            return None
+        return {(obj, seed): Probe.load(d / f"{obj}-seed{seed}")
+                for obj in ctx.cfg.probes.objectives for seed in ctx.cfg.probes.seeds}
+    except (OSError, ValueError, QProbeError):
+        return None
+
+
 def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[str, int], Any]]:
-    """One probe per objective x seed on all train rollouts, saved to probes/<obj>-seed<seed>."""
+    """One probe per objective x seed on all train rollouts, saved to probes/<obj>-seed<seed>.
+
+    Skipped when probes/inputs.json says the stored probes were trained on the same inputs
+    (`probe_inputs`): they are loaded, with the candidate CV chose. Otherwise every probe is
+    trained again and inputs.json is written last."""
+    from qprobe.fileio import atomic_write_json
     from qprobe.train import train_probe
 
     tr = _rollouts(train_dir)
     group, prompts = tr.groups()
     train = TrainSet(np.asarray(tr.features), tr.rewards, group, prompts, tr.prompt_ids, len(tr))
+    inputs = probe_inputs(ctx, tr)
+    stored = _stored_probes(ctx, inputs)
+    if stored is not None:
+        for obj in ctx.cfg.probes.objectives:
+            cv = stored[(obj, ctx.cfg.probes.seeds[0])].info.get("cv")
+            if ctx.cfg.probes.cv and cv is not None:
+                ctx.chosen[obj] = _chosen_candidate(cv)
+        ctx.say(f"probes: train data and settings unchanged, {len(stored)} probes loaded")
+        return train, stored
+    (ctx.out / "probes" / PROBE_INPUTS).unlink(missing_ok=True)  # stale until all are retrained
     probes: dict[tuple[str, int], Any] = {}
     for obj in ctx.cfg.probes.objectives:
         chosen = choose_by_cv(ctx, tr, obj) if ctx.cfg.probes.cv else None
@@ -351,13 +431,54 @@ def train_probes(ctx: Context, train_dir: Path) -> tuple[TrainSet, dict[tuple[st
             probe.save(ctx.out / "probes" / f"{obj}-seed{seed}")
             probes[(obj, seed)] = probe
             ctx.say(f"trained probe {obj} seed {seed}")
+    atomic_write_json(ctx.out / "probes" / PROBE_INPUTS, inputs)
     return train, probes
+
+
+CURVE = "curve.json"  # beside the probes: the last learning curve and its inputs
+
+
+def curve_stage(ctx: Context, train_dir: Path, test_dir: Path) -> dict[str, Any]:
+    """The learning curve (`curve.learning_curve`), or the stored one when its inputs are the
+    same: the probes' inputs, the first test folder, the curve and eval settings, and the
+    candidate CV chose."""
+    import json
+
+    from qprobe.fileio import atomic_write_json
+
+    cfg, tr, te = ctx.cfg, _rollouts(train_dir), _rollouts(test_dir)
+    chosen = ctx.chosen.get(cfg.curve.objective)
+    inputs = json.loads(json.dumps({
+        "probes": probe_inputs(ctx, tr), "test": _folder_inputs(te),
+        "curve": dataclasses.asdict(cfg.curve), "ks": cfg.eval.ks, "beta": cfg.eval.beta,
+        "trainer": [dataclasses.asdict(cfg.train_config(cfg.curve.objective, j))
+                    for j in range(cfg.curve.subsets)],
+        "candidate": None if chosen is None else dataclasses.asdict(chosen)}, default=str))
+    path = ctx.out / "probes" / CURVE
+    try:
+        stored = json.loads(path.read_text())
+        if stored["inputs"] == inputs:
+            ctx.say("curve: train and test data and settings unchanged, stored curve used")
+            return stored["curve"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    curve = json.loads(json.dumps(learning_curve(cfg, tr, te, chosen, ctx.say), default=float))
+    atomic_write_json(path, {"inputs": inputs, "curve": curve})
+    return curve
+
+
+def _chosen_candidate(cv: dict[str, Any]) -> Any:
+    """The candidate a CV table (`cross_validate`'s result) ranks best."""
+    from qprobe.train.cv import Candidate
+
+    best = cv["rows"][cv["best"]]["candidate"]
+    return Candidate(**{**best, "extras": tuple(best["extras"])})
 
 
 def choose_by_cv(ctx: Context, tr: Any, obj: str) -> tuple[Any, dict[str, Any]]:
     """The candidate (inputs, regularisation) that cross-validation over the train prompts
     picks for one objective, and its table (stored in every seed's probe)."""
-    from qprobe.train.cv import Candidate, CVGrid, cross_validate
+    from qprobe.train.cv import CVGrid, cross_validate
 
     grid = CVGrid(**ctx.cfg.probes.cv_grid)
     if not ctx.cfg.baselines.visible and "visible" not in ctx.cfg.probes.cv_grid:
@@ -365,7 +486,7 @@ def choose_by_cv(ctx: Context, tr: Any, obj: str) -> tuple[Any, dict[str, Any]]:
     cv = cross_validate(tr, ctx.cfg.train_config(obj, ctx.cfg.seed), grid,
                         folds=ctx.cfg.probes.cv, seed=ctx.cfg.seed, log=ctx.say)
     best = cv["rows"][cv["best"]]
-    c = Candidate(**{**best["candidate"], "extras": tuple(best["candidate"]["extras"])})
+    c = _chosen_candidate(cv)
     ctx.say(f"cv {obj}: chose {c.label} ({best['mean']:.4f} +- {best['se']:.4f})")
     return c, {**cv, "chosen": c.label}
 
