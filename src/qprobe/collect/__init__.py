@@ -10,10 +10,21 @@ rewards, into a rollouts folder. One loop, several executors:
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from qprobe.collect.config import CollectConfig, RayConfig
-from qprobe.collect.core import Draw, collect_task, plan, rollouts_meta
-from qprobe.collect.model import collect_meta, load_collect_model
-from qprobe.collect.run import collect
+
+# The loop's modules load on first use, so `qprobe --help` (which reads CollectConfig for the
+# flags) does not import numpy and the rest of the collection stack.
+_LAZY = {"Draw": "core", "collect_task": "core", "plan": "core", "rollouts_meta": "core",
+         "collect_meta": "model", "load_collect_model": "model", "collect": "run"}
 
 __all__ = ["CollectConfig", "Draw", "RayConfig", "collect", "collect_meta", "collect_task",
            "load_collect_model", "plan", "rollouts_meta"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"qprobe.collect.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'qprobe.collect' has no attribute {name!r}")
