@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import qprobe.probe
 import qprobe.train
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec
@@ -250,3 +251,41 @@ def test_cv_signals_axis_adds_each_group_and_checks_names(tmp_path):
         cross_validate(r, BASE, dataclasses.replace(grid, signals=["nope"]), folds=2)
     with pytest.raises(QProbeError, match="stores no"):
         cross_validate(r, BASE, dataclasses.replace(grid, signals=["visible_pass"]), folds=2)
+
+
+def add_visible(r, path, visible):
+    """Store a visible_reward column (1 pass, 0 fail) in the folder's one shard."""
+    t = pq.read_table(path / "samples-00000.parquet")
+    pq.write_table(t.append_column("visible_reward", pa.array(visible, pa.float32())),
+                   path / "samples-00000.parquet")
+    return Rollouts(path)
+
+
+def test_gate_puts_passing_candidates_first_and_the_probe_ranks_inside(tmp_path):
+    """Planted: a sample that fails the shown test never has reward 1, and among the passing
+    ones the log-likelihood carries the signal. The gated probe is the filter with a learned
+    order inside it, so CV must prefer it to the ungated one."""
+    r = make_folder(tmp_path / "train", 0)
+    rng = np.random.default_rng(5)
+    rewards = r.rewards
+    visible = np.where(rewards == 1, 1.0, (rng.random(len(rewards)) < 0.5).astype(np.float64))
+    r = add_visible(r, tmp_path / "train", visible)
+    grid = CVGrid(feature_sets=["L1-last"], loglik=["without"], visible=["with"],
+                  weight_decay=[0.0], min_steps=[300], signals=["none", "logprob_mean"],
+                  gate=["none", "visible_pass"], beta=[0.0])
+    cv = cross_validate(r, BASE, grid, folds=2)
+    by = {row["label"]: row["mean"] for row in cv["rows"]}
+    gated = "L1-last+loglik+visible+gate(visible_pass) wd=0 steps=300 beta=0"
+    assert gated in by and "L1-last+visible+gate(visible_pass) wd=0 steps=300 beta=0" in by
+    assert cv["rows"][cv["best"]]["label"] == gated, by
+    probe, _ = train_with_cv(r, BASE, grid, folds=2)
+    assert probe.gate == "visible_pass"
+    x = probe.inputs(r.features_of("L1-last"), r.extra_inputs())
+    s = probe.score(x)
+    passing, failing = s[visible == 1], s[visible == 0]
+    assert passing.min() > failing.max()  # the gate decides first, whatever Q says
+    probe.save(tmp_path / "p")
+    again = qprobe.probe.Probe.load(tmp_path / "p")
+    assert again.gate == "visible_pass" and np.array_equal(again.score(x), s)
+    with pytest.raises(QProbeError, match="gate must be none"):
+        cross_validate(r, BASE, dataclasses.replace(grid, gate=["logprob_mean"]), folds=2)

@@ -36,6 +36,10 @@ LOGLIK_EXTRAS = ("logprob_mean", "logprob_sum", "logprob_tokens")
 # optional inputs after the features: the model's own log-likelihood of the sample, and whether
 # the sample passes the tests its prompt shows (`visible_reward`, 0.5 where the prompt shows none)
 EXTRAS = (*LOGLIK_EXTRAS, "visible_pass")
+# extras that may gate a probe's choice (1 pass, 0 fail, 0.5 unknown) and the score added per
+# unit of it: larger than any Q a standardised linear probe reaches, so the gate decides first
+GATES = ("visible_pass",)
+GATE_WEIGHT = 1e3
 
 
 def build_net(dim: int, hidden: tuple[int, ...] | list[int] = ()) -> nn.Sequential:
@@ -71,12 +75,20 @@ class Probe(nn.Module):
         std: np.ndarray | torch.Tensor | None = None,
         info: dict[str, Any] | None = None,
         extras: tuple[str, ...] | list[str] = (),
+        gate: str | None = None,
     ) -> None:
         super().__init__()
         bad = [e for e in extras if e not in EXTRAS]
         if bad:
             raise QProbeError(f"probe: unknown extra input(s) {bad}; known: {list(EXTRAS)}")
         self.extras = tuple(extras)
+        if gate is not None and gate not in GATES:
+            raise QProbeError(f"probe: gate {gate!r} is not one of {list(GATES)}")
+        if gate is not None and gate not in self.extras:
+            raise QProbeError(f"probe: gate {gate!r} must be one of its extra inputs {list(extras)}")
+        # A gate puts every candidate that passes it (value 1) above every one that fails (0),
+        # whatever Q says: the shown-test filter as a hard rule, the probe ranking inside it.
+        self.gate = gate
         if feature_spec is not None and int(feature_spec.dim) + len(self.extras) != int(dim):
             raise FeatureSpecMismatch(
                 f"probe: feature spec dim {feature_spec.dim} differs from probe dim {dim}"
@@ -181,6 +193,9 @@ class Probe(nn.Module):
         self.train(was_training)
         if not np.isfinite(out).all():
             raise QProbeError("probe.score: features gave non-finite scores (NaN/inf in input?)")
+        if self.gate is not None:
+            col = x[:, self.feature_dim + self.extras.index(self.gate)].astype(np.float64)  # [N]
+            out = (out + GATE_WEIGHT * col).astype(np.float32)
         return out
 
     # --- persistence -----------------------------------------------------------------------
@@ -199,6 +214,7 @@ class Probe(nn.Module):
             },
             "feature_spec": self.feature_spec.to_dict() if self.feature_spec else None,
             **({"extras": list(self.extras)} if self.extras else {}),
+            **({"gate": self.gate} if self.gate else {}),
             **self.info,
             "qprobe_version": __version__,
         }
@@ -237,13 +253,14 @@ class Probe(nn.Module):
             raise QProbeError(f"{w_path}: standardisation statistics missing")
         extras = cfg.get("extras", [])
         known = {"format", "objective", "beta", "architecture", "feature_spec", "qprobe_version",
-                 "extras"}
+                 "extras", "gate"}
         info = {k: v for k, v in cfg.items() if k not in known}
         try:
             probe = cls(
                 dim, hidden, beta=beta, objective=objective, feature_spec=spec,
                 mean=tensors.get("mean") if std_on else None,
                 std=tensors.get("std") if std_on else None, info=info, extras=extras,
+                gate=cfg.get("gate"),
             )
             probe.load_state_dict(tensors, strict=True)
         except QProbeError as e:

@@ -60,6 +60,10 @@ def register(subparsers: Any) -> None:
     g.add_argument("--cv-signals", type=comma_list(str), default=["none"], metavar="G,H",
                    help="--cv: groups of stored signals to try as extra inputs, each 'none' or "
                    "names joined by '+' (e.g. none,mbr_share+codet_score; docs/verifier.md)")
+    g.add_argument("--cv-gate", type=comma_list(str), default=["none"], metavar="G,H",
+                   help="--cv: gates to try: none, visible_pass (candidates passing the prompt's "
+                   "shown test come first; the probe, trained on the rows not failing it, ranks "
+                   "inside)")
     g.add_argument("--cv-objectives", type=comma_list(str), default=None, metavar="A,B",
                    help="--cv: objectives to try (default: --objective alone); the probe is "
                    "trained with the one CV picks")
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         grid = CVGrid(feature_sets=args.cv_feature_sets, loglik=args.cv_loglik,
                       visible=args.cv_visible, weight_decay=args.cv_weight_decay, min_steps=args.cv_min_steps,
                       lr=args.cv_lr, beta=args.cv_beta, signals=args.cv_signals,
-                      objectives=args.cv_objectives)
+                      objectives=args.cv_objectives, gate=args.cv_gate)
         probe, _ = train_with_cv(r, cfg, grid, folds=args.cv, seed=args.cv_seed, log=log)
     else:
         from qprobe.train.cv import Candidate, fit

@@ -67,6 +67,10 @@ class CVGrid:
     signals: list[str] = field(default_factory=lambda: ["none"], metadata={
         "help": "groups of extra inputs to try beside the others, each 'none' or names of "
                 "qprobe.probe.EXTRAS joined by '+' (e.g. none, mbr_share+codet_score)"})
+    gate: list[str] = field(default_factory=lambda: ["none"], metadata={
+        "help": "gates to try: none, or an extra in qprobe.probe.GATES (visible_pass): the "
+                "candidates that pass it always come first and the probe, trained on the rows "
+                "that do not fail it, ranks inside (the shown-test filter with a learned order)"})
     objectives: list[str] | None = field(default=None, metadata={
         "help": "objectives to try (default: the training config's alone); all reward "
                 "objectives or all pair objectives, since they are scored differently"})
@@ -83,6 +87,7 @@ class Candidate:
     lr: float | None = None  # None: the training config's
     beta: float | None = None  # the policy temperature it is scored at; None: the config's
     objective: str | None = None  # None: the training config's
+    gate: str | None = None  # an extra whose passing candidates come first (qprobe.probe.GATES)
 
     @property
     def label(self) -> str:
@@ -90,7 +95,8 @@ class Candidate:
         inputs = "+".join(([self.feature_set] if self.feature_set else []) +
                           (["loglik"] if set(LOGLIK) & set(self.extras) else []) +
                           (["visible"] if "visible_pass" in self.extras else []) +
-                          [e for e in self.extras if e not in named])
+                          [e for e in self.extras if e not in named] +
+                          ([f"gate({self.gate})"] if self.gate else []))
         return (("" if self.objective is None else f"{self.objective}: ")
                 + f"{inputs} wd={self.weight_decay:g} steps={self.min_steps}"
                 + ("" if self.lr is None else f" lr={self.lr:g}")
@@ -133,9 +139,34 @@ def candidates(r: Any, grid: CVGrid) -> list[Candidate]:
     inputs = [(fs, (*ex, *g)) for g in groups for fs, ex in inputs]
     lrs: list[float | None] = [None] if not grid.lr else [float(x) for x in grid.lr]
     objs: list[str | None] = [None] if not grid.objectives else list(grid.objectives)
-    return [Candidate(fs, ex, float(wd), int(st), lr, objective=o)
-            for o, (fs, ex), wd, st, lr in itertools.product(objs, inputs, grid.weight_decay,
-                                                             grid.min_steps, lrs)]
+    gates = gate_options(grid.gate, r.extra_inputs())
+    out = []
+    for o, gate, (fs, ex), wd, st, lr in itertools.product(objs, gates, inputs, grid.weight_decay,
+                                                           grid.min_steps, lrs):
+        if gate is not None and gate not in ex:
+            ex = (*ex, gate)  # the gate is read from the probe's inputs
+        c = Candidate(fs, ex, float(wd), int(st), lr, objective=o, gate=gate)
+        if c not in out:  # a gate already among the inputs makes the same candidate twice
+            out.append(c)
+    return out
+
+
+def gate_options(spec: list[str], columns: dict[str, Any]) -> list[str | None]:
+    """The `gate` axis: None for 'none', else a name from qprobe.probe.GATES the folder stores."""
+    from qprobe.probe import GATES
+
+    out: list[str | None] = []
+    for g in spec or ["none"]:
+        if g == "none":
+            out.append(None)
+        elif g not in GATES:
+            raise QProbeError(f"--cv: gate must be none or one of {list(GATES)}, got {g!r}")
+        elif g not in columns:
+            raise QProbeError(f"--cv: gate {g} needs a column the folder lacks (qprobe score "
+                              "--visible)")
+        else:
+            out.append(g)
+    return out
 
 
 def signal_groups(spec: list[str], columns: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -206,6 +237,9 @@ def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
     pids = r.prompt_ids
     objective = base.objective if c.objective is None else c.objective
     pairs = r.pair_rows() if objectives.get(objective).pairs else None  # [P, 2]
+    if c.gate is not None:  # train on the rows that do not fail the gate: the probe ranks there
+        keep = r.extra_inputs()[c.gate] != 0
+        rows = np.flatnonzero(keep) if rows is None else rows[keep[rows]]
     if rows is not None:
         x, group, rewards, pids = x[rows], group[rows], rewards[rows], pids[rows]
         if pairs is not None:  # keep the pairs with both rows in `rows`, renumbered
@@ -219,6 +253,7 @@ def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
     spec = r.feature_sets[c.feature_set] if c.feature_set else None
     probe, history = train_probe(x, rewards, group, pairs, cfg, feature_spec=spec, extras=c.extras,
                                  prompt_ids=pids, **kw)
+    probe.gate = c.gate
     if c.beta is not None:  # the temperature CV chose for the policy (training used cfg.beta)
         probe.beta = float(c.beta)
     return probe, history
