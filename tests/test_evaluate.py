@@ -213,6 +213,29 @@ def test_evaluate_rollouts_scores_with_the_probe(tmp_path) -> None:
     assert res.probe[(6, 0.0)].mean > res.pass1.mean  # the planted direction helps
 
 
+def test_evaluate_rollouts_reads_the_probes_extras(tmp_path) -> None:
+    """A probe of extras alone (what --cv often picks) is scored from the folder's columns, not
+    from its features (it used to be refused: dimension D does not match the probe's 0)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from qprobe.probe import Probe
+
+    feats, rewards, _ = _rollouts_and_probe(tmp_path)
+    shard = tmp_path / "test" / "samples-00000.parquet"
+    t = pq.read_table(shard)
+    pq.write_table(t.append_column("visible_reward", pa.array(feats[:, 0] > 0)), shard)
+    probe = Probe(1, beta=0.1, objective="q", extras=("visible_pass",))
+    with torch.no_grad():
+        probe.net[-1].weight.fill_(1.0)
+    probe.save(tmp_path / "extras-only")
+    res = evaluate_rollouts(str(tmp_path / "test"), str(tmp_path / "extras-only"), [6], [0.0])
+    direct = evaluate_groups(np.repeat(np.arange(12), 6), rewards,
+                             (feats[:, 0] > 0).astype(np.float64), [6], [0.0])
+    assert res.probe[(6, 0.0)].mean == pytest.approx(direct.probe[(6, 0.0)].mean, abs=1e-9)
+
+
 def test_evaluate_refuses_probe_of_other_features(tmp_path) -> None:
     from qprobe.features import FeatureSpec
     from qprobe.probe import Probe

@@ -398,10 +398,12 @@ def evaluate_rollouts(
     if probe_dir is not None:
         from qprobe.probe import Probe
 
-        if r.feature_spec is None:
+        probe = Probe.load(probe_dir)
+        if probe.feature_dim and probe.feature_spec is None and r.feature_spec is None:
             raise QProbeError(f"{rollouts_dir}: rollouts carry no features; a probe needs them")
-        probe = Probe.load(probe_dir, feature_spec=r.feature_spec)  # refuses another spec
-        scores = np.asarray(probe.score(np.asarray(r.features)), dtype=np.float64)  # [N]
+        # the feature set (own or from `qprobe embed`) and extras the probe was trained on;
+        # refuses features of another spec
+        scores = np.asarray(probe.score_rollouts(r), dtype=np.float64)  # [N]
     greedy = None
     if greedy_dir is not None:
         greedy = Rollouts(greedy_dir).rewards
