@@ -36,6 +36,11 @@ LOGLIK_EXTRAS = ("logprob_mean", "logprob_sum", "logprob_tokens")
 # optional inputs after the features: the model's own log-likelihood of the sample, and whether
 # the sample passes the tests its prompt shows (`visible_reward`, 0.5 where the prompt shows none)
 EXTRAS = (*LOGLIK_EXTRAS, "visible_pass")
+# execution signals (`qprobe signals`, qprobe/verifier/agreement.py): error class of the shown
+# test, MBR-exec agreement, model-written tests passed and the CodeT score
+EXEC_EXTRAS = ("visible_wrong", "visible_error", "visible_syntax", "mbr_share", "mbr_size",
+               "mbr_gen_share", "gen_pass", "gen_pass_frac", "codet_score")
+EXTRAS = (*EXTRAS, *EXEC_EXTRAS)
 
 
 def build_net(dim: int, hidden: tuple[int, ...] | list[int] = ()) -> nn.Sequential:
