@@ -68,13 +68,30 @@ def test_exec_extras_by_hand_and_null_rows_give_nothing():
     assert agreement.EXEC_EXTRAS == EXEC_EXTRAS and set(EXEC_EXTRAS) <= set(EXTRAS)
 
 
+def test_zero_parameter_rules_sort_lexicographically_then_by_log_prob():
+    from qprobe.verifier.baselines import lexicographic, rule_scores, visible_ordinal
+
+    cols = {"visible_pass": np.array([1, 1, 0, 0.]), "mbr_size": np.array([1, 3, 5, 3.]),
+            "logprob_mean": np.array([0.1, 0.0, 0.9, 0.5])}
+    assert lexicographic([cols["visible_pass"], cols["mbr_size"], cols["logprob_mean"]]).tolist() \
+        == [2, 3, 1, 0]
+    sc = rule_scores(cols)
+    assert set(sc) == {"rerank_mean_logprob", "shown_test_filter", "mbr_exec",
+                       "filter_then_mbr_exec"}
+    best = {k: int(np.argmax(v)) for k, v in sc.items()}
+    assert best == {"rerank_mean_logprob": 2, "shown_test_filter": 0, "mbr_exec": 2,
+                    "filter_then_mbr_exec": 1}
+    assert visible_ordinal(["pass", "wrong_answer", "syntax_error", None]).tolist() == [3, 1, -1, 2]
+
+
 # ------------------------------------------------------------------ calls (ast only)
 
 
 def test_calls_and_entry_points_are_read_without_running_anything():
     assert entry_point("assert set(similar(1, [2])) == set((3,))") == "similar"
     assert entry_point("assert math.isclose(area(2), 12.5)") == "area"
-    assert entry_point("assert len([1]) == 1") is None
+    assert entry_point("assert sum(10, 15) == 6") == "sum"  # MBPP 126 names its function sum
+    assert entry_point("assert x == 1") is None
     assert calls_of("assert f(1, g(2)) == f(2, 1)", "f") == ["f(1, g(2))", "f(2, 1)"]
     assert calls_of("assert f(1", "f") == []
     text = ("assert f(1) == 2\nassert f(1) == 2\n  assert f(3) == 4\nassert g(1) == 1\n"
@@ -259,3 +276,38 @@ def test_signals_command_fills_the_columns(folder, capsys):
     assert Rollouts(folder).column("visible_status")[3] == "syntax_error"
     assert main(["signals", str(folder), "--task", "mbpp"]) == 2  # no stage chosen
     assert main(["signals", str(folder), "--task", "mbpp", "--gen-exec"]) == 2  # no tests yet
+
+
+def test_test_writing_stage_with_a_tiny_model_stores_and_resumes(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_lm import save_tiny
+
+    from qprobe.backends import load_model
+    from qprobe.verifier.gentests import GenTestsConfig, sample_tests, writing_prompt
+
+    task = get_task("mbpp")
+    rows = [task.row(p) for p in ("511", "512")]
+    recs = [{"prompt_id": r["id"], "sample_idx": 0, "prompt": r["prompt"], "completion": "",
+             "reward": 0.0} for r in rows]
+    write_rollouts(tmp_path / "ro", recs, meta={"task": "mbpp"})
+    ep, text = writing_prompt(rows[0])
+    assert ep == "find_Min_Sum"
+    assert text == rows[0]["prompt"] + "\n# check the correctness of find_Min_Sum\nassert find_Min_Sum("
+    lm = load_model(str(save_tiny(tmp_path / "tiny")), chat=False)
+    cfg = GenTestsConfig(samples=2, max_new_tokens=6)
+    quiet = {"say": lambda m: None}
+    assert sample_tests(tmp_path / "ro", task, lm, cfg, limit=1, **quiet)["prompts"] == 1
+    assert list(read_tests(tmp_path / "ro")) == ["511"]
+    out = sample_tests(tmp_path / "ro", task, lm, cfg, **quiet)  # resumes: only 512 is new
+    assert out["prompts"] == 1 and out["tokens"] > 0
+    stored = read_tests(tmp_path / "ro")
+    assert list(stored) == ["511", "512"] and len(stored["512"]["samples"]) == 2
+    assert sorted(p.name for p in (tmp_path / "ro" / DIR).iterdir()) == [
+        "meta.json", "tests-00000.jsonl", "tests-00001.jsonl"]
+    cost = json.loads((tmp_path / "ro" / "signals.json").read_text())["gen_tests"]
+    assert cost["prompts"] == 2 and cost["tokens"] == out["tokens"] + stored["511"]["tokens"]
+    with pytest.raises(Exception, match="other settings"):  # a resume must not mix settings
+        sample_tests(tmp_path / "ro", task, lm, GenTestsConfig(samples=3), **quiet)

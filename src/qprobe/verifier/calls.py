@@ -23,13 +23,12 @@ def _parse(src: str) -> ast.Module | None:
 
 def entry_point(assert_src: str) -> str | None:
     """The function an assert tests: the first called plain name that is not a builtin
-    (`assert set(f(x)) == {1}` -> "f"); None if there is none or the text does not parse."""
+    (`assert set(f(x)) == {1}` -> "f"), else the first called plain name (MBPP has a task whose
+    function is `sum`); None if there is none or the text does not parse."""
     tree = _parse(assert_src)
-    for node in ast.walk(tree) if tree is not None else ():
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and not hasattr(builtins, node.func.id)):
-            return node.func.id
-    return None
+    names = [node.func.id for node in (ast.walk(tree) if tree is not None else ())
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+    return next((n for n in names if not hasattr(builtins, n)), names[0] if names else None)
 
 
 def calls_of(src: str, name: str) -> list[str]:
