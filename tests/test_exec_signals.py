@@ -279,14 +279,9 @@ def test_signals_command_fills_the_columns(folder, capsys):
 
 
 def test_test_writing_stage_with_a_tiny_model_stores_and_resumes(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny_lm import save_tiny
-
     from qprobe.backends import load_model
     from qprobe.verifier.gentests import GenTestsConfig, sample_tests, writing_prompt
+    from tiny_lm import save_tiny
 
     task = get_task("mbpp")
     rows = [task.row(p) for p in ("511", "512")]
