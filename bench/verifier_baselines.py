@@ -18,7 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from qprobe.evaluate import Estimate, argmax_expected_reward, expected_max_at_k, ranking, split_groups
+from qprobe.evaluate import (
+    Estimate,
+    argmax_expected_reward,
+    expected_max_at_k,
+    ranking,
+    split_groups,
+)
 from qprobe.fileio import atomic_write_json, atomic_write_text
 from qprobe.rollouts import Rollouts
 from qprobe.verifier.baselines import RULES, rule_scores, visible_ordinal
