@@ -163,7 +163,8 @@ class Probe(nn.Module):
         missing = [e for e in self.extras if e not in (cols or {})]
         if missing:
             how = ("run `qprobe embed` on it" if set(missing) & set(LOGLIK_EXTRAS) else
-                   "run `qprobe score --visible` on it")
+                   "run `qprobe signals --exec / --gen-tests / --gen-exec` on it"
+                   if set(missing) & set(EXEC_EXTRAS) else "run `qprobe score --visible` on it")
             raise QProbeError(f"{r.path}: this probe reads {missing}, which the folder lacks ({how})")
         return self.score(self.inputs(feats, cols))
 
