@@ -2,8 +2,9 @@
 
 The program is the candidate (prompt + completion + the task's setup code) followed by a fixed
 suffix that runs each input (a call source: its result's repr is hashed) and each check (an
-assert: passed or not) under its own time limit (SIGALRM), with the candidate's prints
-swallowed, and prints one line `MARK + json` at the very end. The line is read only from a
+assert: passed or not) under its own time limit (SIGALRM); what an input prints is part of its
+outcome (a docstring example may print), other prints are swallowed; one line `MARK + json` is
+printed at the very end. The line is read only from a
 program the sandbox saw run to the end (verdict `passed`), so a crash, a timeout or an early
 exit never yields outputs. The suffix is trusted text; everything else is untrusted and runs
 only in the sandbox (qprobe.sandbox).
@@ -19,7 +20,7 @@ MARK = "@@qprobe-exec@@"
 SYNTAX = ("SyntaxError", "IndentationError", "TabError")
 
 SUFFIX = '''
-import json as _qp_json, hashlib as _qp_hashlib, signal as _qp_signal, sys as _qp_sys
+import json as _qp_json, hashlib as _qp_hashlib, io as _qp_io, signal as _qp_signal, sys as _qp_sys
 
 
 class _QpTimeout(BaseException):
@@ -39,17 +40,22 @@ def _qp_alarm(signum, frame):
 
 
 def _qp_run(src, expr):
+    _qp_sys.stdout = printed = _qp_io.StringIO()
     _qp_signal.setitimer(_qp_signal.ITIMER_REAL, {per_step!r})
     try:
         code = compile(src, "<input>", "eval" if expr else "exec")
         value = eval(code, globals())
-        return "=" + _qp_hashlib.sha256(repr(value).encode("utf-8", "replace")).hexdigest()[:16] if expr else ""
+        if not expr:
+            return ""
+        seen = repr(value) + " printed " + repr(printed.getvalue())  # result and what it printed
+        return "=" + _qp_hashlib.sha256(seen.encode("utf-8", "replace")).hexdigest()[:16]
     except _QpTimeout:
         return "!Timeout"
     except BaseException as e:
         return "!" + type(e).__name__
     finally:
         _qp_signal.setitimer(_qp_signal.ITIMER_REAL, 0)
+        _qp_sys.stdout = _QpNull()
 
 
 def _qp_is_expr(src):
