@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             if model is None:
                 from qprobe.backends.registry import load_model
 
-                model = load_model(o.model, device=o.device, features=False)
+                model = load_model(o.model, device=o.device, chat=False, features=False)
             task = get_task(o.task, data=o.data)
             cfg = gentests.GenTestsConfig(samples=o.samples, max_new_tokens=o.max_new_tokens,
                                           temperature=o.temperature, max_tests=o.max_tests)
