@@ -29,11 +29,11 @@ class SignalsOptions:
     model: str | None = field(default=None, metadata={
         "help": "model that writes the tests (--gen-tests), e.g. qwen2.5-coder-0.5b"})
     device: str | None = field(default=None, metadata={"help": "device of the model"})
-    samples: int = field(default=4, metadata={"help": "test-writing samples per prompt"})
-    max_new_tokens: int = field(default=128, metadata={"help": "tokens per test-writing sample"})
+    samples: int = field(default=8, metadata={"help": "test-writing samples per prompt"})
+    max_new_tokens: int = field(default=96, metadata={"help": "tokens per test-writing sample"})
     temperature: float = field(default=0.8, metadata={"help": "test-writing temperature"})
     max_tests: int = field(default=10, metadata={"help": "model-written tests kept per prompt"})
-    batch_prompts: int = field(default=8, metadata={"help": "prompts per test-writing batch"})
+    batch_prompts: int = field(default=4, metadata={"help": "prompts per test-writing batch"})
     limit: int | None = field(default=None, metadata={
         "help": "only the first N prompts of each folder (in folder order)"})
     timeout: float = field(default=3.0, metadata={

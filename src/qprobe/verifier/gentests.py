@@ -35,7 +35,8 @@ from qprobe.fileio import atomic_write_json, claim_new
 from qprobe.verifier.calls import PARSE_ERRORS, parse_asserts, shown_inputs
 
 DIR = "gen_tests"
-STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n```", '\n"""']
+# a blank line ends a block of asserts: the model then tends to write prose or code, not tests
+STOP = ["\n\n", "\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n```", '\n"""']
 PROMPT_FORMAT = "{prompt}[    pass\\n if the prompt ends in a def]\\n# check the correctness of {ep}\\nassert {ep}("
 _FILE = re.compile(r"^tests-(\d{5,})\.jsonl$")
 
@@ -44,8 +45,8 @@ _FILE = re.compile(r"^tests-(\d{5,})\.jsonl$")
 class GenTestsConfig:
     """How tests are sampled (CodeT's prompt; fewer, shorter samples than its 100 x 300 tokens)."""
 
-    samples: int = field(default=4, metadata={"help": "model samples per prompt"})
-    max_new_tokens: int = field(default=128, metadata={"help": "tokens per sample"})
+    samples: int = field(default=8, metadata={"help": "model samples per prompt"})
+    max_new_tokens: int = field(default=96, metadata={"help": "tokens per sample"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
     max_tests: int = field(default=10, metadata={"help": "tests kept per prompt (in order)"})
@@ -129,7 +130,7 @@ def _append(d: Path, rows: list[dict]) -> Path:
 
 
 def sample_tests(path: str | os.PathLike, task: Any, model: Any, cfg: GenTestsConfig, *,
-                 limit: int | None = None, batch_prompts: int = 8,
+                 limit: int | None = None, batch_prompts: int = 4,
                  say: Callable[[str], None] = print) -> dict[str, Any]:
     """Write model-written tests for every prompt of the folder (first `limit`) without them."""
     from qprobe.backends.base import SamplingParams
