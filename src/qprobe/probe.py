@@ -36,6 +36,11 @@ LOGLIK_EXTRAS = ("logprob_mean", "logprob_sum", "logprob_tokens")
 # optional inputs after the features: the model's own log-likelihood of the sample, and whether
 # the sample passes the tests its prompt shows (`visible_reward`, 0.5 where the prompt shows none)
 EXTRAS = (*LOGLIK_EXTRAS, "visible_pass")
+# execution signals (`qprobe signals`, qprobe/verifier/agreement.py): error class of the shown
+# test, MBR-exec agreement, model-written tests passed and the CodeT score
+EXEC_EXTRAS = ("visible_wrong", "visible_error", "visible_syntax", "mbr_share", "mbr_size",
+               "mbr_gen_share", "gen_pass", "gen_pass_frac", "codet_score")
+EXTRAS = (*EXTRAS, *EXEC_EXTRAS)
 # extras that may gate a probe's choice (1 pass, 0 fail, 0.5 unknown) and the score added per
 # unit of it: larger than any Q a standardised linear probe reaches, so the gate decides first
 GATES = ("visible_pass",)
@@ -170,7 +175,8 @@ class Probe(nn.Module):
         missing = [e for e in self.extras if e not in (cols or {})]
         if missing:
             how = ("run `qprobe embed` on it" if set(missing) & set(LOGLIK_EXTRAS) else
-                   "run `qprobe score --visible` on it")
+                   "run `qprobe signals --exec / --gen-tests / --gen-exec` on it"
+                   if set(missing) & set(EXEC_EXTRAS) else "run `qprobe score --visible` on it")
             raise QProbeError(f"{r.path}: this probe reads {missing}, which the folder lacks ({how})")
         return self.score(self.inputs(feats, cols))
 

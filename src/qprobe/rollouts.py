@@ -58,6 +58,10 @@ BASE_SCHEMA = pa.schema(
 # a shard whose values are all null keeps the type).
 COLUMN_TYPES = {"num_tokens": pa.int64(), "logprob_sum": pa.float32(), "token_ids": pa.list_(pa.int32()),
                 "visible_reward": pa.float32()}
+# the execution signals' columns (`qprobe signals`, qprobe/verifier; null = not computed yet)
+COLUMN_TYPES.update({"visible_status": pa.string(), "exec_sig": pa.string(),
+                     "gen_passed": pa.list_(pa.int32()), "gen_tests": pa.int32(),
+                     "gen_sig": pa.string()})
 # meta keys that describe the run's progress, not its identity: they may change on resume.
 NON_IDENTITY_KEYS = {"format", "feature_spec", "created", "updated", "progress", "summary"}
 STALE_SECONDS = 600  # without a lock, leftovers older than this are a crashed writer's
@@ -526,6 +530,7 @@ class Rollouts:
         if "visible_reward" in self.table.column_names:
             v = self.table.column("visible_reward").to_numpy(zero_copy_only=False).astype(np.float64)
             out["visible_pass"] = np.where(np.isnan(v), 0.5, v)
+        out.update(self.exec_inputs())
         return out
 
     def lacks_column(self, name: str) -> np.ndarray:
@@ -533,6 +538,14 @@ class Rollouts:
         (`qprobe score --visible`) is missing from shards appended later, and reads as null
         there, like a value that is null on purpose (a prompt that shows no tests)."""
         return np.repeat([name not in cols for cols in self._shard_columns], self._shard_rows)
+
+    def exec_inputs(self) -> dict[str, np.ndarray]:
+        """The execution extras (`qprobe signals`: error class of the shown test, MBR-exec
+        agreement, model-written tests and CodeT), from the columns the folder has complete."""
+        from qprobe.verifier.agreement import EXEC_COLUMNS, exec_extras
+
+        cols = {c: self.column(c) for c in EXEC_COLUMNS if c in self.table.column_names}
+        return exec_extras(cols, self.groups()[0]) if cols else {}
 
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """(group [N] int64 index into prompts, prompts: unique prompt ids in first-seen order)."""

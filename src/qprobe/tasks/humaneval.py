@@ -109,7 +109,9 @@ class HumanEval(CodeTask):
     def visible_program(self, row: dict, completion: str) -> str | None:
         """The examples the prompt shows, run against the completion: the entry point's `>>>`
         doctest examples (whitespace normalised) and prose examples `f(args) == / => / -> / ➞
-        value` with a literal value, as asserts; None when the prompt has neither."""
+        value` with a literal value, as asserts; None when the prompt has neither. An example
+        that raises has its exception re-raised after the run (an error, not a failed assert),
+        so the verdict tells an exception from a wrong answer (`qprobe signals`)."""
         ep = row["entry_point"]
         if not ep:
             return None
@@ -121,10 +123,16 @@ class HumanEval(CodeTask):
         if doc:
             out += (
                 "import doctest as _qp_doctest\n"
+                "class _QpRunner(_qp_doctest.DocTestRunner):\n"
+                "    raised = None\n"
+                "    def report_unexpected_exception(self, out, test, example, exc_info):\n"
+                "        self.raised = self.raised or exc_info[1]\n"
                 f"_qp_t = _qp_doctest.DocTestParser().get_doctest({ep}.__doc__, "
                 "dict(globals()), 'visible', None, 0)\n"
-                "_qp_r = _qp_doctest.DocTestRunner(optionflags=_qp_doctest.NORMALIZE_WHITESPACE)\n"
+                "_qp_r = _QpRunner(optionflags=_qp_doctest.NORMALIZE_WHITESPACE)\n"
                 "_qp_r.run(_qp_t, out=lambda s: None)\n"
+                "if _qp_r.raised is not None:\n"
+                "    raise _qp_r.raised\n"
                 "assert _qp_r.failures == 0 and _qp_r.tries > 0\n"
             )
         return out + "".join(f"assert {a}\n" for a in asserts)

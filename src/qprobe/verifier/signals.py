@@ -1,0 +1,215 @@
+"""The stages that fill a rollouts folder's execution columns (`qprobe signals`, docs/verifier.md).
+
+- `fill_exec`: per candidate, the error class of the test its prompt shows (`visible_status`,
+  from the task's `visible_program`) and its execution signature on that test's inputs
+  (`exec_sig`);
+- `gentests.sample_tests` (model work, in gentests.py) writes model-written asserts beside the
+  rollouts;
+- `fill_gen_exec`: per candidate, which of those asserts it passes (`gen_passed`, `gen_tests`)
+  and its signature on their inputs (`gen_sig`).
+
+Every stage works in chunks of prompts and writes its columns after each chunk (under the
+folder's lock, through `Rollouts.set_rewards`, which replaces shards atomically), so a stopped
+run keeps what it finished; a resumed one computes only rows whose column is still null. A
+sandbox failure leaves the row null (tried again next time). Seconds, programs and model tokens
+per stage accumulate in `signals.json` beside the shards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from qprobe.errors import QProbeError
+from qprobe.fileio import atomic_write_json
+from qprobe.verifier.calls import calls_of, shown_inputs
+from qprobe.verifier.programs import error_class, exec_program, passed_checks, signature
+
+COST_FILE = "signals.json"
+MAX_GEN_INPUTS = 20  # call inputs taken from a prompt's model-written tests for `gen_sig`
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """The rollouts folder's writer lock (the one RolloutWriter appends under)."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_columns(path: Path, updates: dict[str, dict[tuple[str, int], Any]]) -> None:
+    """Set `updates[column][(prompt_id, sample_idx)] = value` in the folder's shards, keeping
+    every other value (null for rows not given and not stored); under the folder's lock, with the
+    store re-read inside it so columns written by another process meanwhile are kept."""
+    from qprobe.rollouts import Rollouts
+
+    with _folder_lock(path):
+        r = Rollouts(path)
+        keys = list(zip(r.prompt_ids.tolist(), r.sample_idx.tolist()))
+        cols = {}
+        for name, upd in updates.items():
+            cur = r.column(name) if name in r.table.column_names else [None] * len(keys)
+            cols[name] = [upd.get(k, v) for k, v in zip(keys, cur)]
+        rewards = [None if x != x else float(x) for x in r.rewards]
+        r.set_rewards(rewards, extra_columns=cols)
+
+
+def add_cost(path: Path, stage: str, **amounts: float) -> dict[str, Any]:
+    """Add `amounts` (seconds, prompts, programs, tokens, ...) to `stage` in signals.json."""
+    f = path / COST_FILE
+    with _folder_lock(path):
+        cost = json.loads(f.read_text()) if f.is_file() else {}
+        st = cost.setdefault(stage, {})
+        for k, v in amounts.items():
+            st[k] = round(st.get(k, 0) + v, 3)
+        if st.get("prompts"):
+            st["seconds_per_prompt"] = round(st["seconds"] / st["prompts"], 4)
+            if "tokens" in st:
+                st["tokens_per_prompt"] = round(st["tokens"] / st["prompts"], 1)
+        atomic_write_json(f, cost)
+    return cost
+
+
+def _todo(r: Any, columns: tuple[str, ...], limit: int | None) -> dict[str, list[int]]:
+    """Prompt id -> row indices, for prompts (the first `limit` in folder order) with a row
+    whose columns are not all filled."""
+    ids = r.prompt_ids.tolist()
+    have = {c: r.column(c) if c in r.table.column_names else [None] * len(ids) for c in columns}
+    order: list[str] = list(dict.fromkeys(ids))[:limit]
+    keep = set(order)
+    out: dict[str, list[int]] = {}
+    for i, pid in enumerate(ids):
+        if pid in keep and any(have[c][i] is None for c in columns):
+            out.setdefault(pid, []).append(i)
+    return {pid: out[pid] for pid in order if pid in out}
+
+
+def candidate_code(row: dict, completion: str) -> str:
+    """What a candidate is before any test: prompt + completion + the task's setup code."""
+    return row["prompt"] + completion + "\n" + (row.get("test_setup_code") or "") + "\n"
+
+
+def _run_chunks(path: Path, task: Any, todo: dict[str, list[int]], chunk: int, stage: str,
+                programs_of: Callable[[dict, list[int]], list[tuple[int, list[str]]]],
+                columns_of: Callable[[int, list[Any]], dict[str, Any]],
+                say: Callable[[str], None]) -> dict[str, int]:
+    """Run the programs of `todo`'s prompts chunk by chunk and write each chunk's columns.
+
+    programs_of(row, row indices) -> [(row index, [program, ...])]; columns_of(row index,
+    verdicts) -> {column: value} (a value None is left unwritten)."""
+    from qprobe.rollouts import Rollouts
+
+    r = Rollouts(path)
+    keys = list(zip(r.prompt_ids.tolist(), r.sample_idx.tolist()))
+    pids = list(todo)
+    n_prog = 0
+    for start in range(0, len(pids), chunk):
+        t0 = time.monotonic()
+        jobs: list[tuple[int, int]] = []  # (row index, program number within the row)
+        progs: list[str] = []
+        for pid in pids[start:start + chunk]:
+            row = task.row(pid)
+            for i, ps in programs_of(row, todo[pid]):
+                jobs += [(i, j) for j in range(len(ps))]
+                progs += ps
+        verdicts: dict[int, list[Any]] = {}
+        for n, v in task.sandbox.map(progs):
+            i, j = jobs[n]
+            verdicts.setdefault(i, {})[j] = v
+        updates: dict[str, dict[tuple[str, int], Any]] = {}
+        for i, vs in verdicts.items():
+            for name, value in columns_of(i, [vs[j] for j in sorted(vs)]).items():
+                if value is not None:
+                    updates.setdefault(name, {})[keys[i]] = value
+        write_columns(path, updates)
+        done = min(start + chunk, len(pids))
+        secs = time.monotonic() - t0
+        add_cost(path, stage, seconds=secs, prompts=len(pids[start:start + chunk]),
+                 programs=len(progs))
+        n_prog += len(progs)
+        say(f"{stage}: {done}/{len(pids)} prompts, {len(progs)} programs in {secs:.1f} s")
+    return {"prompts": len(pids), "programs": n_prog}
+
+
+def fill_exec(path: str | os.PathLike, task: Any, *, limit: int | None = None, chunk: int = 20,
+              per_step: float = 1.0, say: Callable[[str], None] = _say) -> dict[str, int]:
+    """`visible_status` and `exec_sig` for every row that lacks either (first `limit` prompts)."""
+    from qprobe.rollouts import Rollouts
+
+    path = Path(path)
+    r = Rollouts(path)
+    todo = _todo(r, ("visible_status", "exec_sig"), limit)
+    completions = r.column("completion")
+
+    def programs_of(row: dict, rows: list[int]) -> list[tuple[int, list[str]]]:
+        _, inputs = shown_inputs(row)
+        out = []
+        for i in rows:
+            vis = task.visible_program(row, completions[i])
+            out.append((i, [exec_program(candidate_code(row, completions[i]), inputs,
+                                         per_step=per_step)] + ([vis] if vis is not None else [])))
+        return out
+
+    n_inputs = {}
+
+    def columns_of(i: int, verdicts: list[Any]) -> dict[str, Any]:
+        pid = r.prompt_ids[i]
+        if pid not in n_inputs:
+            n_inputs[pid] = len(shown_inputs(task.row(pid))[1])
+        status = error_class(verdicts[1]) if len(verdicts) > 1 else "none"
+        return {"exec_sig": signature(verdicts[0], n_inputs[pid]), "visible_status": status}
+
+    say(f"exec: {len(todo)} prompts with rows to fill in {path}")
+    return _run_chunks(path, task, todo, chunk, "exec", programs_of, columns_of, say)
+
+
+def fill_gen_exec(path: str | os.PathLike, task: Any, *, limit: int | None = None,
+                  chunk: int = 20, per_step: float = 1.0,
+                  say: Callable[[str], None] = _say) -> dict[str, int]:
+    """`gen_passed`, `gen_tests` and `gen_sig` for every row lacking them whose prompt has
+    model-written tests stored (gentests.read_tests)."""
+    from qprobe.rollouts import Rollouts
+    from qprobe.verifier.gentests import read_tests
+
+    path = Path(path)
+    r = Rollouts(path)
+    tests = read_tests(path)
+    todo = {pid: rows for pid, rows in _todo(r, ("gen_passed", "gen_tests", "gen_sig"),
+                                              limit).items() if pid in tests}
+    completions = r.column("completion")
+
+    def inputs_of(pid: str) -> list[str]:
+        t = tests[pid]
+        return [c for a in t["tests"] for c in calls_of(a, t["entry_point"])][:MAX_GEN_INPUTS]
+
+    def programs_of(row: dict, rows: list[int]) -> list[tuple[int, list[str]]]:
+        t = tests[row["id"]]
+        return [(i, [exec_program(candidate_code(row, completions[i]), inputs_of(row["id"]),
+                                  t["tests"], per_step=per_step)]) for i in rows]
+
+    def columns_of(i: int, verdicts: list[Any]) -> dict[str, Any]:
+        pid = r.prompt_ids[i]
+        n = len(tests[pid]["tests"])
+        passed = passed_checks(verdicts[0], n)
+        return {"gen_passed": passed, "gen_tests": None if passed is None else n,
+                "gen_sig": signature(verdicts[0], len(inputs_of(pid)))}
+
+    if not tests:
+        raise QProbeError(f"{path}: no model-written tests stored (run `qprobe signals "
+                          "--gen-tests` first)")
+    say(f"gen-exec: {len(todo)} prompts with tests and rows to fill in {path}")
+    return _run_chunks(path, task, todo, chunk, "gen_exec", programs_of, columns_of, say)
