@@ -341,3 +341,49 @@ def test_report_headline_is_the_objective_cv_ranks_first_not_the_best_on_test(tm
     regenerate(copy)
     for f in ("results.json", "results.md"):
         assert (copy / "report" / f).read_text() == (exp / "report" / f).read_text()
+
+
+def test_free_rules_rows_and_paired_table_on_a_hand_made_folder(tmp_path):
+    """The free rules of a test folder (shown-test filter, error class, MBR-exec) come out as
+    score arrays whose argmax is the rule's choice, and the report lists each with its paired
+    column; a folder without log-likelihoods (the tie-break) has none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_cv import make_folder
+
+    from qprobe.experiment.report import _rules_table
+    from qprobe.experiment.run import free_rules
+    from qprobe.rollouts import Rollouts
+
+    r = make_folder(tmp_path / "t", 0, prompts=2, k=4)
+    status = ["wrong_answer", "pass", "exception", "pass", "syntax_error", "wrong_answer",
+              "wrong_answer", "pass"]
+    sig = ["a", "b", "c", "b", "x", "y", "y", "z"]
+    shard = tmp_path / "t" / "samples-00000.parquet"
+    t = pq.read_table(shard)
+    for name, col in (("visible_reward", [float(s == "pass") for s in status]),
+                      ("visible_status", status), ("exec_sig", sig)):
+        t = t.append_column(name, pa.array(col))
+    pq.write_table(t, shard)
+    r = Rollouts(tmp_path / "t")
+    rules = free_rules(r, r.extra_inputs(), r.loglik())
+    assert {"shown_test_filter", "shown_test_error_class", "mbr_exec",
+            "filter_then_mbr_exec"} <= set(rules)
+    ll = r.loglik()["logprob_mean"]
+    first = lambda sc, g: int(np.argmax(sc[4 * g:4 * g + 4]))  # noqa: E731
+    # prompt 0: samples 1 and 3 pass; the likelier one wins
+    assert first(rules["shown_test_filter"], 0) == (1 if ll[1] > ll[3] else 3)
+    # prompt 1: only sample 7 passes; MBR-exec alone picks the biggest cluster ("y": 5 or 6)
+    assert first(rules["shown_test_filter"], 1) == 3
+    assert first(rules["mbr_exec"], 1) in (1, 2)
+    # prompt 1, error class: a wrong answer (5, 6) beats a syntax error (4) after the pass (7)
+    order = np.argsort(-rules["shown_test_error_class"][4:8])
+    assert order[0] == 3 and 0 == order[-1]
+    assert free_rules(r, r.extra_inputs(), None) == {}
+    est = {"mean": 0.1, "lo": -0.1, "hi": 0.2}
+    table = _rules_table({"rules": {"shown_test_filter": {"mean": 0.5, "ranking": {
+        "within_prompt": 0.9, "pooled_auc": 0.8}}, "mbr_exec": {"mean": 0.3}},
+        "probes": {"pg": {"paired": {"vs_shown_test_filter": est, "vs_mbr_exec": est}}}})
+    assert "is `shown_test_filter`" in table[0]
+    assert "| `pg` | +0.100 [-0.100, +0.200] | +0.100 [-0.100, +0.200] |" in table
+    assert "| `shown_test_filter` | 0.900 | 0.800 |" in table

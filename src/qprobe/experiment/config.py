@@ -144,6 +144,10 @@ class BaselinesConfig:
         "help": "code tasks: run the tests each prompt shows on every sample (train, test, "
                 "greedy) for a visible_reward column: the baseline 'filter by the shown tests, "
                 "then mean log-prob', and an input cross-validation may give the probes"})
+    rules: bool = field(default=False, metadata={
+        "help": "code tasks: a row for each zero-parameter rule over the free signals the test "
+                "rollouts store (shown-test error class, MBR-exec, CodeT, ...; `qprobe signals`, "
+                "qprobe.verifier.baselines.RULES), each probe paired against every one"})
 
 
 @dataclass

@@ -169,6 +169,11 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
             f"| filter by the prompt's shown tests, then mean log-prob (k={t['rerank_visible']['k']}) "
             f"| {_ci(t['rerank_visible'])} | {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | "
             f"{_headroom(g['mean'], p1, pk)} | |")
+    for name, rule in t.get("rules", {}).items():
+        g = rule["gain"]
+        lines.append(
+            f"| free rule `{name}` (k={rule['k']}) | {_ci(rule)} | "
+            f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {_headroom(g['mean'], p1, pk)} | |")
     for obj, pr in t["probes"].items():
         g = pr["gain_over_pass@1"]
         head = f"{g['mean'] / (pk - p1):.0%}" if pk > p1 else "-"  # no headroom: undefined
@@ -189,6 +194,33 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
     )
     lines.append("")
     lines += _paired_table(t)
+    lines += _rules_table(t)
+    return lines
+
+
+def _rules_table(t: dict[str, Any]) -> list[str]:
+    """Each probe against every zero-parameter rule over the free signals (paired, same
+    prompts), and each rule's within-prompt ranking: what the learned policy must beat."""
+    rules = t.get("rules", {})
+    if not rules:
+        return []
+    sg = lambda e: "-" if not e else f"{e['mean']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]"  # noqa: E731
+    names = list(rules)
+    best = max(names, key=lambda n: rules[n]["mean"])
+    lines = ["Against the free rules (zero parameters, `qprobe signals`; docs/verifier-execution.md): "
+             "each probe's headline minus the rule's, same prompts, 95% paired bootstrap CI. "
+             f"The best rule on this test set (chosen on test: the sceptic's side) is `{best}`.", "",
+             "| probe | " + " | ".join(f"vs `{n}`" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for obj, pr in t["probes"].items():
+        p = pr.get("paired", {})
+        lines.append(f"| `{obj}` | " + " | ".join(sg(p.get(f"vs_{n}")) for n in names) + " |")
+    lines += ["", "| rule | within-prompt ranking | pooled AUC |", "|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for n in names:
+        rk = rules[n].get("ranking") or {}
+        lines.append(f"| `{n}` | {fmt(rk.get('within_prompt'))} | {fmt(rk.get('pooled_auc'))} |")
+    lines.append("")
     return lines
 
 

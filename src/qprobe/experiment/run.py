@@ -529,6 +529,13 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
     cols = te.extra_inputs()
     if cfg.baselines.visible and "visible_pass" in cols:
         entry["rerank_visible"] = rerank_entry(ctx, group, rewards, visible_score(cols))
+    rules = free_rules(te, cols, ll) if cfg.baselines.rules else {}
+    if rules:
+        from qprobe.evaluate import ranking
+
+        entry["rules"] = {name: {**rerank_entry(ctx, group, rewards, sc),
+                                 "ranking": ranking(group, rewards, sc)}
+                          for name, sc in rules.items()}
     entry["probes"] = {}
     scores_by: dict[str, list[np.ndarray]] = {}
     greedy = _rollouts(base.greedy[ts.label]) if cfg.eval.with_greedy and ts.label in base.greedy else None
@@ -540,7 +547,8 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
             entry["probes"][obj]["with_greedy"] = with_greedy_entry(
                 ctx, te, greedy, [probes[(obj, seed)] for seed in cfg.probes.seeds], scores, beta)
         entry["probes"][obj]["paired"] = paired_gains(ctx, te, entry["probes"][obj]["_values"],
-                                                      base, ts, ll, cols if cfg.baselines.visible else None)
+                                                      base, ts, ll, cols if cfg.baselines.visible else None,
+                                                      rules)
         if "cv" in probes[(obj, cfg.probes.seeds[0])].info:
             cv = probes[(obj, cfg.probes.seeds[0])].info["cv"]
             entry["probes"][obj]["cv_chosen"] = cv["chosen"]
@@ -612,12 +620,26 @@ def rerank_entry(ctx: Context, group: np.ndarray, rewards: np.ndarray, scores: n
             "by_k": {str(kk): dataclasses.asdict(res.probe[(kk, 0.0)]) for kk in res.ks}}
 
 
+def free_rules(te: Any, cols: dict[str, np.ndarray], ll: dict[str, np.ndarray] | None
+               ) -> dict[str, np.ndarray]:
+    """Scores [N] of each zero-parameter rule over the free signals `te` stores (mean-logprob
+    reranking, a row of its own already, left out); none without log-likelihoods (the tie-break)."""
+    from qprobe.verifier.baselines import rule_scores, visible_ordinal
+
+    if ll is None:
+        return {}
+    rc = {**cols, "logprob_mean": ll["logprob_mean"]}
+    if "visible_status" in te.table.column_names:
+        rc["visible_ordinal"] = visible_ordinal(te.column("visible_status"))
+    return {k: v for k, v in rule_scores(rc).items() if k != "rerank_mean_logprob"}
+
+
 def paired_gains(ctx: Context, te: Any, vals: np.ndarray, base: Baselines, ts: DataConfig,
-                 ll: dict[str, np.ndarray] | None, cols: dict[str, np.ndarray] | None = None
-                 ) -> dict[str, Any]:
-    """The probe's headline per-prompt reward minus greedy's, minus mean-logprob reranking's
-    and (given the visible_pass column) minus the shown-tests filter's on the same prompts,
-    with paired bootstrap CIs."""
+                 ll: dict[str, np.ndarray] | None, cols: dict[str, np.ndarray] | None = None,
+                 rules: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The probe's headline per-prompt reward minus greedy's, minus mean-logprob reranking's,
+    (given the visible_pass column) minus the shown-tests filter's and minus each free rule's
+    (`rules`: name -> scores [N]) on the same prompts, with paired bootstrap CIs."""
     from qprobe.evaluate import Estimate, argmax_expected_reward, split_groups
 
     ev, k = ctx.cfg.eval, max(ctx.cfg.eval.ks)
@@ -643,6 +665,10 @@ def paired_gains(ctx: Context, te: Any, vals: np.ndarray, base: Baselines, ts: D
         parts = split_groups(group[keep], rewards[keep], visible_score(cols)[keep])
         rv = np.array([argmax_expected_reward(sc, r, min(k, len(r))) for r, sc in parts])
         out["vs_rerank_visible"] = dataclasses.asdict(Estimate.of(vals - rv, ev.n_boot, ctx.cfg.seed))
+    for name, sc in (rules or {}).items():
+        parts = split_groups(group[keep], rewards[keep], sc[keep])
+        rr = np.array([argmax_expected_reward(s, r, min(k, len(r))) for r, s in parts])
+        out[f"vs_{name}"] = dataclasses.asdict(Estimate.of(vals - rr, ev.n_boot, ctx.cfg.seed))
     return out
 
 
