@@ -349,11 +349,11 @@ def test_free_rules_rows_and_paired_table_on_a_hand_made_folder(tmp_path):
     column; a folder without log-likelihoods (the tie-break) has none."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from test_cv import make_folder
 
     from qprobe.experiment.report import _rules_table
     from qprobe.experiment.run import free_rules
     from qprobe.rollouts import Rollouts
+    from test_cv import make_folder
 
     r = make_folder(tmp_path / "t", 0, prompts=2, k=4)
     status = ["wrong_answer", "pass", "exception", "pass", "syntax_error", "wrong_answer",
