@@ -22,7 +22,7 @@ from qprobe.verifier import agreement
 from qprobe.verifier.agreement import cluster_sizes, codet_scores, exec_extras
 from qprobe.verifier.calls import calls_of, entry_point, parse_asserts, shown_inputs
 from qprobe.verifier.gentests import DIR, _append, asserts_from_samples, read_tests
-from qprobe.verifier.signals import fill_exec, fill_gen_exec, write_columns
+from qprobe.verifier.signals import fill_exec, fill_fuzz, fill_gen_exec, fuzz_inputs, write_columns
 
 # ------------------------------------------------------------------ pure maths, hand-worked
 
@@ -50,7 +50,8 @@ def test_exec_extras_by_hand_and_null_rows_give_nothing():
     cols = {"visible_status": ["pass", "wrong_answer", "syntax_error", "timeout", "none"],
             "exec_sig": ['["=a"]', '["=a"]', "!syntax_error", '["=x"]', '["=y"]'],
             "gen_passed": [[0, 1], [0, 1], [], [0], [0]], "gen_tests": [2, 2, 2, 1, 1],
-            "gen_sig": ['["=p"]', '["=q"]', "!syntax_error", '["=r"]', '["=r"]']}
+            "gen_sig": ['["=p"]', '["=q"]', "!syntax_error", '["=r"]', '["=r"]'],
+            "fuzz_sig": ['["=a","=b"]', '["=a","=c"]', "!syntax_error", "", ""]}
     out = exec_extras(cols, group)
     assert set(out) == set(agreement.EXEC_EXTRAS)
     assert out["visible_wrong"].tolist() == [0, 1, 0, 0, 0]
@@ -59,6 +60,10 @@ def test_exec_extras_by_hand_and_null_rows_give_nothing():
     assert out["mbr_size"].tolist() == [2, 2, 0, 1, 1]
     assert np.allclose(out["mbr_share"], [2 / 3, 2 / 3, 0, 0.5, 0.5])
     assert np.allclose(out["mbr_gen_share"], [1 / 3, 1 / 3, 0, 1, 1])
+    # nearby inputs split the two candidates that agree on the shown one; a prompt without
+    # nearby inputs ("") is one cluster (no information)
+    assert out["mbr_fuzz_size"].tolist() == [1, 1, 0, 2, 2]
+    assert np.allclose(out["mbr_fuzz_share"], [1 / 3, 1 / 3, 0, 1, 1])
     assert out["gen_pass"].tolist() == [2, 2, 0, 1, 1]
     assert out["gen_pass_frac"].tolist() == [1, 1, 0, 1, 1]
     # CodeT: prompt 0: {0,1} x2 -> 4, {} -> 0; prompt 1: {0} x2 -> 2; normalised by the best
@@ -166,6 +171,29 @@ def test_error_classes_and_signatures_of_real_programs(folder):
     assert cost["exec"]["prompts"] == 1 and cost["exec"]["programs"] == 12
     # a probe reads them like any other extra
     assert build_inputs(None, x, ["mbr_share", "visible_error"]).shape == (6, 2)
+
+
+def test_nearby_inputs_split_candidates_that_pass_the_shown_test(tmp_path):
+    """MBPP 511 shows `find_Min_Sum(12) == 7`. A candidate special-casing that input passes it
+    like the real ones; on the calls next to it (13, 11, 24, 0) only the real ones agree."""
+    task = _task()
+    row = task.row("511")
+    assert fuzz_inputs(row) == ["find_Min_Sum(13)", "find_Min_Sum(11)", "find_Min_Sum(24)",
+                                "find_Min_Sum(0)"]
+    cheat = "def find_Min_Sum(n):\n    return 7 if n == 12 else n\n"
+    cands = [GOOD, GOOD.replace("num", "m"), cheat, CANDIDATES[3]]
+    write_rollouts(tmp_path / "ro", [
+        {"prompt_id": "511", "sample_idx": i, "prompt": row["prompt"], "completion": c,
+         "reward": None} for i, c in enumerate(cands)], meta={"task": "mbpp"})
+    try:
+        stats = fill_fuzz(tmp_path / "ro", task, per_step=0.5, say=lambda m: None)
+        fill_exec(tmp_path / "ro", task, per_step=0.5, say=lambda m: None)
+    finally:
+        task.close()
+    assert stats == {"prompts": 1, "programs": 4}
+    x = Rollouts(tmp_path / "ro").extra_inputs()
+    assert x["mbr_size"].tolist() == [3, 3, 3, 0]  # on the shown input the cheat agrees
+    assert x["mbr_fuzz_size"].tolist() == [2, 2, 1, 0]  # next to it, it stands alone
 
 
 def test_humaneval_examples_that_raise_are_exceptions_not_wrong_answers():

@@ -39,7 +39,8 @@ EXTRAS = (*LOGLIK_EXTRAS, "visible_pass")
 # execution signals (`qprobe signals`, qprobe/verifier/agreement.py): error class of the shown
 # test, MBR-exec agreement, model-written tests passed and the CodeT score
 EXEC_EXTRAS = ("visible_wrong", "visible_error", "visible_syntax", "mbr_share", "mbr_size",
-               "mbr_gen_share", "gen_pass", "gen_pass_frac", "codet_score")
+               "mbr_gen_share", "gen_pass", "gen_pass_frac", "codet_score", "mbr_fuzz_share",
+               "mbr_fuzz_size")
 EXTRAS = (*EXTRAS, *EXEC_EXTRAS)
 # extras that may gate a probe's choice (1 pass, 0 fail, 0.5 unknown) and the score added per
 # unit of it: larger than any Q a standardised linear probe reaches, so the gate decides first

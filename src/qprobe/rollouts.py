@@ -61,7 +61,7 @@ COLUMN_TYPES = {"num_tokens": pa.int64(), "logprob_sum": pa.float32(), "token_id
 # the execution signals' columns (`qprobe signals`, qprobe/verifier; null = not computed yet)
 COLUMN_TYPES.update({"visible_status": pa.string(), "exec_sig": pa.string(),
                      "gen_passed": pa.list_(pa.int32()), "gen_tests": pa.int32(),
-                     "gen_sig": pa.string()})
+                     "gen_sig": pa.string(), "fuzz_sig": pa.string()})
 # meta keys that describe the run's progress, not its identity: they may change on resume.
 NON_IDENTITY_KEYS = {"format", "feature_spec", "created", "updated", "progress", "summary"}
 STALE_SECONDS = 600  # without a lock, leftovers older than this are a crashed writer's

@@ -20,6 +20,9 @@ class SignalsOptions:
     exec: bool = field(default=False, metadata={
         "action": "store_true", "help": "run each candidate on its prompt's shown test: columns "
         "visible_status (error class) and exec_sig (outputs on the shown inputs, MBR-exec)"})
+    fuzz: bool = field(default=False, metadata={
+        "help": "run every candidate on calls next to the shown ones (one literal argument "
+                "changed): column fuzz_sig (MBR-exec among the candidates passing the shown test)"})
     gen_tests: bool = field(default=False, metadata={
         "action": "store_true", "help": "sample tests with --model (CodeT's prompt) and store "
         "them in ROLLOUTS/gen_tests/"})
@@ -68,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from qprobe.verifier import gentests, signals
 
     o = from_args(SignalsOptions, args)
-    if not (o.exec or o.gen_tests or o.gen_exec):
-        raise QProbeError("signals: choose at least one of --exec, --gen-tests, --gen-exec")
+    if not (o.exec or o.fuzz or o.gen_tests or o.gen_exec):
+        raise QProbeError("signals: choose at least one of --exec, --fuzz, --gen-tests, --gen-exec")
     if o.gen_tests and not o.model:
         raise QProbeError("signals: --gen-tests needs --model (the model that writes the tests)")
     model = None
@@ -83,6 +86,16 @@ def run(args: argparse.Namespace) -> int:
                 raise QProbeError(f"signals: task {task.name!r} is not a code task")
             try:
                 res["exec"] = signals.fill_exec(folder, task, limit=o.limit, chunk=o.chunk,
+                                                per_step=o.per_step)
+            finally:
+                task.close()
+        if o.fuzz:
+            task = get_task(o.task, data=o.data,
+                            sandbox=SandboxConfig(timeout=o.timeout, workers=o.workers))
+            if not isinstance(task, CodeTask):
+                raise QProbeError(f"signals: task {task.name!r} is not a code task")
+            try:
+                res["fuzz"] = signals.fill_fuzz(folder, task, limit=o.limit, chunk=o.chunk,
                                                 per_step=o.per_step)
             finally:
                 task.close()

@@ -100,6 +100,12 @@ def exec_extras(columns: dict[str, list], group: np.ndarray) -> dict[str, np.nda
     if gsig is not None and None not in gsig:
         k = per_prompt(group, gsig, lambda v: np.full(len(v), len(v)))
         out["mbr_gen_share"] = per_prompt(group, gsig, cluster_sizes) / np.maximum(k, 1)
+    fsig = columns.get("fuzz_sig")
+    if fsig is not None and None not in fsig:
+        size = per_prompt(group, fsig, cluster_sizes)
+        k = per_prompt(group, fsig, lambda v: np.full(len(v), len(v)))
+        out["mbr_fuzz_size"] = size
+        out["mbr_fuzz_share"] = size / np.maximum(k, 1)
     passed, n = columns.get("gen_passed"), columns.get("gen_tests")
     if passed is not None and n is not None and None not in passed and None not in n:
         cnt = np.array([len(p) for p in passed], dtype=np.float64)
@@ -111,5 +117,6 @@ def exec_extras(columns: dict[str, list], group: np.ndarray) -> dict[str, np.nda
 
 
 EXEC_EXTRAS = (*VISIBLE_ONE_HOT, "mbr_share", "mbr_size", "mbr_gen_share", "gen_pass",
-               "gen_pass_frac", "codet_score")  # = probe.EXEC_EXTRAS (a test checks)
-EXEC_COLUMNS = ("visible_status", "exec_sig", "gen_passed", "gen_tests", "gen_sig")
+               "gen_pass_frac", "codet_score", "mbr_fuzz_share", "mbr_fuzz_size")
+# = probe.EXEC_EXTRAS (a test checks)
+EXEC_COLUMNS = ("visible_status", "exec_sig", "gen_passed", "gen_tests", "gen_sig", "fuzz_sig")

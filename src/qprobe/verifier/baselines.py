@@ -22,6 +22,8 @@ RULES = {
     "shown_test_error_class": ("visible_ordinal",),
     "mbr_exec": ("mbr_size",),
     "filter_then_mbr_exec": ("visible_pass", "mbr_size"),
+    "mbr_exec_nearby_inputs": ("mbr_fuzz_size",),
+    "filter_then_mbr_nearby": ("visible_pass", "mbr_fuzz_size"),
     "codet": ("codet_score",),
     "filter_then_codet": ("visible_pass", "codet_score"),
     "mbr_exec_generated_inputs": ("mbr_gen_share",),

@@ -6,7 +6,9 @@
 - `gentests.sample_tests` (model work, in gentests.py) writes model-written asserts beside the
   rollouts;
 - `fill_gen_exec`: per candidate, which of those asserts it passes (`gen_passed`, `gen_tests`)
-  and its signature on their inputs (`gen_sig`).
+  and its signature on their inputs (`gen_sig`);
+- `fill_fuzz`: per candidate, its signature on calls next to the shown ones (`fuzz_sig`,
+  fuzz.py): MBR-exec that can still split the candidates that pass the shown test.
 
 Every stage works in chunks of prompts and writes its columns after each chunk (under the
 folder's lock, through `Rollouts.set_rewards`, which replaces shards atomically), so a stopped
@@ -213,3 +215,41 @@ def fill_gen_exec(path: str | os.PathLike, task: Any, *, limit: int | None = Non
                           "--gen-tests` first)")
     say(f"gen-exec: {len(todo)} prompts with tests and rows to fill in {path}")
     return _run_chunks(path, task, todo, chunk, "gen_exec", programs_of, columns_of, say)
+
+
+def fuzz_inputs(row: dict) -> list[str]:
+    """Calls next to the prompt's shown calls (fuzz.mutated_calls of each), at most
+    MAX_GEN_INPUTS, in a fixed order: the inputs of `fuzz_sig`."""
+    from qprobe.verifier.fuzz import mutated_calls
+
+    _, shown = shown_inputs(row)
+    out: list[str] = []
+    for call in shown:
+        out += [c for c in mutated_calls(call) if c not in out]
+    return out[:MAX_GEN_INPUTS]
+
+
+def fill_fuzz(path: str | os.PathLike, task: Any, *, limit: int | None = None, chunk: int = 20,
+              per_step: float = 1.0, say: Callable[[str], None] = _say) -> dict[str, int]:
+    """`fuzz_sig` for every row lacking it (first `limit` prompts): the execution signature on
+    calls next to the shown ones; "" for a prompt that has none (no literal shown call)."""
+    from qprobe.rollouts import Rollouts
+
+    path = Path(path)
+    r = Rollouts(path)
+    todo = _todo(r, ("fuzz_sig",), limit)
+    completions = r.column("completion")
+    n_inputs: dict[str, int] = {}
+
+    def programs_of(row: dict, rows: list[int]) -> list[tuple[int, list[str]]]:
+        inputs = fuzz_inputs(row)
+        n_inputs[row["id"]] = len(inputs)
+        return [(i, [exec_program(candidate_code(row, completions[i]), inputs,
+                                  per_step=per_step)]) for i in rows]
+
+    def columns_of(i: int, verdicts: list[Any]) -> dict[str, Any]:
+        n = n_inputs[r.prompt_ids[i]]
+        return {"fuzz_sig": signature(verdicts[0], n) if n else ""}
+
+    say(f"fuzz: {len(todo)} prompts with rows to fill in {path}")
+    return _run_chunks(path, task, todo, chunk, "fuzz", programs_of, columns_of, say)
