@@ -290,7 +290,8 @@ def test_test_writing_stage_with_a_tiny_model_stores_and_resumes(tmp_path):
     write_rollouts(tmp_path / "ro", recs, meta={"task": "mbpp"})
     ep, text = writing_prompt(rows[0])
     assert ep == "find_Min_Sum"
-    assert text == rows[0]["prompt"] + "\n# check the correctness of find_Min_Sum\nassert find_Min_Sum("
+    assert text == (rows[0]["prompt"] + "\n# check the correctness of find_Min_Sum\n"
+                    "assert find_Min_Sum(12) == 7\nassert find_Min_Sum(")
     lm = load_model(str(save_tiny(tmp_path / "tiny")), chat=False)
     cfg = GenTestsConfig(samples=2, max_new_tokens=6)
     quiet = {"say": lambda m: None}
