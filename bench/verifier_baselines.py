@@ -27,6 +27,7 @@ from qprobe.evaluate import (
 )
 from qprobe.fileio import atomic_write_json, atomic_write_text
 from qprobe.rollouts import Rollouts
+from qprobe.verifier.agreement import EXEC_COLUMNS, exec_extras
 from qprobe.verifier.baselines import RULES, rule_scores, visible_ordinal
 from qprobe.verifier.signals import COST_FILE
 
@@ -35,17 +36,40 @@ SIGNALS = ["logprob_mean", "visible_pass", "visible_ordinal", "mbr_share", "mbr_
            "gen_pass_frac", "codet_score", "visible_wrong", "visible_error", "visible_syntax"]
 
 
-def evaluate_set(test_dir: Path, greedy_dir: Path | None, n_boot: int, seed: int) -> dict:
+def columns_of(r: Rollouts, keep: np.ndarray) -> tuple:
+    """(group [n], prompt ids, rewards [n], signal columns [n] each) of the rows `keep` [N]."""
+    ids = r.prompt_ids[keep].tolist()
+    index: dict[str, int] = {}
+    group = np.array([index.setdefault(p, len(index)) for p in ids], dtype=np.int64)
+    rewards = r.rewards.astype(np.float64)[keep]
+    cols = {k: v[keep] for k, v in (r.loglik() or {}).items()}
+    if "visible_reward" in r.table.column_names:
+        v = r.table.column("visible_reward").to_numpy(zero_copy_only=False).astype(np.float64)
+        cols["visible_pass"] = np.where(np.isnan(v), 0.5, v)[keep]
+    raw = {c: [x for x, k in zip(r.column(c), keep) if k] for c in EXEC_COLUMNS
+           if c in r.table.column_names}
+    cols.update(exec_extras(raw, group))
+    if "visible_status" in raw and None not in raw["visible_status"]:
+        cols["visible_ordinal"] = visible_ordinal(raw["visible_status"])
+    return group, list(index), rewards, cols
+
+
+def evaluate_set(test_dir: Path, greedy_dir: Path | None, n_boot: int, seed: int,
+                 with_tests: bool = False) -> dict:
     r = Rollouts(test_dir)
     if r.meta.get("task") == "mbpp" and r.meta.get("split") == "test":
         extra = set(r.prompt_ids.tolist()) - MBPP_TEST_FIRST_200
         if extra:
             raise SystemExit(f"{test_dir}: holds MBPP test prompts past the first 200 (held out)")
-    group, prompts = r.groups()
-    rewards = r.rewards.astype(np.float64)
-    cols = dict(r.extra_inputs())
-    if "visible_status" in r.table.column_names and None not in r.column("visible_status"):
-        cols["visible_ordinal"] = visible_ordinal(r.column("visible_status"))
+    keep = np.ones(len(r), dtype=bool)
+    if with_tests:  # only the prompts whose model-written tests have been run on every candidate
+        gp = r.column("gen_passed") if "gen_passed" in r.table.column_names else [None] * len(r)
+        ids = r.prompt_ids
+        missing = {p for p, v in zip(ids.tolist(), gp) if v is None}
+        keep = ~np.isin(ids, sorted(missing))
+        if not keep.any():
+            return {}
+    group, prompts, rewards, cols = columns_of(r, keep)
     parts_r = split_groups(group, rewards)
     k = min(len(p[0]) for p in parts_r)
     out: dict = {"n_prompts": len(prompts), "k": k, "rules": {}, "auc": {}}
@@ -136,8 +160,12 @@ def main() -> None:
     for s in args.set:
         label, paths = s.split("=", 1)
         test, _, greedy = paths.partition(":")
-        res[label] = evaluate_set(Path(test), Path(greedy) if greedy else None, args.n_boot,
-                                  args.seed)
+        g = Path(greedy) if greedy else None
+        res[label] = evaluate_set(Path(test), g, args.n_boot, args.seed)
+        if "codet" not in res[label]["rules"]:  # tests written for part of the prompts so far
+            sub = evaluate_set(Path(test), g, args.n_boot, args.seed, with_tests=True)
+            if sub:
+                res[f"{label}, the prompts with model-written tests so far"] = sub
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", res)

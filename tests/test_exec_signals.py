@@ -318,7 +318,8 @@ def test_test_writing_stage_with_a_tiny_model_stores_and_resumes(tmp_path):
     write_rollouts(tmp_path / "ro", recs, meta={"task": "mbpp"})
     ep, text = writing_prompt(rows[0])
     assert ep == "find_Min_Sum"
-    assert text == rows[0]["prompt"] + "\n# check the correctness of find_Min_Sum\nassert find_Min_Sum("
+    assert text == (rows[0]["prompt"] + "\n# check the correctness of find_Min_Sum\n"
+                    "assert find_Min_Sum(12) == 7\nassert find_Min_Sum(")
     lm = load_model(str(save_tiny(tmp_path / "tiny")), chat=False)
     cfg = GenTestsConfig(samples=2, max_new_tokens=6)
     quiet = {"say": lambda m: None}
@@ -334,3 +335,21 @@ def test_test_writing_stage_with_a_tiny_model_stores_and_resumes(tmp_path):
     assert cost["prompts"] == 2 and cost["tokens"] == out["tokens"] + stored["511"]["tokens"]
     with pytest.raises(Exception, match="other settings"):  # a resume must not mix settings
         sample_tests(tmp_path / "ro", task, lm, GenTestsConfig(samples=3), **quiet)
+
+
+def test_signature_sees_what_an_input_prints_and_a_statement_sets_up():
+    from qprobe.sandbox import Sandbox
+    from qprobe.verifier.programs import exec_program, signature
+
+    inputs = ["x = 3", "print(f(x))", "f(x)"]
+    progs = [exec_program(f"def f(x):\n    return x + {d}\n", inputs, per_step=1.0)
+             for d in (1, 1, 2)] + [exec_program("def f(x):\n    print('noise' * 100000)\n    "
+                                                 "return 4\n", inputs, per_step=1.0)]
+    with Sandbox(SandboxConfig(timeout=3, workers=2)) as sb:
+        sigs = [signature(v, 3) for v in sb.run_all(progs)]
+    assert sigs[0] == sigs[1] != sigs[2]
+    outs = [json.loads(s) for s in sigs]
+    assert outs[0][0] == "" and outs[0][1] != outs[2][1]  # printed 4 vs printed 5
+    # a candidate printing 500 kB (over the sandbox's 16 kB of kept output) still reports; it
+    # returns what candidate 0 returns, but what it prints is part of its behaviour
+    assert len(outs[3]) == 3 and outs[3][2] != outs[0][2]

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prompt's shown test and an execution signature on its inputs; --gen-tests: tests "
         "written by --model; --gen-exec: which of them each candidate passes. All generated "
         "code runs only in the sandbox. Costs accumulate in ROLLOUTS/signals.json; "
-        "docs/verifier.md describes the signals.",
+        "docs/verifier-execution.md describes the signals.",
     )
     add_flags(p, SignalsOptions)
     p.set_defaults(func=run)

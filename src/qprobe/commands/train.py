@@ -35,7 +35,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--extras", type=comma_list(str), default=[], metavar="NAME,...",
                    help="inputs after the features: logprob_mean, logprob_sum, logprob_tokens "
                    "(need log-likelihoods in the folder), visible_pass (needs `qprobe score "
-                   "--visible`)")
+                   "--visible`), visible_wrong, visible_error, visible_syntax, mbr_share, "
+                   "mbr_size (need `qprobe signals --exec`), gen_pass, gen_pass_frac, "
+                   "codet_score, mbr_gen_share (need `qprobe signals --gen-exec`)")
     g.add_argument("--cv", type=int, default=0, metavar="N",
                    help="choose the feature set, log-likelihood inputs and regularisation by "
                    "N-fold cross-validation over the training prompts (0: off; scored by the "

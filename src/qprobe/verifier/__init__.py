@@ -1,4 +1,4 @@
-"""Execution-based free signals for code candidates (docs/verifier.md).
+"""Execution-based free signals for code candidates (docs/verifier-execution.md).
 
 - `calls.py`     the call expressions of a prompt's shown tests and of model-written asserts
                  (read with `ast` in this process; nothing generated runs here);

@@ -4,7 +4,7 @@ Each rule orders a prompt's candidates lexicographically by its signals and brea
 by mean token log-probability (as the shown-test filter of experiment/run.py does); the argmax
 is the candidate chosen. Scores are global ranks, so `evaluate.argmax_expected_reward` and
 `evaluate_groups` take them as they are. Nothing is fitted: these are the baselines a learned
-probe must beat (docs/verifier.md).
+probe must beat (docs/verifier-execution.md).
 """
 
 from __future__ import annotations

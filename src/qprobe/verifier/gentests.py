@@ -3,7 +3,11 @@
 The model continues the task prompt (a HumanEval prompt gets a `pass` body first) with
 
     # check the correctness of <entry point>
+    <the assert the prompt shows (MBPP)>
     assert <entry point>(
+
+(without the shown assert in that place the model nearly always copies it from the prompt, and
+the copy is dropped).
 
 and each sample's lines that are single `assert` statements calling the entry point (parsed with
 `ast` here, never run here) become tests, deduplicated in order, without the tests the prompt
@@ -36,8 +40,9 @@ from qprobe.verifier.calls import PARSE_ERRORS, parse_asserts, shown_inputs
 
 DIR = "gen_tests"
 # a blank line ends a block of asserts: the model then tends to write prose or code, not tests
-STOP = ["\n\n", "\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n```", '\n"""']
-PROMPT_FORMAT = "{prompt}[    pass\\n if the prompt ends in a def]\\n# check the correctness of {ep}\\nassert {ep}("
+STOP = ["\n\n", "<|endoftext|>", "\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n```", '\n"""']
+PROMPT_FORMAT = ("{prompt}[    pass\\n if the prompt ends in a def]\\n# check the correctness of {ep}"
+                 "\\n[the shown assert\\n (MBPP)]assert {ep}(")
 _FILE = re.compile(r"^tests-(\d{5,})\.jsonl$")
 
 
@@ -60,7 +65,8 @@ def writing_prompt(row: dict) -> tuple[str, str] | None:
     if not ep:
         return None
     body = "    pass\n" if row.get("entry_point") else ""  # a signature + docstring prompt
-    return ep, row["prompt"] + body + f"\n# check the correctness of {ep}\nassert {ep}("
+    shown = "".join(a.strip() + "\n" for a in (row.get("test_list") or [])[:1])
+    return ep, row["prompt"] + body + f"\n# check the correctness of {ep}\n{shown}assert {ep}("
 
 
 def _norm(src: str) -> str:

@@ -1,4 +1,5 @@
-"""The stages that fill a rollouts folder's execution columns (`qprobe signals`, docs/verifier.md).
+"""The stages that fill a rollouts folder's execution columns (`qprobe signals`,
+docs/verifier-execution.md).
 
 - `fill_exec`: per candidate, the error class of the test its prompt shows (`visible_status`,
   from the task's `visible_program`) and its execution signature on that test's inputs
