@@ -141,7 +141,7 @@ def sample_tests(path: str | os.PathLike, task: Any, model: Any, cfg: GenTestsCo
     """Write model-written tests for every prompt of the folder (first `limit`) without them."""
     from qprobe.backends.base import SamplingParams
     from qprobe.rollouts import Rollouts
-    from qprobe.verifier.signals import add_cost
+    from qprobe.verifier.store import add_cost
 
     path = Path(path)
     d = path / DIR

@@ -20,71 +20,26 @@ per stage accumulate in `signals.json` beside the shards.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qprobe.errors import QProbeError
-from qprobe.fileio import atomic_write_json
 from qprobe.verifier.calls import calls_of, shown_inputs
 from qprobe.verifier.programs import error_class, exec_program, passed_checks, signature
+from qprobe.verifier.store import COST_FILE, add_cost, write_columns
 
-COST_FILE = "signals.json"
+__all__ = ["COST_FILE", "add_cost", "fill_exec", "fill_fuzz", "fill_gen_exec", "fuzz_inputs",
+           "write_columns"]
+
 MAX_GEN_INPUTS = 20  # call inputs taken from a prompt's model-written tests for `gen_sig`
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _folder_lock(path: Path) -> Iterator[None]:
-    """The rollouts folder's writer lock (the one RolloutWriter appends under)."""
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def write_columns(path: Path, updates: dict[str, dict[tuple[str, int], Any]]) -> None:
-    """Set `updates[column][(prompt_id, sample_idx)] = value` in the folder's shards, keeping
-    every other value (null for rows not given and not stored); under the folder's lock, with the
-    store re-read inside it so columns written by another process meanwhile are kept."""
-    from qprobe.rollouts import Rollouts
-
-    with _folder_lock(path):
-        r = Rollouts(path)
-        keys = list(zip(r.prompt_ids.tolist(), r.sample_idx.tolist()))
-        cols = {}
-        for name, upd in updates.items():
-            cur = r.column(name) if name in r.table.column_names else [None] * len(keys)
-            cols[name] = [upd.get(k, v) for k, v in zip(keys, cur)]
-        rewards = [None if x != x else float(x) for x in r.rewards]
-        r.set_rewards(rewards, extra_columns=cols)
-
-
-def add_cost(path: Path, stage: str, **amounts: float) -> dict[str, Any]:
-    """Add `amounts` (seconds, prompts, programs, tokens, ...) to `stage` in signals.json."""
-    f = path / COST_FILE
-    with _folder_lock(path):
-        cost = json.loads(f.read_text()) if f.is_file() else {}
-        st = cost.setdefault(stage, {})
-        for k, v in amounts.items():
-            st[k] = round(st.get(k, 0) + v, 3)
-        if st.get("prompts"):
-            st["seconds_per_prompt"] = round(st["seconds"] / st["prompts"], 4)
-            if "tokens" in st:
-                st["tokens_per_prompt"] = round(st["tokens"] / st["prompts"], 1)
-        atomic_write_json(f, cost)
-    return cost
 
 
 def _todo(r: Any, columns: tuple[str, ...], limit: int | None) -> dict[str, list[int]]:
