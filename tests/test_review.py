@@ -172,6 +172,10 @@ def test_reviewer_extras_reach_a_probe(folder, tiny, tmp_path):
     assert p.extras == ("reviewer_mean",)
     q = p.score_rollouts(Rollouts(folder))
     assert np.corrcoef(q, mean)[0, 1] > 0.99  # one input: the probe ranks by it, upwards
+    from qprobe.policy.best_of_k import QProbePolicy
+
+    with pytest.raises(QProbeError, match="stored rollouts only"):  # fresh samples have no review
+        QProbePolicy(None, p)  # type: ignore[arg-type]
 
 
 class _Echo(BaseHTTPRequestHandler):

@@ -35,7 +35,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--extras", type=comma_list(str), default=[], metavar="NAME,...",
                    help="inputs after the features: logprob_mean, logprob_sum, logprob_tokens "
                    "(need log-likelihoods in the folder), visible_pass (needs `qprobe score "
-                   "--visible`)")
+                   "--visible`), reviewer_sum, reviewer_mean, coder_reviewer, coder_reviewer_mean "
+                   "(need `qprobe review`)")
     g.add_argument("--cv", type=int, default=0, metavar="N",
                    help="choose the feature set, log-likelihood inputs and regularisation by "
                    "N-fold cross-validation over the training prompts (0: off; scored by the "
