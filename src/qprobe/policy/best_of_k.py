@@ -17,7 +17,6 @@ model). Either way the probe refuses features of another spec (FeatureSpecMismat
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
