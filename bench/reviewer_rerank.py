@@ -99,10 +99,11 @@ def fmt(e: dict | None, signed: bool = False) -> str:
     return f"{f.format(e['mean'])} [{f.format(e['lo'])}, {f.format(e['hi'])}]"
 
 
-def markdown(sets: list[dict], command: str) -> str:
-    lines = ["# Coder-Reviewer reranking (zero-parameter rows), Qwen2.5-Coder-0.5B, k = 16", "",
-             "Choosing, for each prompt, the sample with the highest score among its 16 samples. "
-             "Reward with a 95% bootstrap CI over prompts (1000 resamples); paired differences on "
+def markdown(sets: list[dict], command: str, n_boot: int) -> str:
+    k = max(s["k"] for s in sets)
+    lines = [f"# Coder-Reviewer reranking (zero-parameter rows), k = {k}", "",
+             f"Choosing, for each prompt, the sample with the highest score among its {k} samples. "
+             f"Reward with a 95% bootstrap CI over prompts ({n_boot} resamples); paired differences on "
              "the same prompts; within-prompt AUC = mean over prompts with both passing and "
              "failing samples of P(score of a passing sample > score of a failing one). The "
              "reviewer prompt is in docs/verifier.md (\"Reviewer likelihood\").", "",
@@ -124,8 +125,7 @@ def markdown(sets: list[dict], command: str) -> str:
                       f"{c['rows']} candidates ({c.get('duplicate_share', 0):.1%} duplicates, "
                       f"scored once), {c['tokens']:,} model tokens = "
                       f"{c.get('model_tokens_per_candidate')} per candidate, {c['seconds']:.0f} s = "
-                      f"{c.get('seconds_per_prompt')} s per prompt, {c.get('tokens_per_s')} tokens/s "
-                      "on the shared 2-core CPU."]
+                      f"{c.get('seconds_per_prompt')} s per prompt, {c.get('tokens_per_s')} tokens/s."]
         lines.append("")
     return "\n".join(lines)
 
@@ -148,8 +148,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), {"command": command, "sets": sets})
-    atomic_write_text(out.with_suffix(".md"), markdown(sets, command))
-    print(markdown(sets, command))
+    text = markdown(sets, command, args.n_boot)
+    atomic_write_text(out.with_suffix(".md"), text)
+    print(text)
 
 
 if __name__ == "__main__":
