@@ -133,6 +133,29 @@ def test_reviewer_equals_a_plain_forward_with_batches_and_duplicates(folder, tin
     assert by[(0, 0)] != by[(0, 1)]
 
 
+def test_humaneval_reviewer_equals_a_plain_forward(tmp_path, tiny):
+    prompt = ("import math\n\n\ndef helper(x):\n    return x\n\n\ndef area(r):\n    \"\"\" Area of a "
+              "circle of radius r.\n    >>> area(1)\n    3.14\n    \"\"\"\n")
+    comps = ["    return math.pi * r * r\n", "    return 2 * r\n", "    return math.pi * r * r\n"]
+    out = tmp_path / "he"
+    RolloutWriter(out, meta={"task": "humaneval", "k": 3}).append(
+        [{"prompt_id": "HumanEval/0", "sample_idx": j, "prompt": prompt, "completion": c, "reward": 0.0}
+         for j, c in enumerate(comps)])
+    model, tok = _bundle(tiny)
+    review_rollouts(ReviewConfig(rollouts=str(out), progress=False),
+                    reviewer=HFReviewer(model, tok, "tiny"), say=lambda *_: None)
+    t = pq.read_table(out / EMBED_DIR / REVIEW_FILE.format("00000")).to_pylist()
+    f = HumanEvalReview(prompt)
+    assert f.instruction.rest.startswith("    >>> area(1)")
+    for r, c in zip(t, comps):
+        ctx = f.context(c)
+        assert ctx.startswith("import math\n\n\ndef helper(x):") and ctx.endswith(COMMENT + "def area(r):\n")
+        lp, n = _reference(model, tok, ctx, f.instruction.text + f.instruction.rest)
+        np.testing.assert_allclose(r["reviewer_sum"], lp, rtol=1e-5, atol=1e-4)
+        assert r["reviewer_tokens"] == n
+    assert t[0]["reviewer_sum"] == t[2]["reviewer_sum"] != t[1]["reviewer_sum"]
+
+
 def test_review_resumes_only_missing_shards_and_refuses_another_model(folder, tiny):
     assert main(["review", str(folder), "--model", str(tiny), "--no-progress", "--threads", "1"]) == 0
     done = folder / EMBED_DIR / REVIEW_FILE.format("00000")
