@@ -166,6 +166,11 @@ def test_review_resumes_only_missing_shards_and_refuses_another_model(folder, ti
     s = review_rollouts(ReviewConfig(rollouts=str(folder), progress=False),
                         reviewer=HFReviewer(model, tok, str(tiny)), say=lambda *_: None)
     assert s["new_shards"] == 1 and s["rows"] == 8
+    s = review_rollouts(ReviewConfig(rollouts=str(folder), progress=False),
+                        reviewer=HFReviewer(model, tok, str(tiny)), say=lambda *_: None)
+    assert s["new_shards"] == 0
+    totals = json.loads((folder / EMBED_DIR / REVIEW_META).read_text())["totals"]
+    assert totals["rows"] == 16 and totals["prompts"] == 4  # every shard's cost stays counted
     assert kept.stat().st_mtime_ns == stamp
     assert pq.read_table(done).equals(before)
     other = HFReviewer(model, tok, "another-model")

@@ -388,7 +388,8 @@ def _prepare(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
                           f"({old.get('format')}, task {old.get('task')}); this run is "
                           f"{info['model']!r} ({info['format']}, task {info['task']}): delete "
                           f"{out_dir}/{REVIEW_FILE.format('*')} to redo")
-    meta = {**info, "shards": old.get("shards", {}) if have else {}}
+    shards = old.get("shards", {}) if have else {}
+    meta = {**info, "shards": shards, "totals": _totals(shards)}
     atomic_write_json(f, meta)
     return meta
 
