@@ -204,6 +204,10 @@ def test_reviewer_extras_reach_a_probe(folder, tiny, tmp_path):
 
     with pytest.raises(QProbeError, match="stored rollouts only"):  # fresh samples have no review
         QProbePolicy(None, p)  # type: ignore[arg-type]
+    from qprobe.serve.models import load_served
+
+    with pytest.raises(QProbeError, match="stored rollouts only"):  # refused before loading a model
+        load_served("no-such-model", [f"rv={out}"])
 
 
 class _Echo(BaseHTTPRequestHandler):
