@@ -17,7 +17,7 @@ from qprobe import __version__
 from qprobe.errors import QProbeError
 
 # Order is the order shown in `qprobe --help`. Add a module here to add a command.
-COMMANDS: list[str] = ["collect", "embed", "train", "train_head", "evaluate", "generate", "adapt", "run", "demo", "tasks", "score", "signals", "sandbox_check", "serve"]
+COMMANDS: list[str] = ["collect", "embed", "review", "train", "train_head", "evaluate", "generate", "adapt", "run", "demo", "tasks", "score", "signals", "sandbox_check", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,9 @@ LOGLIK_EXTRAS = ("logprob_mean", "logprob_sum", "logprob_tokens")
 # optional inputs after the features: the model's own log-likelihood of the sample, and whether
 # the sample passes the tests its prompt shows (`visible_reward`, 0.5 where the prompt shows none)
 EXTRAS = (*LOGLIK_EXTRAS, "visible_pass")
+# log p(instruction | program) from `qprobe review` (review.py), alone and added to the coder's
+REVIEWER_EXTRAS = ("reviewer_sum", "reviewer_mean", "coder_reviewer", "coder_reviewer_mean")
+EXTRAS = (*EXTRAS, *REVIEWER_EXTRAS)
 # execution signals (`qprobe signals`, qprobe/verifier/agreement.py): error class of the shown
 # test, MBR-exec agreement, model-written tests passed and the CodeT score
 EXEC_EXTRAS = ("visible_wrong", "visible_error", "visible_syntax", "mbr_share", "mbr_size",
@@ -178,6 +181,8 @@ class Probe(nn.Module):
             how = ("run `qprobe embed` on it" if set(missing) & set(LOGLIK_EXTRAS) else
                    "run `qprobe signals --exec / --gen-tests / --gen-exec` on it"
                    if set(missing) & set(EXEC_EXTRAS) else "run `qprobe score --visible` on it")
+            if set(missing) & set(REVIEWER_EXTRAS):
+                how = "run `qprobe review` (and `qprobe embed` for coder_reviewer) on it"
             raise QProbeError(f"{r.path}: this probe reads {missing}, which the folder lacks ({how})")
         return self.score(self.inputs(feats, cols))
 

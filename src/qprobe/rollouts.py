@@ -44,6 +44,8 @@ from qprobe.fileio import atomic_write, atomic_write_json, claim_new, fsync_dir
 
 FORMAT = "qprobe-rollouts/1"
 EMBED_DIR = "embedded"  # what `qprobe embed` adds: named feature sets and log-likelihoods
+REVIEW_FILE = "reviewer-{}.parquet"  # in EMBED_DIR: `qprobe review`'s scores of one shard
+REVIEW_META = "reviewer.json"  # in EMBED_DIR: its model, prompt format and cost per shard
 REQUIRED_COLUMNS = ("prompt_id", "sample_idx", "prompt", "completion", "reward")
 BASE_SCHEMA = pa.schema(
     [
@@ -531,6 +533,39 @@ class Rollouts:
             v = self.table.column("visible_reward").to_numpy(zero_copy_only=False).astype(np.float64)
             out["visible_pass"] = np.where(np.isnan(v), 0.5, v)
         out.update(self.exec_inputs())
+        out.update(self.reviewer_inputs(out))
+        return out
+
+    def reviewer(self) -> dict[str, np.ndarray] | None:
+        """`qprobe review`'s columns once every shard has them ({"reviewer_sum",
+        "reviewer_tokens", "reviewer_text_sum", "reviewer_text_tokens"}: [N]), else None."""
+        if "reviewer" not in self._set_cache:
+            files = [self.path / EMBED_DIR / REVIEW_FILE.format(_shard_id(i)) for i in self._shards]
+            got = None
+            if files and all(f.is_file() for f in files):
+                keys = ["reviewer_sum", "reviewer_tokens", "reviewer_text_sum", "reviewer_text_tokens"]
+                t = pa.concat_tables([pq.read_table(f, columns=["prompt_id", "sample_idx", *keys])
+                                      for f in files])
+                if (t.column("prompt_id").to_pylist() != self.column("prompt_id")
+                        or t.column("sample_idx").to_pylist() != self.column("sample_idx")):
+                    raise QProbeError(f"{self.path / EMBED_DIR}: reviewer rows do not match the samples")
+                got = {k: t.column(k).to_numpy().astype(np.float64) for k in keys}
+            self._set_cache["reviewer"] = got
+        return self._set_cache["reviewer"]
+
+    def reviewer_inputs(self, loglik: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The reviewer extras: `reviewer_sum`, `reviewer_mean` (log p(instruction | program),
+        summed / averaged over the instruction's tokens) and, with the coder log-likelihood,
+        `coder_reviewer` = logprob_sum + reviewer_sum and `coder_reviewer_mean` = logprob_mean +
+        reviewer_mean (Coder-Reviewer reranking); {} without `qprobe review`."""
+        rv = self.reviewer()
+        if rv is None:
+            return {}
+        out = {"reviewer_sum": rv["reviewer_sum"],
+               "reviewer_mean": rv["reviewer_sum"] / np.maximum(rv["reviewer_tokens"], 1)}
+        if "logprob_sum" in loglik:
+            out["coder_reviewer"] = loglik["logprob_sum"] + out["reviewer_sum"]
+            out["coder_reviewer_mean"] = loglik["logprob_mean"] + out["reviewer_mean"]
         return out
 
     def lacks_column(self, name: str) -> np.ndarray:

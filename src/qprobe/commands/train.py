@@ -37,7 +37,9 @@ def register(subparsers: Any) -> None:
                    "(need log-likelihoods in the folder), visible_pass (needs `qprobe score "
                    "--visible`), visible_wrong, visible_error, visible_syntax, mbr_share, "
                    "mbr_size (need `qprobe signals --exec`), gen_pass, gen_pass_frac, "
-                   "codet_score, mbr_gen_share (need `qprobe signals --gen-exec`)")
+                   "codet_score, mbr_gen_share (need `qprobe signals --gen-exec`), mbr_fuzz_share, mbr_fuzz_size (`qprobe signals --fuzz`), "
+                   "reviewer_sum, reviewer_mean, coder_reviewer, coder_reviewer_mean "
+                   "(need `qprobe review`)")
     g.add_argument("--cv", type=int, default=0, metavar="N",
                    help="choose the feature set, log-likelihood inputs and regularisation by "
                    "N-fold cross-validation over the training prompts (0: off; scored by the "

@@ -87,6 +87,13 @@ class QProbePolicy:
                               "task's visible_reward, which runs the prompt's shown tests in the "
                               "sandbox)")
         self.visible = visible
+        from qprobe.probe import REVIEWER_EXTRAS
+
+        reviewed = sorted(set(probe.extras) & set(REVIEWER_EXTRAS))
+        if reviewed:  # `qprobe review` scores stored rollouts, not fresh samples
+            raise QProbeError(f"generate: this probe reads {reviewed} (the reviewer likelihood of "
+                              "`qprobe review`), computed for stored rollouts only; use a probe "
+                              "without it")
         if k < 1 + int(include_greedy):
             raise QProbeError(f"generate: k must be >= {1 + int(include_greedy)}, got {k}")
         self.include_greedy = bool(include_greedy)

@@ -96,7 +96,7 @@ def load_served(model: str, probe_args: list[str], *, backend: str | None = None
     """Load the probes, then the model with the probes' feature layer (see `generate`) on
     `device` (a local model or embedder; default: cuda if any)."""
     from qprobe.backends import load_embedder, load_model, resolve
-    from qprobe.probe import Probe
+    from qprobe.probe import REVIEWER_EXTRAS, Probe
 
     if not probe_args:
         raise QProbeError("serve: give at least one --probe")
@@ -108,6 +108,9 @@ def load_served(model: str, probe_args: list[str], *, backend: str | None = None
             raise QProbeError(f"serve: {path} reads visible_pass (the prompt's shown tests, run "
                               "in the sandbox); the server does not run code: serve a probe "
                               "without it")
+        if set(probe.extras) & set(REVIEWER_EXTRAS):
+            raise QProbeError(f"serve: {path} reads the reviewer likelihood (`qprobe review`), "
+                              "computed for stored rollouts only: serve a probe without it")
         loaded.append((name, path, probe))
     specs = {None if p.feature_spec is None else p.feature_spec.to_dict().__repr__()
              for _, _, p in loaded if p.feature_dim}
