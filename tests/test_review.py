@@ -286,3 +286,10 @@ def test_echo_scores_rejects_answers_without_prompt_logprobs():
     # no text_offset: rebuilt from the token strings; context "ab\n", text "cd", rest "e"
     assert echo_scores({"choices": [{"logprobs": lp}]}, 3, 5, 6, where="x") == (-5.0, -2.0, 2, 1, 4)
 
+
+
+def test_the_light_config_names_every_reviewer_format():
+    from qprobe.review import REVIEW_FORMATS
+    from qprobe.review_config import REVIEW_TASKS
+
+    assert list(REVIEW_TASKS) == sorted(REVIEW_FORMATS)

@@ -34,7 +34,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from qprobe.errors import QProbeError
 from qprobe.fileio import atomic_write, atomic_write_json
+from qprobe.review_config import ReviewConfig  # noqa: F401  (re-exported: the command's flags)
 from qprobe.rollouts import EMBED_DIR, REVIEW_FILE, REVIEW_META, shard_ids
 
 FORMAT = "coder-reviewer/1"  # changes when a prompt below changes (stored files are refused then)
@@ -190,11 +191,11 @@ class HFReviewer(Reviewer):
     positions that predict an instruction token."""
 
     def __init__(self, model, tokenizer, identity: str, head_chunk: int = 512) -> None:
-        from qprobe.backends.hf.model import _Tok
+        from qprobe.backends.hf.tokenizer import PromptTokenizer, pad_id
 
         self.model, self.identity, self.head_chunk = model, identity, head_chunk
-        self.tok = _Tok(tokenizer, False)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.tok = PromptTokenizer(tokenizer, False)
+        self.pad = pad_id(tokenizer)
         self.dev = next(model.parameters()).device
         self._instr: tuple[Instruction, list[int], list[int]] | None = None
 
@@ -208,7 +209,7 @@ class HFReviewer(Reviewer):
     def score(self, contexts: list[str], instruction: Instruction) -> Scores:
         import torch
 
-        from qprobe.embed import _length_chunks
+        from qprobe.backends.hf.encode import length_chunks
 
         text_ids, rest_ids = self._instruction_ids(instruction)
         ins = text_ids + rest_ids
@@ -222,7 +223,7 @@ class HFReviewer(Reviewer):
         per_tok = np.zeros((n, m))  # [n, m] log p of each instruction token
         if m:
             with torch.no_grad():
-                for rows in _length_chunks(lens):
+                for rows in length_chunks(lens):
                     per_tok[rows] = self._rows([ctx[i] for i in rows], ins)
         self.tokens += int(lens.sum())
         nt = len(text_ids)
@@ -353,24 +354,6 @@ def echo_scores(out: Any, ctx_end: int, text_end: int, prompt_end: int, where: s
 
 
 # ----------------------------------------------------------------------------- the command
-
-
-@dataclass
-class ReviewConfig:
-    """What `qprobe review` does (every field is a command line flag)."""
-
-    rollouts: str = field(metadata={"help": "Rollouts folder whose candidates are reviewed."})
-    model: str | None = field(
-        default=None, metadata={"help": "Reviewer model: a local model (default: the folder's "
-                                "own) or an OpenAI-compatible server URL (http://host:port)."})
-    task: str | None = field(
-        default=None, metadata={"help": f"Reviewer prompt format, one of {sorted(REVIEW_FORMATS)} "
-                                "(default: the folder's task)."})
-    limit_shards: int | None = field(default=None, metadata={"help": "Only the first N shards."})
-    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if any)."})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
-    concurrency: int = field(default=4, metadata={"help": "Requests in flight (server only)."})
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
 
 
 def _prepare(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:

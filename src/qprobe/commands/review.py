@@ -12,7 +12,7 @@ from qprobe.commands.flags import add_flags, from_args
 
 
 def register(subparsers: Any) -> None:
-    from qprobe.review import ReviewConfig
+    from qprobe.review_config import ReviewConfig
 
     p = subparsers.add_parser(
         "review",

@@ -51,7 +51,7 @@ class GroupEncoder:
             logprob = np.zeros(n)
             feats = {layer: {pos: np.tile(prompt_last[layer].cpu().numpy(), (n, 1))
                              for pos in ("last", "mean")} for layer in self.layers}
-            for rows in _length_chunks(lens):
+            for rows in length_chunks(lens):
                 self._encode_rows(rows, completions, lens, cache, h_prompt, captured, pad_id,
                                   logprob, feats)
             return logprob, lens, feats
@@ -107,7 +107,7 @@ class GroupEncoder:
         return out.numpy()
 
 
-def _length_chunks(lens: np.ndarray, waste: float = 1.25, min_rows: int = 4) -> list[np.ndarray]:
+def length_chunks(lens: np.ndarray, waste: float = 1.25, min_rows: int = 4) -> list[np.ndarray]:
     """Non-empty rows sorted by length, cut so that padding each chunk to its longest row costs
     at most `waste` x its real tokens (chunks of fewer than `min_rows` rows are not cut off)."""
     order = [int(i) for i in np.argsort(lens, kind="stable") if lens[i] > 0]
