@@ -14,7 +14,7 @@ from qprobe.commands.flags import add_flags, from_args
 
 
 def register(subparsers: Any) -> None:
-    from qprobe.policy.head_config import HeadConfig
+    from qprobe.head_config import HeadConfig
 
     p = subparsers.add_parser(
         "train-head",
@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qprobe.policy.head_config import HeadConfig
+    from qprobe.head_config import HeadConfig
     from qprobe.policy.head_train import train_head
 
     cfg = from_args(HeadConfig, args)

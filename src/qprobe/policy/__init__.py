@@ -10,14 +10,8 @@
   import torch, so they are imported from their modules, not re-exported here.
 """
 
-import importlib
-from typing import Any
-
-# Loaded on first use: importing `qprobe.policy.head_config` (for `qprobe --help`) must not
-# import numpy and the policy stack.
-_LAZY = {"Choice": "best_of_k", "QProbePolicy": "best_of_k", "best_of_k": "best_of_k",
-         "choose": "select", "choose_batch": "select", "expected_reward": "select",
-         "softmax_weights": "select"}
+from qprobe.policy.best_of_k import Choice, QProbePolicy, best_of_k
+from qprobe.policy.select import choose, choose_batch, expected_reward, softmax_weights
 
 __all__ = [
     "Choice",
@@ -28,9 +22,3 @@ __all__ = [
     "expected_reward",
     "softmax_weights",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"qprobe.policy.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'qprobe.policy' has no attribute {name!r}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from qprobe.errors import QProbeError
-from qprobe.policy.head_config import HeadConfig
+from qprobe.head_config import HeadConfig
 from qprobe.policy.heads import RewardHead
 
 
