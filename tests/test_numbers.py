@@ -28,6 +28,7 @@ RUN_1202 = "results/mbpp-qwen-coder/run-2026-12-02/results.json"
 HH = "results/hh-preferences/report.json"
 DEMO = "results/demo/report/results.json"
 SENTIMENT = "results/sentiment-guided/report/results.json"
+VERIFIER = "results/mbpp-qwen-coder-verifier/report/results.json"
 NUM = re.compile(r"(?:(?<![\w@])[+\-\u2212])?\d[\d,]*(?:\.\d+)?")  # "best-of-16" is 16, not -16
 
 
@@ -197,7 +198,23 @@ def mbpp_tables() -> list[Table]:
         + n(b2["probes"]["pg"]["with_greedy"]["beta=0"]["mean"]),
         "pass@16": n(pk(a2)) + n(pk(b2)),
     }, reports=[RUN_1202])
-    return [readme, first, dec03, dec03_paired, dec02]
+    vt = report(VERIFIER)["test"]
+    vm2, vh2 = vt["mbpp-test"], vt["humaneval"]
+    verifier = Table("README.md", "| method (k = 16) | MBPP test | HumanEval |", {
+        "filter by the shown test, then mean log-prob (free)":
+            n(vm2["rules"]["shown_test_filter"]["mean"]) + n(vh2["rules"]["shown_test_filter"]["mean"]),
+        "error class of the shown test, then mean log-prob (free)":
+            n(vm2["rules"]["shown_test_error_class"]["mean"])
+            + n(vh2["rules"]["shown_test_error_class"]["mean"]),
+        "MBR-exec on calls next to the shown ones (free)":
+            n(vm2["rules"]["mbr_exec_nearby_inputs"]["mean"])
+            + n(vh2["rules"]["mbr_exec_nearby_inputs"]["mean"]),
+        "learned: `pg` chosen on train (log-lik, shown test, nearby agreement, error class)":
+            n(probe(vm2, "pg")) + n(probe(vh2, "pg")),
+        "learned minus the filter, paired": paired(vm2, "pg", "vs_shown_test_filter")
+            + paired(vh2, "pg", "vs_shown_test_filter"),
+    }, reports=[VERIFIER])
+    return [readme, first, dec03, dec03_paired, dec02, verifier]
 
 
 def hh_tables() -> list[Table]:
