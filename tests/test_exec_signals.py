@@ -299,9 +299,11 @@ def _accept(srv):
 
 
 def test_signals_command_fills_the_columns(folder, capsys):
-    assert main(["signals", str(folder), "--task", "mbpp", "--exec", "--per-step", "0.5",
-                 "--workers", "2"]) == 0
-    assert Rollouts(folder).column("visible_status")[3] == "syntax_error"
+    assert main(["signals", str(folder), "--task", "mbpp", "--exec", "--fuzz", "--per-step",
+                 "0.5", "--workers", "2"]) == 0
+    r = Rollouts(folder)
+    assert r.column("visible_status")[3] == "syntax_error"
+    assert r.column("fuzz_sig")[0] == r.column("fuzz_sig")[5] != r.column("fuzz_sig")[1]
     assert main(["signals", str(folder), "--task", "mbpp"]) == 2  # no stage chosen
     assert main(["signals", str(folder), "--task", "mbpp", "--gen-exec"]) == 2  # no tests yet
 

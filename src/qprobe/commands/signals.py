@@ -79,24 +79,16 @@ def run(args: argparse.Namespace) -> int:
     out = {}
     for folder in o.rollouts:
         res = {}
-        if o.exec:
+        for flag, stage in ((o.exec, signals.fill_exec), (o.fuzz, signals.fill_fuzz)):
+            if not flag:
+                continue
             task = get_task(o.task, data=o.data,
                             sandbox=SandboxConfig(timeout=o.timeout, workers=o.workers))
             if not isinstance(task, CodeTask):
                 raise QProbeError(f"signals: task {task.name!r} is not a code task")
             try:
-                res["exec"] = signals.fill_exec(folder, task, limit=o.limit, chunk=o.chunk,
-                                                per_step=o.per_step)
-            finally:
-                task.close()
-        if o.fuzz:
-            task = get_task(o.task, data=o.data,
-                            sandbox=SandboxConfig(timeout=o.timeout, workers=o.workers))
-            if not isinstance(task, CodeTask):
-                raise QProbeError(f"signals: task {task.name!r} is not a code task")
-            try:
-                res["fuzz"] = signals.fill_fuzz(folder, task, limit=o.limit, chunk=o.chunk,
-                                                per_step=o.per_step)
+                res[stage.__name__.removeprefix("fill_")] = stage(
+                    folder, task, limit=o.limit, chunk=o.chunk, per_step=o.per_step)
             finally:
                 task.close()
         if o.gen_tests:

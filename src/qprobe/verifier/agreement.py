@@ -90,22 +90,18 @@ def exec_extras(columns: dict[str, list], group: np.ndarray) -> dict[str, np.nda
     if vs is not None and None not in vs:
         for name, classes in VISIBLE_ONE_HOT.items():
             out[name] = np.array([1.0 if s in classes else 0.0 for s in vs])
-    sig = columns.get("exec_sig")
-    if sig is not None and None not in sig:
+    # MBR-exec clusters: (signature column, extra for its size or None, extra for its share)
+    for col, size_name, share_name in (("exec_sig", "mbr_size", "mbr_share"),
+                                       ("gen_sig", None, "mbr_gen_share"),
+                                       ("fuzz_sig", "mbr_fuzz_size", "mbr_fuzz_share")):
+        sig = columns.get(col)
+        if sig is None or None in sig:
+            continue
         size = per_prompt(group, sig, cluster_sizes)
         k = per_prompt(group, sig, lambda v: np.full(len(v), len(v)))
-        out["mbr_size"] = size
-        out["mbr_share"] = size / np.maximum(k, 1)
-    gsig = columns.get("gen_sig")
-    if gsig is not None and None not in gsig:
-        k = per_prompt(group, gsig, lambda v: np.full(len(v), len(v)))
-        out["mbr_gen_share"] = per_prompt(group, gsig, cluster_sizes) / np.maximum(k, 1)
-    fsig = columns.get("fuzz_sig")
-    if fsig is not None and None not in fsig:
-        size = per_prompt(group, fsig, cluster_sizes)
-        k = per_prompt(group, fsig, lambda v: np.full(len(v), len(v)))
-        out["mbr_fuzz_size"] = size
-        out["mbr_fuzz_share"] = size / np.maximum(k, 1)
+        if size_name:
+            out[size_name] = size
+        out[share_name] = size / np.maximum(k, 1)
     passed, n = columns.get("gen_passed"), columns.get("gen_tests")
     if passed is not None and n is not None and None not in passed and None not in n:
         cnt = np.array([len(p) for p in passed], dtype=np.float64)
