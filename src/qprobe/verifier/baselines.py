@@ -28,6 +28,9 @@ RULES = {
     "filter_then_codet": ("visible_pass", "codet_score"),
     "mbr_exec_generated_inputs": ("mbr_gen_share",),
     "generated_tests_passed": ("gen_pass",),
+    # Coder-Reviewer (`qprobe review`): log p(program | instruction) + log p(instruction | program)
+    "coder_reviewer": ("coder_reviewer",),
+    "filter_then_coder_reviewer": ("visible_pass", "coder_reviewer"),
 }
 
 
