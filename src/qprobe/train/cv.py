@@ -238,7 +238,9 @@ def fit(r: Any, c: Candidate, base: Any, rows: np.ndarray | None = None,
     objective = base.objective if c.objective is None else c.objective
     pairs = r.pair_rows() if objectives.get(objective).pairs else None  # [P, 2]
     if c.gate is not None:  # train on the rows that do not fail the gate: the probe ranks there
-        keep = r.extra_inputs()[c.gate] != 0
+        # the gate is one of the input matrix's extra columns: read it there, not from the
+        # folder again (fit runs once per fold and candidate)
+        keep = x[:, x.shape[1] - len(c.extras) + c.extras.index(c.gate)] != 0  # [N]
         rows = np.flatnonzero(keep) if rows is None else rows[keep[rows]]
     if rows is not None:
         x, group, rewards, pids = x[rows], group[rows], rewards[rows], pids[rows]
