@@ -26,6 +26,12 @@ class HeadConfig:
         "help": "label = 1 if reward > this else 0 (default: the reward itself)"})
     link: str = field(default="sigmoid", metadata={
         "choices": ["sigmoid", "identity"], "help": "reward = link(raw head output)"})
+    pairs: bool = field(default=False, metadata={
+        "help": "arm only: train on preference pairs (rows with role chosen / rejected, as "
+                "`qprobe collect` stores them) instead of rewards: the sequence score is the sum "
+                "of the head's per-token raw outputs, fitted by the Bradley-Terry loss "
+                "-log sigmoid(score(chosen) - score(rejected)) (an autoregressive reward model; "
+                "link identity, so guiding adds beta * that token's share of the score)"})
     distill_from: str | None = field(default=None, metadata={
         "help": "arm only: fit the head to this rad head's scores of prefix + next token "
                 "instead of to the labels (the rad head must read the same model, at any block)"})

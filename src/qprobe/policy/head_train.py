@@ -223,6 +223,79 @@ def _predictor(states: TokenStates, head: RewardHead, idx: np.ndarray, emb=None)
     return raw
 
 
+def sequence_scores(states: TokenStates, head: RewardHead, emb: torch.Tensor | None = None,
+                    batch: int = 65536) -> np.ndarray:
+    """[N] float64: each sequence's sum of the arm head's raw outputs over its tokens (the
+    autoregressive reward; 0 for an empty completion)."""
+    idx, seq, _ = states.arm_rows()
+    pred = _predictor(states, head, idx, emb)
+    out = torch.zeros(len(states.lengths), dtype=torch.float64)
+    with torch.no_grad():
+        for b in range(0, len(idx), batch):
+            sel = torch.arange(b, min(b + batch, len(idx)))
+            out.index_add_(0, torch.from_numpy(seq[b : b + batch]), pred(sel).double())
+    return out.numpy()
+
+
+def fit_arm_pairs(states: TokenStates, chosen: np.ndarray, rejected: np.ndarray,
+                  head: RewardHead, cfg: FitConfig, emb: torch.Tensor, say=None,
+                  pairs_per_step: int = 64) -> float:
+    """Train an arm head on preference pairs: chosen / rejected [P] are sequence indices into
+    states; minimises the mean of -log sigmoid(S(chosen) - S(rejected)), S = the sum of the
+    head's raw outputs over a sequence's tokens. Returns the final epoch's mean loss."""
+    if head.kind != "arm" or head.link != "identity":
+        raise QProbeError("head training: pairs train an arm head with link identity")
+    idx, seq, _ = states.arm_rows()
+    if len(idx) == 0 or len(chosen) == 0:
+        raise QProbeError("head training: no pairs with completion tokens to train on")
+    head.std.copy_(torch.as_tensor(_scale(states.h, idx)))
+    pred = _predictor(states, head, idx, emb)
+    # rows of each sequence: arm_rows is ordered by sequence, so sequence i owns
+    # rows first[i] .. first[i] + n_i - 1
+    n = states.lengths
+    first = np.concatenate([[0], np.cumsum(n)[:-1]])
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pairs = np.stack([np.asarray(chosen), np.asarray(rejected)], 1)  # [P, 2]
+    loss_val = float("nan")
+    head.train()
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(len(pairs), generator=g).numpy()
+        total = 0.0
+        for b in range(0, len(pairs), pairs_per_step):
+            pp = pairs[perm[b : b + pairs_per_step]]  # [B, 2]
+            seqs = pp.reshape(-1)  # [2B] chosen, rejected, chosen, ...
+            rows = np.concatenate([np.arange(first[i], first[i] + n[i]) for i in seqs])
+            owner = np.repeat(np.arange(len(seqs)), n[seqs])  # [M] which of the 2B
+            score = torch.zeros(len(seqs)).index_add(0, torch.from_numpy(owner),
+                                                     pred(torch.from_numpy(rows)))
+            margin = score[0::2] - score[1::2]  # [B]
+            loss = torch.nn.functional.softplus(-margin).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(pp)
+        loss_val = total / len(pairs)
+        if say and (epoch == cfg.epochs - 1 or epoch % 5 == 0):
+            say(f"train-head: epoch {epoch + 1}/{cfg.epochs} pair loss {loss_val:.4f}")
+    head.eval()
+    return loss_val
+
+
+def pair_indices(prompt_ids: list[str], roles: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen [P], rejected [P]) row indices: one pair per prompt that has exactly one row of
+    each role (rows of other roles, e.g. sampled answers, are ignored)."""
+    by: dict[str, dict[str, list[int]]] = {}
+    for i, (p, role) in enumerate(zip(prompt_ids, roles)):
+        by.setdefault(p, {}).setdefault(role, []).append(i)
+    c, r = [], []
+    for roles_of in by.values():
+        if len(roles_of.get("chosen", [])) == 1 and len(roles_of.get("rejected", [])) == 1:
+            c.append(roles_of["chosen"][0])
+            r.append(roles_of["rejected"][0])
+    return np.asarray(c, dtype=np.int64), np.asarray(r, dtype=np.int64)
+
+
 def teacher_rad_raw(states: TokenStates, teacher: RewardHead) -> np.ndarray:
     """A rad head's raw score at every prefix + next token h_1..h_n, aligned with arm_rows()."""
     idx, _, _ = states.rad_rows()
@@ -281,18 +354,28 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
         layer = own.layer
     else:
         layer = resolve_layer(None, n_layers)
-    prompts, comps, rewards = [], [], []
-    for r in rs:
+    if cfg.pairs and (cfg.kind != "arm" or cfg.distill_from):
+        raise QProbeError("train-head: --pairs trains an arm head from pairs (--kind arm, no "
+                          "--distill-from)")
+    prompts, comps, rewards, keys, roles = [], [], [], [], []
+    for j, r in enumerate(rs):
         if "token_ids" not in r.table.column_names:
             raise QProbeError(f"{r.path}: no token_ids column (collect with a local model)")
+        if cfg.pairs and "role" not in r.table.column_names:
+            raise QProbeError(f"{r.path}: no role column (collect the task's preference pairs)")
         rw = r.rewards
-        for p, ids, y in zip(r.column("prompt"), r.column("token_ids"), rw):
-            if np.isfinite(y) and ids:
+        role = r.column("role") if cfg.pairs else [""] * len(rw)
+        for p, pid, ids, y, ro in zip(r.column("prompt"), r.column("prompt_id"),
+                                      r.column("token_ids"), rw, role):
+            if (ro in ("chosen", "rejected") if cfg.pairs else np.isfinite(y)) and ids:
                 prompts.append(p)
                 comps.append(list(ids))
                 rewards.append(float(y))
+                keys.append(f"{j}/{pid}")
+                roles.append(ro)
     if not prompts:
-        raise QProbeError("train-head: no scored samples with tokens in the rollouts")
+        raise QProbeError("train-head: no " + ("preference pairs" if cfg.pairs else "scored "
+                          "samples") + " with tokens in the rollouts")
     cache: dict[str, list[int]] = {}
     for p in prompts:
         if p not in cache:
@@ -302,6 +385,10 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
     states = token_states(hf, layer, p_ids, comps)
     y = np.asarray(rewards)
     labels = (y > cfg.label_threshold).astype(np.float64) if cfg.label_threshold is not None else y
+    if cfg.pairs:
+        chosen, rejected = pair_indices(keys, roles)
+        labels = np.zeros(len(y))
+        labels[chosen] = 1.0  # reported as label_mean: the share of rows that are chosen
     dim = int(hf.config.hidden_size)
     spec = FeatureSpec(model=chat_identity(identity, chat), layer=layer, position="last",
                        dim=dim, dtype="float32")
@@ -309,7 +396,7 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
     fit = FitConfig(epochs=cfg.epochs, lr=cfg.lr, batch=cfg.batch, weight_decay=cfg.weight_decay,
                     seed=cfg.seed)
     emb = hf.get_output_embeddings().weight.detach()
-    link = cfg.link
+    link = "identity" if cfg.pairs else cfg.link
     teacher = None
     if cfg.distill_from:
         if cfg.kind != "arm":
@@ -330,12 +417,15 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
         t_states = states if teacher.feature_spec.layer == layer else token_states(
             hf, teacher.feature_spec.layer, p_ids, comps)  # the teacher's block, same positions
         loss = distill_arm(states, teacher_rad_raw(t_states, teacher), head, fit, emb, say)
+    elif cfg.pairs:
+        loss = fit_arm_pairs(states, chosen, rejected, head, fit, emb, say)
     elif cfg.kind == "rad":
         loss = fit_rad(states, labels, head, fit, say)
     else:
         loss = fit_arm(states, labels, head, fit, emb, say)
     head.info = {"training": {**asdict(cfg), "rollouts": [str(r.path) for r in rs],
                               "samples": len(prompts), "tokens": int(states.lengths.sum()),
+                              **({"pairs": int(len(chosen))} if cfg.pairs else {}),
                               "label_mean": float(labels.mean()), "final_loss": float(loss),
                               "seconds": round(time.perf_counter() - t0, 1)}}
     return head
