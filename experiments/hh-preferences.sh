@@ -16,7 +16,9 @@
 #   long: 64 prompts x 4 samples padded to the longest held 11.6 GB); TEXTS (200): GSM8K test
 #   problems (question + answer) as the held-out general text for perplexity; SEEDS (0 1): the
 #   adapters are trained once per seed (pair order, LoRA init, dropout) to see training noise;
-#   seed 0's folders are named after the method alone (adapter-dpo), others adapter-dpo-s1.
+#   seed 0's folders are named after the method alone (adapter-dpo), others adapter-dpo-s1;
+#   K_POOL (32): base samples per held-out prompt for best-of-k at k = 4..K_POOL (OUT/test-base32);
+#   ARM_BETAS (0.5 1 2): guidance weights of the ARM head from pairs (experiments/hh_arm.py).
 # Needs the adapters and judge extras: pip install -e '.[adapters,judge]' torch==2.13.0
 set -euo pipefail
 OUT=${1:-runs/hh-preferences}
@@ -32,6 +34,8 @@ TEST_PROMPTS=${TEST_PROMPTS:-200}
 TEXTS=${TEXTS:-200}
 BATCH=${BATCH:-8}
 SEEDS=${SEEDS:-0 1}
+K_POOL=${K_POOL:-32}
+ARM_BETAS=${ARM_BETAS:-0.5 1 2}
 GSM8K=${GSM8K:-../shared/data/gsm8k/test.jsonl}
 # the adapter runs, every method once per seed: qadapter dpo qadapter-s1 dpo-s1 ...
 ADAPTERS=$(for s in $SEEDS; do for m in qadapter dpo; do
@@ -134,6 +138,19 @@ timed collect-train-all "$OUT/pairs-train-all.done" $Q collect --model "$MODEL" 
 touch "$OUT/pairs-train-all.done"
 probe bt-all "$OUT/pairs-train-all" bt $CV_GRID
 
-log "8. report"
-$PY "$HERE/hh_report.py" "$OUT" --k "$K"
+log "9. compute levels and a token-level policy from the pairs (issue 26)"
+# K_POOL base samples per held-out prompt (best-of-k for k = 4..K_POOL from one pool; 4 prompts
+# per batch: 128 rows), and an ARM head fitted to every train pair, guided at ARM_BETAS
+gen "base$K_POOL" "$K_POOL" --model "$MODEL" --batch-prompts 4
+$PY "$HERE/hh_arm.py" "$OUT" --model "$MODEL" --betas $ARM_BETAS
+for d in "$OUT/test-base$K_POOL" "$OUT"/test-arm-b*; do
+  name=${d##*/test-}
+  if [ -d "$d" ] && unjudged "$d"; then
+    timed "judge-$name" "" env QPROBE_JUDGE="$OUT/judge" \
+        $Q score "$d" --task "$HERE/hh_judge.py:reward" --only-missing
+  fi
+done
+
+log "10. report"
+$PY "$HERE/hh_report.py" "$OUT" --k "$K" --pool "test-base$K_POOL"
 log "done: $OUT/report.md"

@@ -139,7 +139,108 @@ def generations(out: Path, k: int, offensive: bool = True) -> dict:
             p_off = np.array(judge.offensive([], list(comp)))  # [P]
             res[f"{adapter_label(m)} sample (k=1)"].update(
                 offensive=(p_off > 0.5).astype(float), offensive_prob=p_off)
+    for m, beta in guided(out):
+        r = Rollouts(out / f"test-{m}")
+        p_m, rows_m = by_prompt(r, 1)
+        pos = {p: i for i, p in enumerate(p_m)}
+        if not all(p in pos for p in prompts):
+            continue  # still being sampled
+        c = np.array([rows_m[pos[p], 0] for p in prompts])
+        comp = np.array(r.column("completion"), dtype=object)[c]
+        name = guided_label(beta)
+        res[name] = {"judge": r.rewards[c], "tokens": np.array(r.column("num_tokens"), dtype=float)[c]}
+        if offensive:
+            p_off = np.array(judge.offensive([], list(comp)))  # [P]
+            res[name].update(offensive=(p_off > 0.5).astype(float), offensive_prob=p_off)
     return {"n_prompts": len(prompts), "k": k, "per_prompt": res}
+
+
+def guided(out: Path) -> list[tuple[str, float]]:
+    """(folder name without test-, beta) of the ARM-guided generations (experiments/hh_arm.py),
+    judged ones only, by beta."""
+    found = []
+    for d in out.glob("test-arm-b*"):
+        r = Rollouts(d)
+        if len(r) and not np.isnan(r.rewards).any():
+            found.append((d.name.removeprefix("test-"), float(d.name.removeprefix("test-arm-b"))))
+    return sorted(found, key=lambda t: t[1])
+
+
+def guided_label(beta: float) -> str:
+    return f"ARM head from pairs, guided, beta={beta:g} (k=1)"
+
+
+def dpo_mean(out: Path, prompts: list[str]) -> np.ndarray | None:
+    """[P] the mean judge score of the DPO adapters' samples (one per seed) per prompt: the
+    expected score of DPO's policy, over its training noise; None without them."""
+    cols = []
+    for m in adapters(out):
+        if not m.startswith("dpo") or not (out / f"test-{m}").exists():
+            continue
+        r = Rollouts(out / f"test-{m}")
+        p_m, rows_m = by_prompt(r, 1)
+        pos = {p: i for i, p in enumerate(p_m)}
+        if all(p in pos for p in prompts):
+            cols.append(r.rewards[[rows_m[pos[p], 0] for p in prompts]])
+    return np.mean(cols, axis=0) if cols else None
+
+
+def best_of_k(out: Path, folder: str, ks: list[int]) -> dict | None:
+    """Best-of-k for several k from one pool of K samples per held-out prompt (the first k
+    samples of each prompt), per prompt: the judge score of each chooser's pick, the pool's
+    mean (the expected score of plain sampling) and DPO's mean over seeds."""
+    from qprobe.probe import Probe
+
+    d = out / folder
+    if not d.exists():
+        return None
+    r = Rollouts(d)
+    kmax = int(r.meta["k"])
+    prompts, rows = by_prompt(r, kmax)  # [P], [P, K]
+    score = r.rewards
+    if np.isnan(score[rows]).any():
+        return None  # not judged yet
+    chooser: dict[str, np.ndarray] = {}
+    for name in ("bt-all", "bt"):
+        if (out / f"probe-{name}").exists():
+            chooser[f"{name} probe"] = Probe.load(out / f"probe-{name}").score_rollouts(r)
+    ll = r.loglik()
+    if ll is not None:
+        chooser["mean log-prob"] = ll["logprob_mean"]
+    chooser["the judge itself (ceiling)"] = score
+    per: dict[str, dict[str, np.ndarray]] = {}
+    for k in [k for k in ks if k <= kmax]:
+        sub = rows[:, :k]
+        for name, q in chooser.items():
+            per.setdefault(name, {})[str(k)] = score[sub[np.arange(len(sub)), q[sub].argmax(1)]]
+    return {"folder": folder, "k_pool": kmax, "n_prompts": len(prompts), "per_prompt": per,
+            "base_mean": score[rows].mean(1), "dpo_mean": dpo_mean(out, prompts),
+            "prompts": prompts}
+
+
+def arm_pairs(out: Path) -> dict | None:
+    """Pair accuracy of the ARM head from pairs beside the bt-all probe and the base model's
+    summed log-likelihood on the same held-out pairs, with paired differences."""
+    from qprobe.probe import Probe
+
+    f = out / "eval-pairs-arm.json"
+    if not f.exists():
+        return None
+    j = json.loads(f.read_text())
+    arm = np.asarray(j["correct"], dtype=float)
+    res = {"ARM head from pairs (sum of token scores)": ci(arm),
+           "base logprob_sum": ci(np.asarray(j["base_logprob_sum_correct"], dtype=float))}
+    diffs = {"ARM - base logprob_sum": ci(arm - np.asarray(j["base_logprob_sum_correct"], float))}
+    if (out / "probe-bt-all").exists():
+        r = Rollouts(out / "pairs-test")
+        q = Probe.load(out / "probe-bt-all").score_rollouts(r)  # [N]
+        pid, role = [str(p) for p in r.column("prompt_id")], r.column("role")
+        row = {(p, ro): i for i, (p, ro) in enumerate(zip(pid, role))}
+        bt = np.array([float(q[row[(p, "chosen")]] > q[row[(p, "rejected")]])
+                       for p in j["prompt_ids"]])
+        res["bt-all probe"] = ci(bt)
+        diffs["ARM - bt-all probe"] = ci(arm - bt)
+    return {"n_pairs": j["n_pairs"], "accuracy": res, "paired": diffs}
 
 
 def offensive_from(report: dict, name: str, v: dict) -> dict:
@@ -172,6 +273,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--pool", default="test-base32",
+                    help="folder of the compute-level table (K base samples per held-out prompt)")
+    ap.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--offensive-from-report", action="store_true",
                     help="take the offensive-language columns from OUT/report.json (no judge extra)")
     a = ap.parse_args()
@@ -221,6 +325,15 @@ def main() -> None:
                      f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}] |")
     report["pair_accuracy"] = pa
     lines.append("")
+    ap_arm = arm_pairs(out)
+    if ap_arm:
+        lines += [f"ARM head trained from every train pair (`experiments/hh_arm.py`), on the same "
+                  f"{ap_arm['n_pairs']} held-out pairs, with paired differences:", "",
+                  "| scorer | pair accuracy |", "|---|---|"]
+        lines += [f"| {n} | {fmt(t)} |" for n, t in ap_arm["accuracy"].items()]
+        lines += [f"| {n} (paired) | {fmt(t, signed=True)} |" for n, t in ap_arm["paired"].items()]
+        report["arm_pairs"] = ap_arm
+        lines.append("")
 
     if (out / "test-base").exists():
         g = generations(out, a.k, offensive=previous is None)
@@ -253,6 +366,42 @@ def main() -> None:
                 "judge": ci(v["judge"]), "judge_vs_base": dj, "judge_vs_base_mean": dm,
                 "offensive": off["offensive"], "offensive_vs_base": off["offensive_vs_base"],
                 "offensive_prob": off["offensive_prob"], "tokens": float(v["tokens"].mean())}
+        lines.append("")
+
+    bk = best_of_k(out, a.pool, a.ks)
+    if bk:
+        base_m, dpo_m = bk["base_mean"], bk["dpo_mean"]
+        lines += [f"## Compute levels: best-of-k from a pool of {bk['k_pool']} base samples per "
+                  f"prompt ({bk['n_prompts']} held-out prompts)", "",
+                  f"`{bk['folder']}`: the first k of each prompt's {bk['k_pool']} samples. Paired "
+                  f"per prompt against the pool's mean judge score (the expected score of plain "
+                  "sampling) and against DPO (the mean of its seeds' samples per prompt: its "
+                  "expected score, over training noise). A CI of the difference to DPO that "
+                  "includes or exceeds 0 is the issue's goal.", "",
+                  "| policy | k | judge score | vs plain sampling | vs DPO |",
+                  "|---|---|---|---|---|"]
+        rows_bk: dict = {}
+
+        def row(name: str, k: str, v: np.ndarray) -> None:
+            vs_d = ci(v - dpo_m) if dpo_m is not None else None
+            rows_bk[f"{name} k={k}"] = {"judge": ci(v), "vs_base_mean": ci(v - base_m),
+                                        "vs_dpo": vs_d}
+            lines.append(f"| {name} | {k} | {fmt(ci(v))} | {fmt(ci(v - base_m), signed=True)} | "
+                         f"{fmt(vs_d, signed=True) if vs_d else '-'} |")
+
+        row("plain sampling (pool mean)", "1", base_m)
+        if dpo_m is not None:
+            row("DPO sample, mean of seeds", "1", dpo_m)
+        for name, by_k in bk["per_prompt"].items():
+            for k, v in by_k.items():
+                row(f"best-of-k, {name}", k, v)
+        if (out / "test-base").exists():
+            gen_prompts = sorted(set(Rollouts(out / "test-base").prompt_ids.tolist()))
+            if gen_prompts == bk["prompts"]:
+                for name, v in per.items():
+                    if name.startswith("ARM head"):
+                        row(name.removesuffix(" (k=1)"), "1", v["judge"])
+        report["best_of_k"] = rows_bk
         lines.append("")
 
     tt = times_tables(out)
