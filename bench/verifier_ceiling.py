@@ -11,7 +11,8 @@ script asks whether the stored free signals carry that order at all:
    written into the code (hard-coding); their within-prompt AUC among the passing candidates;
 2. every weighting on a grid of the z-scored signals (per prompt) as the order inside the filter:
    the weighting best on train, and - the ceiling - the weighting best on each test set itself
-   (chosen on test: an upper bound no honest method can exceed with these signals).
+   (chosen on test: an upper bound no honest method can exceed with these signals); where the
+   reviewer likelihood is stored for every candidate, also with it.
 
     PYTHONPATH=src python bench/verifier_ceiling.py results/mbpp-qwen-coder/rollouts \
         --sets train mbpp-test humaneval --out results/mbpp-qwen-coder-verifier/ceiling.md
@@ -35,6 +36,7 @@ from qprobe.verifier.agreement import FAILED
 DERIVED = ("soft_agree", "soft_agree_passing", "mbr_passing", "nearby_error_share",
            "num_tokens", "hard_coded")
 WEIGHTED = ("logprob_mean", "mbr_fuzz_share", "soft_agree", "mbr_share")
+REVIEWER = ("coder_reviewer", "reviewer_mean")
 GRID = (-1.0, -0.3, 0.0, 0.3, 1.0)
 ASSERT_RHS = re.compile(r"assert .*==\s*(.+)")
 
@@ -106,18 +108,16 @@ def inside_filter_auc(rows, rewards, x, name: str) -> tuple[float | None, int]:
     return (float(np.mean(cs)) if cs else None), len(cs)
 
 
-def pick(rows, rewards, x, w: tuple[float, ...]) -> float:
-    """Mean reward of the candidate chosen per prompt: passing first, then sum w * z(signal)."""
-    vis = x["visible_pass"] == 1
-    got = []
-    for ix in rows:
-        s = 1e3 * vis[ix]
-        for wi, name in zip(w, WEIGHTED):
-            if wi:
-                v = x[name][ix]
-                s = s + wi * (v - v.mean()) / (v.std() + 1e-9)
-        got.append(rewards[ix][int(np.argmax(s))])
-    return float(np.nanmean(got))
+def picks(rows, rewards, x, names: tuple[str, ...], grid: list[tuple[float, ...]]) -> np.ndarray:
+    """[W] mean reward of the candidate chosen per prompt under each weighting: passing first,
+    then sum_s w_s * z(signal s), z-scored within the prompt (every prompt has k candidates)."""
+    ix = np.stack(rows)  # [P, k]
+    z = np.stack([x[n][ix] for n in names], -1).astype(np.float64)  # [P, k, S]
+    z = (z - z.mean(1, keepdims=True)) / (z.std(1, keepdims=True) + 1e-9)
+    s = z @ np.asarray(grid, dtype=np.float64).T  # [P, k, W]
+    s += 1e3 * (x["visible_pass"][ix] == 1)[:, :, None]
+    chosen = s.argmax(1)  # [P, W]
+    return np.nanmean(rewards[np.take_along_axis(ix, chosen, 1)], axis=0)
 
 
 def main() -> None:
@@ -139,7 +139,8 @@ def main() -> None:
             cells.append("-" if auc is None else f"{auc:.3f} ({n})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     grid = [w for w in itertools.product(GRID, repeat=len(WEIGHTED)) if any(w)]
-    table = {w: [pick(*data[s], w) for s in a.sets] for w in grid}
+    got = [picks(*data[s], WEIGHTED, grid) for s in a.sets]  # per set [W]
+    table = {w: [float(g[i]) for g in got] for i, w in enumerate(grid)}
     filt = (1.0, 0.0, 0.0, 0.0)
     lines += ["", f"## Order inside the filter: weights on z-scored ({', '.join(WEIGHTED)}), "
               f"grid {list(GRID)} each ({len(grid)} weightings)", "",
@@ -151,6 +152,19 @@ def main() -> None:
         best = max(grid, key=lambda w: (table[w][j], w == filt))
         lines.append(f"| {best} | {s}{' (train)' if j == 0 else ' (test: upper bound)'} | "
                      + " | ".join(f"{v:.3f}" for v in table[best]) + " |")
+    with_rev = [s for s in a.sets if all(n in data[s][2] for n in REVIEWER)]
+    if with_rev:
+        names = (*WEIGHTED, *REVIEWER)
+        grid_r = [w for w in itertools.product(GRID, repeat=len(names)) if any(w)]
+        lines += ["", f"With the reviewer likelihood too (`{'`, `'.join(REVIEWER)}`; only where "
+                  f"`qprobe review` scored every candidate): {len(grid_r)} weightings of "
+                  f"({', '.join(names)}), the best chosen on the set itself (an upper bound)", "",
+                  "| set | the shown-test filter | best weighting | its reward |", "|---|---|---|---|"]
+        for s in with_rev:
+            g = picks(*data[s], names, grid_r)
+            best = int(np.argmax(g))
+            lines.append(f"| {s} | {table[filt][a.sets.index(s)]:.3f} | {grid_r[best]} | "
+                         f"{g[best]:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.out:
