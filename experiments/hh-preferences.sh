@@ -17,7 +17,8 @@
 #   problems (question + answer) as the held-out general text for perplexity; SEEDS (0 1): the
 #   adapters are trained once per seed (pair order, LoRA init, dropout) to see training noise;
 #   seed 0's folders are named after the method alone (adapter-dpo), others adapter-dpo-s1;
-#   K_POOL (32): base samples per held-out prompt for best-of-k at k = 4..K_POOL (OUT/test-base32);
+#   K_POOL (K): base samples per held-out prompt for best-of-k at k = 2, 4, ... K_POOL (K: the
+#   pool of step 4; 32: a new folder OUT/test-base32, about 23 s per prompt on 2 idle cores);
 #   ARM_BETAS (0.5 1 2): guidance weights of the ARM head from pairs (experiments/hh_arm.py).
 # Needs the adapters and judge extras: pip install -e '.[adapters,judge]' torch==2.13.0
 set -euo pipefail
@@ -34,7 +35,7 @@ TEST_PROMPTS=${TEST_PROMPTS:-200}
 TEXTS=${TEXTS:-200}
 BATCH=${BATCH:-8}
 SEEDS=${SEEDS:-0 1}
-K_POOL=${K_POOL:-32}
+K_POOL=${K_POOL:-$K}
 ARM_BETAS=${ARM_BETAS:-0.5 1 2}
 GSM8K=${GSM8K:-../shared/data/gsm8k/test.jsonl}
 # the adapter runs, every method once per seed: qadapter dpo qadapter-s1 dpo-s1 ...
@@ -139,11 +140,15 @@ touch "$OUT/pairs-train-all.done"
 probe bt-all "$OUT/pairs-train-all" bt $CV_GRID
 
 log "9. compute levels and a token-level policy from the pairs (issue 26)"
-# K_POOL base samples per held-out prompt (best-of-k for k = 4..K_POOL from one pool; 4 prompts
+# K_POOL base samples per held-out prompt (best-of-k for k = 2, 4, .. K_POOL from one pool; 4 prompts
 # per batch: 128 rows), and an ARM head fitted to every train pair, guided at ARM_BETAS
-gen "base$K_POOL" "$K_POOL" --model "$MODEL" --batch-prompts 4
+POOL=test-base  # K_POOL = K: the best-of-K pool of step 4 is the pool
+if [ "$K_POOL" != "$K" ]; then
+  gen "base$K_POOL" "$K_POOL" --model "$MODEL" --batch-prompts 4
+  POOL=test-base$K_POOL
+fi
 $PY "$HERE/hh_arm.py" "$OUT" --model "$MODEL" --betas $ARM_BETAS
-for d in "$OUT/test-base$K_POOL" "$OUT"/test-arm-b*; do
+for d in "$OUT/$POOL" "$OUT"/test-arm-b*; do
   name=${d##*/test-}
   if [ -d "$d" ] && unjudged "$d"; then
     timed "judge-$name" "" env QPROBE_JUDGE="$OUT/judge" \
@@ -152,5 +157,5 @@ for d in "$OUT/test-base$K_POOL" "$OUT"/test-arm-b*; do
 done
 
 log "10. report"
-$PY "$HERE/hh_report.py" "$OUT" --k "$K" --pool "test-base$K_POOL"
+$PY "$HERE/hh_report.py" "$OUT" --k "$K" --pool "$POOL"
 log "done: $OUT/report.md"

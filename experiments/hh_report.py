@@ -208,13 +208,19 @@ def best_of_k(out: Path, folder: str, ks: list[int]) -> dict | None:
     if ll is not None:
         chooser["mean log-prob"] = ll["logprob_mean"]
     chooser["the judge itself (ceiling)"] = score
+    from qprobe.evaluate import concordance
+
+    agree = {}  # mean over prompts of P(chooser ranks a pair of samples as the judge does)
+    for name, q in chooser.items():
+        cs = [concordance(q[rw], score[rw]) for rw in rows]
+        agree[name] = float(np.mean([c for c in cs if c is not None]))
     per: dict[str, dict[str, np.ndarray]] = {}
     for k in [k for k in ks if k <= kmax]:
         sub = rows[:, :k]
         for name, q in chooser.items():
             per.setdefault(name, {})[str(k)] = score[sub[np.arange(len(sub)), q[sub].argmax(1)]]
     return {"folder": folder, "k_pool": kmax, "n_prompts": len(prompts), "per_prompt": per,
-            "base_mean": score[rows].mean(1), "dpo_mean": dpo_mean(out, prompts),
+            "base_mean": score[rows].mean(1), "dpo_mean": dpo_mean(out, prompts), "agree": agree,
             "prompts": prompts}
 
 
@@ -273,9 +279,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--pool", default="test-base32",
+    ap.add_argument("--pool", default="test-base",
                     help="folder of the compute-level table (K base samples per held-out prompt)")
-    ap.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32],
+                    help="the k of that table (those up to the pool's K)")
     ap.add_argument("--offensive-from-report", action="store_true",
                     help="take the offensive-language columns from OUT/report.json (no judge extra)")
     a = ap.parse_args()
@@ -402,6 +409,12 @@ def main() -> None:
                     if name.startswith("ARM head"):
                         row(name.removesuffix(" (k=1)"), "1", v["judge"])
         report["best_of_k"] = rows_bk
+        lines += ["", "Why best-of-k moves the judge little: how often each chooser orders two "
+                  "samples of the same prompt as the judge does (mean over prompts; 0.5 is "
+                  "chance, the judge itself 1):", "", "| chooser | agreement with the judge |",
+                  "|---|---|"]
+        lines += [f"| {n} | {v:.3f} |" for n, v in bk["agree"].items()]
+        report["best_of_k_agreement"] = bk["agree"]
         lines.append("")
 
     tt = times_tables(out)
