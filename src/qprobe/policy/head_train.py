@@ -74,9 +74,10 @@ def _cum_weights(n: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def token_states(model, layer: int, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                 max_batch_tokens: int = 8192) -> TokenStates:
+                 max_batch_tokens: int = 8192, say=None) -> TokenStates:
     """Hidden states after block `layer` at the last prompt token and every completion token,
-    from one forward pass per batch of whole sequences (stopped after `layer`)."""
+    from one forward pass per batch of whole sequences (stopped after `layer`). `say` gets a
+    progress line about every tenth of the tokens."""
     from qprobe.backends.hf.generic import StopForward, decoder_blocks
 
     blocks = decoder_blocks(model)
@@ -98,6 +99,8 @@ def token_states(model, layer: int, prompt_ids: list[list[int]], completion_ids:
         raise StopForward
 
     handle = blocks[layer].register_forward_hook(hook)
+    total = sum(len(q) for q in seqs)
+    done_tokens, next_say, t0 = 0, total / 10, time.perf_counter()
     try:
         i = 0
         while i < n:
@@ -123,7 +126,12 @@ def token_states(model, layer: int, prompt_ids: list[list[int]], completion_ids:
                 if lp == 0:
                     raise QProbeError("head training: a sample has an empty prompt")
                 h_out[start[r] : start[r + 1]] = h[a, lp - 1 : len(seqs[r])].numpy()
+                done_tokens += len(seqs[r])
             i = j
+            if say and (done_tokens >= next_say or i == n):
+                say(f"token states: {done_tokens}/{total} tokens "
+                    f"({time.perf_counter() - t0:.0f} s)")
+                next_say += total / 10
     finally:
         handle.remove()
     return TokenStates(h_out, tokens, start)
@@ -382,7 +390,7 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
             cache[p] = tok.prompt_ids(p)
     p_ids = [cache[p] for p in prompts]
     say(f"train-head: {len(prompts)} samples, {sum(map(len, comps))} tokens; reading block {layer}")
-    states = token_states(hf, layer, p_ids, comps)
+    states = token_states(hf, layer, p_ids, comps, say=say)
     y = np.asarray(rewards)
     labels = (y > cfg.label_threshold).astype(np.float64) if cfg.label_threshold is not None else y
     if cfg.pairs:
