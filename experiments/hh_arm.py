@@ -7,11 +7,11 @@ from softmax(logits + beta * token score) over the top-k, so no weight of the mo
 
 Stages (each skipped when its output exists, so a rerun resumes):
 1. OUT/head-arm-pairs: the head, from OUT/pairs-train-all (every train pair);
-2. OUT/eval-pairs-arm.json: pair accuracy on OUT/pairs-test (sum of token scores, chosen vs
-   rejected), per pair, beside the base model's summed log-likelihood;
-3. OUT/test-arm-bBETA: one guided answer per held-out prompt (the prompts, sampling settings and
+2. OUT/test-arm-bBETA: one guided answer per held-out prompt (the prompts, sampling settings and
    stop strings of OUT/test-base), a rollouts folder the judge scores like the others
-   (`QPROBE_JUDGE=OUT/judge qprobe score OUT/test-arm-bBETA --task experiments/hh_judge.py:reward`).
+   (`QPROBE_JUDGE=OUT/judge qprobe score OUT/test-arm-bBETA --task experiments/hh_judge.py:reward`);
+3. OUT/eval-pairs-arm.json: pair accuracy on OUT/pairs-test (sum of token scores, chosen vs
+   rejected), per pair, beside the base model's summed log-likelihood.
 Seconds of each stage go to OUT/seconds.txt as `arm-...`.
 
     python experiments/hh_arm.py results/hh-preferences --betas 0.5 1 2
@@ -112,11 +112,6 @@ def main() -> None:
         cfg = HeadConfig(kind="arm", pairs=True, rank=a.rank, epochs=a.epochs, lr=a.lr)
         train_head([str(out / "pairs-train-all")], cfg, model_bundle=bundle, say=say).save(head_dir)
         log_seconds(out, "arm-train-head", time.perf_counter() - t0)
-    ev = out / "eval-pairs-arm.json"
-    if not ev.is_file():
-        res = pair_accuracy(out, head_dir, bundle)
-        atomic_write_text(ev, json.dumps(res) + "\n")
-        say(f"pair accuracy {np.mean(res['correct']):.3f} on {res['n_pairs']} held-out pairs")
     task = load_task("hh-harmless", None)
     s = base.meta["sampling"]
     params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"],
@@ -134,9 +129,14 @@ def main() -> None:
         t0 = time.perf_counter()
         collect_task(Guided(lm, sampler, f"arm-pairs(beta={beta:g},top_k={a.top_k})"), task,
                      "test", d, k=1, params=params, limit=n_prompts,
-                     batch_prompts=a.batch_prompts, progress=False, say=say)
+                     batch_prompts=a.batch_prompts, progress=True, say=say)
         log_seconds(out, f"sample-{label}", time.perf_counter() - t0)
     task.close()
+    ev = out / "eval-pairs-arm.json"
+    if not ev.is_file():
+        res = pair_accuracy(out, head_dir, bundle)
+        atomic_write_text(ev, json.dumps(res) + "\n")
+        say(f"pair accuracy {np.mean(res['correct']):.3f} on {res['n_pairs']} held-out pairs")
 
 
 if __name__ == "__main__":

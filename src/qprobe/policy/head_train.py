@@ -431,9 +431,9 @@ def train_head(rollouts: list[str], cfg: HeadConfig, model_bundle: tuple | None 
         loss = fit_rad(states, labels, head, fit, say)
     else:
         loss = fit_arm(states, labels, head, fit, emb, say)
-    head.info = {"training": {**asdict(cfg), "rollouts": [str(r.path) for r in rs],
+    head.info = {"training": {**asdict(cfg), "link": link, "rollouts": [str(r.path) for r in rs],
                               "samples": len(prompts), "tokens": int(states.lengths.sum()),
-                              **({"pairs": int(len(chosen))} if cfg.pairs else {}),
+                              **({"n_pairs": int(len(chosen))} if cfg.pairs else {}),
                               "label_mean": float(labels.mean()), "final_loss": float(loss),
                               "seconds": round(time.perf_counter() - t0, 1)}}
     return head
