@@ -19,7 +19,9 @@ cache by concatenation, sorts the whole vocabulary for top-p at every step, and 
   top-p) is recorded, and summed over the kept tokens (`RowResult.logprob_sum`);
 - an optional `StepHook` sees each step's hidden state and logits and may change the logits
   before sampling (token-level guided decoding); without one the loop does exactly what it
-  would do without the seam.
+  would do without the seam;
+- an optional `StepObserver` sees each step's sampled tokens as soon as they are decided (what
+  `qprobe serve` streams); it changes nothing.
 
 Shapes: P prompts, k samples each, B = P * k rows, A computed (unfinished) rows, T0 padded prompt
 length, D hidden size, V vocabulary.
@@ -92,6 +94,20 @@ class StepHook(Protocol):
                  rows: LiveRows) -> torch.Tensor | Candidates | None: ...
 
 
+class StepObserver(Protocol):
+    """Called once per decode step, after sampling and the EOS / stop-string checks.
+
+    step: 0-based index of the token just sampled.
+    rows: the rows computed at this step; `rows.tokens` [A, step + 1] includes the new token.
+    done: bool [A], the row ended at this step by EOS or a stop string (its last tokens are not
+        all kept: the row's text is known only from the result). Rows that reach max_new_tokens
+        are not `done` here: their last token is kept.
+    It must not raise unless it means to abort the call (as a `StepHook` may).
+    """
+
+    def __call__(self, step: int, rows: LiveRows, done: np.ndarray) -> None: ...
+
+
 @dataclass
 class RowResult:
     """What the loop produced for one row (turned into `Sample` by the backend)."""
@@ -135,6 +151,7 @@ def run_batch(
     hook: StepHook | None = None,
     prompt_offset: int = 0,
     top_k: int = 0,
+    observe: StepObserver | None = None,
 ) -> list[list[RowResult]]:
     """Sample k completions for each tokenised prompt in one batch (P * k rows).
 
@@ -149,7 +166,7 @@ def run_batch(
                   temperature=temperature, top_p=top_p, top_k=top_k, n_steps=int(max_new_tokens),
                   stop=stop,
                   layer=layer, features=features, eos=eos, detok=detok, hook=hook,
-                  prompt_offset=prompt_offset)
+                  prompt_offset=prompt_offset, observe=observe)
     return _results(out, h_prompt.cpu() if features else None, len(prompt_tokens), k, stop,
                     position, detok)
 
@@ -181,7 +198,8 @@ def _prefill(dec, prompt_tokens: list[list[int]], k: int, layer: int):
 
 def _decode(dec, state, logits_p, h_prompt, pos0, seeds, p: int, k: int, *, temperature: float,
             top_p: float, top_k: int, n_steps: int, stop: list[str], layer: int, features: bool,
-            eos: torch.Tensor, detok, hook: StepHook | None, prompt_offset: int) -> _Decoded:
+            eos: torch.Tensor, detok, hook: StepHook | None, prompt_offset: int,
+            observe: StepObserver | None = None) -> _Decoded:
     """The steps: sample, record, drop finished rows, feed the rest.
 
     Kept whole: one step's order (hook, sample, log-prob, EOS/stop checks, compaction, forward)
@@ -233,6 +251,9 @@ def _decode(dec, state, logits_p, h_prompt, pos0, seeds, p: int, k: int, *, temp
             for r, t in zip(rest, texts):
                 if any(st in t for st in stop):
                     active[r], finish[r], end_step[r] = False, "stop", s
+        if observe is not None:
+            observe(s, LiveRows(prompt=prompt_offset + live // k, sample=live % k,
+                                tokens=tokens[live, : s + 1]), ~active[live])
         last = s == n_steps - 1
         if last:
             for r in live[active[live]]:

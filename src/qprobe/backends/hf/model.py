@@ -19,7 +19,7 @@ from qprobe import models
 from qprobe.backends.base import Embedder, LanguageModel, Sample, SamplingParams
 from qprobe.backends.hf.generic import GenericDecoder, StopForward, decoder_blocks
 from qprobe.backends.hf.llama import FastDecoder, supports
-from qprobe.backends.hf.loop import StepHook, run_batch
+from qprobe.backends.hf.loop import StepHook, StepObserver, run_batch
 from qprobe.backends.hf.tokenizer import PromptTokenizer
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec, chat_identity
@@ -115,14 +115,16 @@ class HFLanguageModel(LanguageModel):
         return self._spec if self.features else None
 
     def sample(self, prompts: list[str], k: int, params: SamplingParams, *,
-               hook: StepHook | None = None, batch_rows: int | None = None) -> list[list[Sample]]:
+               hook: StepHook | None = None, batch_rows: int | None = None,
+               observe: StepObserver | None = None) -> list[list[Sample]]:
         """k samples per prompt, max_batch_rows rows at a time; each carries its feature (when
         features are on) and its log-probability sum under the model (temperature 1, no top-p).
 
         hook: called at every decode step with the feature-layer hidden state and the logits of
         the live rows, may change the logits before sampling (see `loop.StepHook`).
         batch_rows: rows per batch instead of max_batch_rows (a hook that runs a model of its
-        own on several candidates per row needs fewer)."""
+        own on several candidates per row needs fewer).
+        observe: called at every step with the tokens just decided (see `loop.StepObserver`)."""
         if k < 1:
             raise QProbeError(f"k must be >= 1, got {k}")
         per_batch = max(1, int(batch_rows or self.max_batch_rows) // k)
@@ -135,6 +137,7 @@ class HFLanguageModel(LanguageModel):
                 max_new_tokens=params.max_new_tokens, stop=list(params.stop), seed=params.seed,
                 layer=self.layer, position=self.position, features=self.features,
                 eos_ids=self.eos_ids, detok=self.tok.decode, hook=hook, prompt_offset=i,
+                observe=observe,
             )
             out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum,
                                num_tokens=len(r.token_ids)) for r in g] for g in rows)
