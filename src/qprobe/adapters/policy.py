@@ -21,6 +21,7 @@ import torch
 
 from qprobe.backends.base import LanguageModel, Sample, SamplingParams
 from qprobe.errors import QProbeError
+from qprobe.policy.base import Policy
 
 
 class AdapterLanguageModel(LanguageModel):
@@ -79,6 +80,35 @@ def load_model(folder: str | Path, *, layer: int | None = None, position: str = 
         raise QProbeError(f"adapter: {folder} was trained with chat={lm.chat}; "
                           f"--chat/--no-chat must match it")
     return lm
+
+
+class AdapterPolicy(Policy):
+    """The `qadapter` and `dpo` kinds of the policy registry: each answer is a sample of the
+    adapter's policy, decided token by token (so a server can stream it)."""
+
+    per_token = True
+    needs = ("adapter",)
+
+    @classmethod
+    def build(cls, cfg: Any, ctx: Any) -> Policy:
+        if not cfg.adapter:
+            raise QProbeError(f"policy {ctx.kind}: give adapter=ADAPTER_DIR")
+        lm = AdapterLanguageModel(cfg.adapter, features=False, device=ctx.device)
+        if lm.method != ctx.kind:
+            raise QProbeError(f"policy {ctx.kind}: {cfg.adapter} is a {lm.method!r} adapter; "
+                              f"serve it as {lm.method}:adapter=...")
+        policy = cls(cfg, lm)
+        policy.kind = lm.method
+        return policy
+
+    @property
+    def sampler_id(self) -> str:
+        return f"adapter:{id(self.model)}"
+
+    def sample(self, prompts, k, params, *, hook: Any = None, observe: Any = None):
+        if hook is not None:
+            raise QProbeError("policy adapter: no step hook can join an adapter's decode")
+        return self.model.sample(prompts, k, params, observe=observe)
 
 
 @torch.no_grad()
