@@ -30,11 +30,16 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from llama_server import free_port  # noqa: E402
 from qprobe.backends import SamplingParams, load_model  # noqa: E402
-from qprobe.policy import best_of_k  # noqa: E402
+from qprobe.policy import (  # noqa: E402
+    best_of_k,  # noqa: E402
+    registry,
+    specs,
+)
+from qprobe.policy.loading import ModelContext  # noqa: E402
 from qprobe.probe import Probe  # noqa: E402
 from qprobe.serve.app import ServeLimits, build_app  # noqa: E402
 from qprobe.serve.batcher import Batcher  # noqa: E402
-from qprobe.serve.models import ServedModels, ServedProbe  # noqa: E402
+from qprobe.serve.models import ServedModels, ServedPolicy  # noqa: E402
 from qprobe.train import TrainConfig, train_probe  # noqa: E402
 from tiny_lm import save_tiny  # noqa: E402
 
@@ -337,9 +342,11 @@ class SteppedModel:
 
 
 def _serve_inproc(model, assets, batcher_kw: dict, limits: ServeLimits):
-    """Serve `model` with the good probe in this process on loopback (no API key)."""
-    served = ServedModels("tiny", model, [ServedProbe("tiny:good", "good", "", assets["good"])])
-    batcher = Batcher(served, **batcher_kw)
+    """Serve `model` with the good probe (k = 3) in this process on loopback (no API key)."""
+    policy = registry.build_config("best-of-k", specs.BestOfKSpec(str(assets["good_dir"]), k=3),
+                                   ModelContext(loaded=model))
+    served = ServedModels("tiny", [ServedPolicy("tiny:good", "good", "", policy)])
+    batcher = Batcher(**batcher_kw)
     app = build_app(served, limits, api_key=None, batcher=batcher)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -362,7 +369,7 @@ def inproc(assets):
     """The app in this process on loopback, no API key, a gated model, a queue of 1, 3 s timeout."""
     gated = GatedModel(assets["model"])
     url, batcher, stop = _serve_inproc(gated, assets, dict(max_queue=1, max_batch=8, wait_s=0.0),
-                                       ServeLimits(k=3, max_tokens=MAX_TOKENS, timeout_s=3.0))
+                                       ServeLimits(max_tokens=MAX_TOKENS, timeout_s=3.0))
     yield url, gated, batcher
     stop()
 
@@ -373,7 +380,7 @@ def stepped(assets, request):
     with MAX_TOKENS = 8, a batch may restart while at most 2 steps are done)."""
     model = SteppedModel(assets["model"], getattr(request, "param", 1))
     url, batcher, stop = _serve_inproc(model, assets, dict(max_queue=8, max_batch=8, wait_s=0.0),
-                                       ServeLimits(k=3, max_tokens=MAX_TOKENS, timeout_s=60.0))
+                                       ServeLimits(max_tokens=MAX_TOKENS, timeout_s=60.0))
     yield url, model, batcher
     stop()
 
@@ -532,12 +539,12 @@ def test_upstream_mode_on_the_module_server(server, assets, monkeypatch) -> None
     from qprobe.serve.models import load_served
 
     monkeypatch.setenv("QPROBE_TEST_UPSTREAM_KEY", KEY)
-    served = load_served(server.url, [f"good={assets['good_dir']}"],
+    served = load_served(server.url, [], probe_args=[f"good={assets['good_dir']}"], k=3,
                          embedder=str(assets["folder"]),
                          upstream={"model": "tiny:rand", "api_key_env": "QPROBE_TEST_UPSTREAM_KEY",
                                    "backoff": 0.01, "max_retries": 1})
     assert served.ids() == ["tiny-rand", "tiny-rand:good"]
-    app = build_app(served, ServeLimits(k=3, max_tokens=MAX_TOKENS), api_key=None)
+    app = build_app(served, ServeLimits(max_tokens=MAX_TOKENS), api_key=None)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

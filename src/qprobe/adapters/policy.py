@@ -54,6 +54,11 @@ class AdapterLanguageModel(LanguageModel):
         return self.lm.max_batch_rows
 
     @property
+    def tok(self):
+        """The prompt tokenizer of the decode loop (`PromptTokenizer`)."""
+        return self.lm.tok
+
+    @property
     def feature_spec(self):
         return self.lm.feature_spec
 

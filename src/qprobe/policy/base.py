@@ -105,6 +105,10 @@ class Policy(ABC):
         policy on a local model."""
         return self.per_token and takes(self.model, "observe")
 
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Token ids -> text, as the model's sampler decodes them (streaming)."""
+        return self.model.tok.decode(ids)
+
     def draws(self, n: int) -> int:
         """Candidates per prompt needed to return n answers (a per-token policy: n)."""
         return int(n)

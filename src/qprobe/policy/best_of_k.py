@@ -249,9 +249,13 @@ class BestOfKPolicy(Policy):
     def draws(self, n: int) -> int:
         return max(int(self.cfg.k), int(n))
 
+    @property
+    def sampler_id(self) -> str:
+        return "model+greedy" if self.cfg.include_greedy else "model"
+
     def sample(self, prompts, k, params, *, hook: Any = None, observe: Any = None):
-        if not self.cfg.include_greedy:
-            return model_sample(self.model, prompts, k, params, hook, None)
+        if not self.cfg.include_greedy:  # the model's plain samples, as `sample` policies draw
+            return model_sample(self.model, prompts, k, params, hook, observe)
         import dataclasses
 
         greedy = model_sample(self.model, prompts, 1, dataclasses.replace(params, temperature=0.0))

@@ -41,7 +41,7 @@ class LogprobPolicy(Policy):
         return max(int(self.cfg.k), int(n))
 
     def sample(self, prompts, k, params, *, hook: Any = None, observe: Any = None):
-        return model_sample(self.model, prompts, k, params, hook, None)
+        return model_sample(self.model, prompts, k, params, hook, observe)
 
     def choose(self, prompts, samples, rngs) -> list[Answer]:
         out = []

@@ -1,12 +1,18 @@
-"""The request-batching queue in front of the model: requests that arrive together decode together.
+"""The request-batching queue in front of the policies: requests that arrive together decode together.
 
-One worker thread owns the model. It takes the oldest waiting request, waits `wait_s` (a few
+One worker thread owns the models. It takes the oldest waiting request, waits `wait_s` (a few
 ms) for others to arrive, and hands every waiting request with the same sampling settings
-(k, temperature, top_p, max_tokens, stop, seed) to ONE `model.sample` call over all their
-prompts: the local decode loop runs them as one batch, an upstream server gets them
-concurrently. Each request is then scored by its own probe and chosen with its own seeded
-generator, so its answer is the one the library's `best_of_k` gives alone: local and API
+(the policy's sampler, k, temperature, top_p, max_tokens, stop, seed) to ONE `policy.sample`
+call over all their prompts: the local decode loop runs them as one batch, an upstream server
+gets them concurrently. Each request is then answered by its own policy's `choose` (its probe,
+its seeded generator), so its answer is the one the library's policy gives alone: local and API
 backends seed every sample from (seed, prompt text, sample index), never from the batch.
+Policies with the same `sampler_id` (best-of-k on any probe, logprob, sample: the model's plain
+samples) share batches; a guided or adapter policy batches with requests of its own.
+
+Streaming: a request of a per-token policy (`policy.streams`) that asks for a stream gets each
+of its answers' text as the decode loop decides it, through the loop's step observer
+(`StreamRows`), while the batch runs.
 
 Restart-to-join. A burst of requests reaches the worker spread out: the first starts alone and
 the rest would wait for the whole of its decode. So while a local batch is young (at most
@@ -31,7 +37,6 @@ batch restarts: it is left out of the new one.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import math
 import secrets
@@ -42,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from qprobe.serve.models import prompt_tokens
 
 log = logging.getLogger("qprobe.serve")
 
@@ -68,6 +75,7 @@ class Restart(Exception):
 class SamplingKey:
     """What must match for requests to share one `sample` call."""
 
+    sampler: str  # `Policy.sampler_id`
     k: int
     temperature: float
     top_p: float
@@ -78,14 +86,19 @@ class SamplingKey:
 
 @dataclass
 class Job:
-    """One request: its prompts, settings, probe and where its result goes."""
+    """One request: its prompts, settings, policy and where its result goes.
+
+    stream: called on the event loop with (prompt index, answer index r < n, text) for each
+    piece of an answer's text as it is decided (per-token policies only); None: no stream."""
 
     prompts: list[str]
     key: SamplingKey
-    probe: Any  # models.ServedProbe
-    beta: float
+    policy: Any  # policy.base.Policy with the request's options
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    n: int = 1
+    stream: Callable[[int, int, str], None] | None = None
+    sent: dict[tuple[int, int], str] = field(default_factory=dict)  # text streamed per answer
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0  # when the batch it runs in started (or it joined one by restart)
@@ -93,10 +106,9 @@ class Job:
 
 @dataclass
 class Result:
-    """Per prompt: the policy's Choice and the k samples (for token counts)."""
+    """Per prompt: the policy's Answer (its candidates, for token counts, and its choice)."""
 
-    choices: list[Any]  # policy.Choice per prompt
-    samples: list[list[Any]]  # [prompt][k] backend Samples
+    answers: list[Any]  # policy.base.Answer per prompt
     seed: int
     batch_requests: int  # requests that shared this request's sample call
     prompt_tokens: int  # the prompts' tokens as the model reads them (0 if unknown)
@@ -105,7 +117,7 @@ class Result:
 
 
 class Batcher:
-    """A bounded queue and one worker thread calling `served.model.sample` in batches.
+    """A bounded queue and one worker thread calling the policies' `sample` in batches.
 
     max_queue: most waiting requests (beyond them: QueueFull). max_batch: most prompts in one
     sample call. wait_s: how long the worker waits for more requests after the first, and only
@@ -115,12 +127,11 @@ class Batcher:
     steps are done (see the module docstring).
     """
 
-    def __init__(self, served: Any, max_queue: int = 64, max_batch: int = 32,
+    def __init__(self, max_queue: int = 64, max_batch: int = 32,
                  wait_s: float = 0.010, max_restarts: int = 2, restart_frac: float = 0.25) -> None:
-        self.served = served
         self.max_queue, self.max_batch, self.wait_s = int(max_queue), int(max_batch), float(wait_s)
-        # An upstream model (or a policy with its own step hook) takes no hook: no restarts.
-        self.max_restarts = int(max_restarts) if _takes_step_hook(served.model) else 0
+        # Only batches whose policy's `sample` takes the join hook restart (`Policy.joins`).
+        self.max_restarts = int(max_restarts)
         self.restart_frac = float(restart_frac)
         self._cv = threading.Condition()
         self._queue: list[Job] = []
@@ -259,25 +270,26 @@ class Batcher:
                 self._batch_s = 0.8 * self._batch_s + 0.2 * dt
 
     def _run(self, batch: list[Job]) -> None:
-        """Sample, score and deliver `batch`. On a restart `batch` grows in place, so that
+        """Sample, choose and deliver `batch`. On a restart `batch` grows in place, so that
         `_work` delivers a failure to the requests that joined too."""
         from qprobe.backends.base import SamplingParams
-        from qprobe.policy import QProbePolicy
 
         key = batch[0].key
+        lead = batch[0].policy  # every job's policy samples as this one does (same sampler_id)
         # One seed for the batch's unseeded requests; a restart keeps it (joiners get it too).
         seed = key.seed if key.seed is not None else secrets.randbits(31)
         params = SamplingParams(temperature=key.temperature, top_p=key.top_p,
                                 max_new_tokens=key.max_tokens, stop=list(key.stop), seed=seed)
+        max_restarts = self.max_restarts if lead.joins else 0
         restarts = 0
         while True:
             prompts = [p for job in batch for p in job.prompts]
+            hook = self._join_hook(key, len(prompts)) if restarts < max_restarts else None
+            observe = None
+            if any(job.stream is not None and job.policy.streams for job in batch):
+                observe = StreamRows([job for job in batch], list(key.stop), lead.decode)
             try:
-                if restarts < self.max_restarts:
-                    hook = self._join_hook(key, len(prompts))
-                    samples = self.served.model.sample(prompts, key.k, params, hook=hook)
-                else:
-                    samples = self.served.model.sample(prompts, key.k, params)  # [P][k]
+                samples = lead.sample(prompts, key.k, params, hook=hook, observe=observe)
                 break
             except Restart as r:
                 # Cancelled requests are left out of the new batch: nobody waits for them.
@@ -297,26 +309,59 @@ class Batcher:
             if job.cancelled:
                 continue
             try:
-                policy = QProbePolicy(self.served.model, job.probe.probe, k=key.k, beta=job.beta,
-                                      params=params, embedder=self.served.embedder, seed=seed)
-                rng = np.random.default_rng(seed)  # as best_of_k(..., seed=seed) would
-                choices = policy.select(job.prompts, mine, rngs=[rng] * len(job.prompts))
+                rng = np.random.default_rng(seed)  # as the library's generate(seed=seed) would
+                answers = job.policy.choose(job.prompts, mine, [rng] * len(job.prompts))
                 # tokenised here: the tokenizer is not safe to share across threads
-                n_prompt = sum(self.served.prompt_tokens(p) for p in job.prompts)
-                _deliver(job, result=Result(choices, mine, seed, len(batch), n_prompt,
+                n_prompt = sum(prompt_tokens(job.policy.model, p) for p in job.prompts)
+                _deliver(job, result=Result(answers, seed, len(batch), n_prompt,
                                             job.started - job.enqueued,
                                             time.monotonic() - job.started))
             except BaseException as e:  # noqa: BLE001
                 _deliver(job, error=e)
 
 
-def _takes_step_hook(model: Any) -> bool:
-    """Whether `model.sample` takes a decode-loop step hook (`hook=`): the local backend's does;
-    an upstream API model's, or a policy that runs its own hook (guided), does not."""
-    try:
-        return "hook" in inspect.signature(model.sample).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
+class StreamRows:
+    """The decode loop's step observer for a batch with streaming requests: after each step,
+    the new text of each streamed answer row goes to its request (`Job.stream`, on its event
+    loop). Only text that can no longer change is sent: never the last (longest stop string - 1)
+    characters, which a stop string completed later would cut, nor an unfinished UTF-8
+    character; a row that ends at a step (EOS, stop string) sends nothing more. The rest of each
+    answer comes with the result, so the streamed pieces add up to exactly the answer's text.
+    The text a row has sent is kept on its job, so a restarted decode (which samples the same
+    tokens again) sends only what is new."""
+
+    def __init__(self, batch: list[Job], stop: list[str], decode) -> None:
+        self.decode = decode
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.rows: dict[int, tuple[Job, int]] = {}  # prompt index in the call -> (job, index)
+        i = 0
+        for job in batch:
+            for j in range(len(job.prompts)):
+                if job.stream is not None and job.policy.streams and not job.cancelled:
+                    self.rows[i] = (job, j)
+                i += 1
+
+    def __call__(self, step: int, rows: Any, done: np.ndarray) -> None:
+        picked = [a for a in range(len(rows.prompt)) if not done[a]
+                  and int(rows.prompt[a]) in self.rows]
+        if not picked:
+            return
+        texts = self.decode([rows.tokens[a].tolist() for a in picked])
+        for a, text in zip(picked, texts):
+            job, j = self.rows[int(rows.prompt[a])]
+            r = int(rows.sample[a])
+            if r >= job.n or job.cancelled:
+                continue
+            safe = text[: len(text) - self.hold] if self.hold else text
+            safe = safe.rstrip("\ufffd")
+            sent = job.sent.get((j, r), "")
+            if len(safe) > len(sent) and safe.startswith(sent):
+                job.sent[(j, r)] = safe
+                piece = safe[len(sent):]
+                try:
+                    job.loop.call_soon_threadsafe(job.stream, j, r, piece)
+                except RuntimeError:  # the event loop is closed: nobody listens any more
+                    pass
 
 
 def _deliver(job: Job, result: Result | None = None, error: BaseException | None = None) -> None:
