@@ -74,9 +74,6 @@ class ServeOptions:
     batch_wait_ms: float = field(default=10.0, metadata={
         "help": "longest a batch waits for requests still arriving (being read) to join it; "
                 "a lone request starts at once"})
-    max_restarts: int = field(default=2, metadata={
-        "help": "times a young batch (at most 1/4 of max_tokens steps done) may restart to let "
-                "requests with the same settings join it; 0: never (local models only)"})
     timeout: float = field(default=600.0, metadata={
         "help": "seconds a request may take, queue included (then 504)"})
     max_body_bytes: int = field(default=1 << 20, metadata={
@@ -118,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name, v, lo in (("k", o.k, 1), ("max-k", o.max_k, 1), ("max-queue", o.max_queue, 0),
                         ("max-batch", o.max_batch, 1), ("max-tokens", o.max_tokens, 1),
-                        ("max-body-bytes", o.max_body_bytes, 1),
-                        ("max-restarts", o.max_restarts, 0)):
+                        ("max-body-bytes", o.max_body_bytes, 1)):
         if v < lo:
             raise QProbeError(f"serve: --{name} must be >= {lo}, got {v}")
     if o.k > o.max_k:
@@ -155,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                          max_tokens_limit=o.max_tokens_limit, max_body_bytes=o.max_body_bytes,
                          timeout_s=o.timeout, log_requests=o.log_requests)
     batcher = Batcher(max_queue=o.max_queue, max_batch=o.max_batch,
-                      wait_s=o.batch_wait_ms / 1000.0, max_restarts=o.max_restarts)
+                      wait_s=o.batch_wait_ms / 1000.0)
     app = build_app(served, limits, api_key=api_key, batcher=batcher)
     config = uvicorn.Config(app, host=o.host, port=o.port, log_level=o.log_level,
                             access_log=o.log_level == "debug", timeout_graceful_shutdown=5)

@@ -94,9 +94,10 @@ class Policy(ABC):
         return "model"
 
     @property
-    def joins(self) -> bool:
-        """Whether `sample` takes the batcher's step hook (`hook=`): plain sampling of a local
-        model does; a policy running its own hook, or an upstream model, does not."""
+    def continuous(self) -> bool:
+        """Whether a server may decode this policy's requests in an open decode that requests
+        join at any step (`HFLanguageModel.decode_continuous`): plain sampling of a local
+        Llama-family model; not a policy running its own step hook, nor an upstream model."""
         return False
 
     @property

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qprobe.errors import QProbeError
-from qprobe.policy.base import Answer, Policy, model_sample, takes
+from qprobe.policy.base import Answer, Policy, model_sample
 from qprobe.policy.select import choose, softmax_weights
 
 if TYPE_CHECKING:  # the backends are imported only when a policy is built
@@ -243,8 +243,8 @@ class BestOfKPolicy(Policy):
         return float(self.probe.beta if self.cfg.beta is None else self.cfg.beta)
 
     @property
-    def joins(self) -> bool:
-        return takes(self.model, "hook") and not self.cfg.include_greedy
+    def continuous(self) -> bool:
+        return bool(getattr(self.model, "continuous", False)) and not self.cfg.include_greedy
 
     def draws(self, n: int) -> int:
         return max(int(self.cfg.k), int(n))

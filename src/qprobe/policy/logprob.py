@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from qprobe.errors import QProbeError
-from qprobe.policy.base import Answer, Policy, model_sample, takes
+from qprobe.policy.base import Answer, Policy, model_sample
 
 
 def loglik_scores(samples: list[Any], reduce: str) -> list[float]:
@@ -34,8 +34,8 @@ class LogprobPolicy(Policy):
         return cls(cfg, ctx.model())
 
     @property
-    def joins(self) -> bool:
-        return takes(self.model, "hook")
+    def continuous(self) -> bool:
+        return bool(getattr(self.model, "continuous", False))
 
     def draws(self, n: int) -> int:
         return max(int(self.cfg.k), int(n))

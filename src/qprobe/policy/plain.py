@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qprobe.policy.base import Policy, model_sample, takes
+from qprobe.policy.base import Policy, model_sample
 
 
 class SamplePolicy(Policy):
@@ -19,8 +19,8 @@ class SamplePolicy(Policy):
         return cls(cfg, ctx.model())
 
     @property
-    def joins(self) -> bool:
-        return takes(self.model, "hook")
+    def continuous(self) -> bool:
+        return bool(getattr(self.model, "continuous", False))
 
     def sample(self, prompts, k, params, *, hook: Any = None, observe: Any = None):
         return model_sample(self.model, prompts, k, params, hook, observe)

@@ -286,34 +286,39 @@ def _decode(dec, state, logits_p, h_prompt, pos0, seeds, p: int, k: int, *, temp
 def _results(d: _Decoded, h_prompt: torch.Tensor | None, p: int, k: int, stop: list[str],
              position: str, detok) -> list[list[RowResult]]:
     """Cut each row at EOS / its stop string; its text, kept tokens, feature and log-prob sum."""
-    n_steps = d.tokens.shape[1]
-    out: list[list[RowResult]] = []
-    for i in range(p):
-        group = []
-        for j in range(k):
-            r = i * k + j
-            e = int(d.end_step[r])
-            if d.finish[r] == "length":
-                n, text = n_steps, None
-            elif d.by_eos[r]:  # EOS sampled at step e: tokens 0..e-1 kept
-                n, text = e, None
-            else:  # a stop string ends in token e
-                n, text = _cut_at_stop(d.tokens[r, : e + 1].tolist(), stop, detok)
-            ids_r = d.tokens[r, :n].tolist()
-            if text is None:
-                text = detok([ids_r])[0]
-            feat = None
-            if d.feats is not None:
-                if n == 0:
-                    feat = h_prompt[i]
-                elif position == "mean":
-                    feat = d.feats[r, :n].mean(0)
-                else:
-                    feat = d.feats[r, n - 1]
-                feat = feat.numpy().copy()
-            group.append(RowResult(text, ids_r, d.finish[r], feat, float(d.logp[r, :n].sum())))
-        out.append(group)
-    return out
+    return [[row_result(d.tokens[i * k + j], d.logp[i * k + j],
+                        None if d.feats is None else d.feats[i * k + j],
+                        None if h_prompt is None else h_prompt[i], d.finish[i * k + j],
+                        int(d.end_step[i * k + j]), bool(d.by_eos[i * k + j]), stop, position,
+                        detok)
+             for j in range(k)] for i in range(p)]
+
+
+def row_result(tokens: np.ndarray, logp: np.ndarray, feats: torch.Tensor | None,
+               h_prompt: torch.Tensor | None, finish: str, end: int, by_eos: bool,
+               stop: list[str], position: str, detok) -> RowResult:
+    """One row's result: tokens [n_steps], logp [n_steps], feats [n_steps, D] (or None) as the
+    steps left them; cut at EOS (step `end`) or before its stop string."""
+    n_steps = len(tokens)
+    if finish == "length":
+        n, text = n_steps, None
+    elif by_eos:  # EOS sampled at step `end`: tokens 0..end-1 kept
+        n, text = end, None
+    else:  # a stop string ends in token `end`
+        n, text = _cut_at_stop(tokens[: end + 1].tolist(), stop, detok)
+    ids = tokens[:n].tolist()
+    if text is None:
+        text = detok([ids])[0]
+    feat = None
+    if feats is not None:
+        if n == 0:
+            feat = h_prompt
+        elif position == "mean":
+            feat = feats[:n].mean(0)
+        else:
+            feat = feats[n - 1]
+        feat = feat.numpy().copy()
+    return RowResult(text, ids, finish, feat, float(logp[:n].sum()))
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

@@ -10,7 +10,9 @@ is checked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,6 +144,38 @@ class HFLanguageModel(LanguageModel):
             out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum,
                                num_tokens=len(r.token_ids)) for r in g] for g in rows)
         return out
+
+    @property
+    def continuous(self) -> bool:
+        """Whether `decode_continuous` can run (qprobe's own Llama-family forward)."""
+        return isinstance(self._dec, FastDecoder)
+
+    def decode_continuous(self, k: int, params: SamplingParams,
+                          admit: Callable[[], list[tuple[str, int, Any]]],
+                          deliver: Callable[[Any, list[Sample]], None],
+                          observe: StepObserver | None = None) -> dict[str, int]:
+        """Continuous batching (`continuous.run_continuous`): before each decode step,
+        admit() -> [(prompt, seed, tag)] prompts that join the running decode (each seeded by
+        its own seed; params.seed is not used); deliver(tag, k samples) as soon as a prompt's k
+        rows have ended. Returns when nothing runs and nothing is admitted."""
+        from qprobe.backends.hf.continuous import Joiner, run_continuous
+
+        if not self.continuous:
+            raise QProbeError("continuous batching needs a Llama-family model (FastDecoder)")
+
+        def joiners() -> list[Joiner]:
+            return [Joiner(self.tok.prompt_ids(p), p, int(seed), tag) for p, seed, tag in admit()]
+
+        def give(tag: Any, rows: list[Any]) -> None:
+            deliver(tag, [Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum,
+                                 num_tokens=len(r.token_ids)) for r in rows])
+
+        return run_continuous(
+            self._dec, k, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k, max_new_tokens=params.max_new_tokens, stop=list(params.stop),
+            layer=self.layer, position=self.position, features=self.features,
+            eos_ids=self.eos_ids, detok=self.tok.decode, admit=joiners, deliver=give,
+            observe=observe)
 
     def embedder(self) -> HFEmbedder:
         """An embedder computing the same features from text, sharing this model's weights."""
