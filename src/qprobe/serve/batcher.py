@@ -91,6 +91,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     n: int = 1
     seed: int | None = None  # the seed it was sampled with (drawn if the request gave none)
+    shared: int = 0  # most requests decoding beside it (itself included), in an open decode
     stream: Callable[[int, int, str], None] | None = None
     sent: dict[tuple[int, int], str] = field(default_factory=dict)  # text streamed per answer
     cancelled: bool = False
@@ -312,6 +313,8 @@ class Batcher:
                 self._count(len(jobs))
                 with self._cv:
                     self.running = len(admitted)
+                for job in admitted:
+                    job.shared = max(job.shared, len(admitted))
             return out
 
         def deliver(tag: tuple[Job, int], samples: list[Any]) -> None:
@@ -324,7 +327,7 @@ class Batcher:
                 admitted.remove(job)
                 with self._cv:
                     self.running = len(admitted)
-                self._answer(job, mine, job.seed, len(admitted) + 1)
+                self._answer(job, mine, job.seed, job.shared)
 
         try:
             stats = lead.model.decode_continuous(key.k, params, admit, deliver, observe=observe)

@@ -87,7 +87,7 @@ class StepHook(Protocol):
     Temperature, top-k and top-p then apply as usual. Recorded log-probabilities stay those of
     the model's own logits.
     A hook may raise to abort the whole call: the exception leaves `sample` and nothing of the
-    batch is kept (`qprobe serve` restarts a young batch this way to let new requests join it).
+    batch is kept.
     """
 
     def __call__(self, step: int, hidden: torch.Tensor, logits: torch.Tensor,
