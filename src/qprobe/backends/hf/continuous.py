@@ -160,7 +160,11 @@ def run_continuous(dec, k: int, *, temperature: float, top_p: float, top_k: int,
         tok = tok.index_select(0, torch.from_numpy(np.nonzero(feed)[0]).to(dev))
         if len(rid):
             st_t = torch.from_numpy(steps).to(dev)
-            logits, h = dec.step(state, tok, pos0 + st_t, st_t, k, layer, n_steps)
+            # Rows all at one step (no one joined late): the decoder's plain path, no mask.
+            s_arg = int(steps[0]) if (steps == steps[0]).all() else st_t
+            # Rows all at their last step are fed for their feature only: up to `layer`.
+            need = not (steps == n_steps - 1).all()
+            logits, h = dec.step(state, tok, pos0 + st_t, s_arg, k, layer, n_steps, logits=need)
             if features:
                 h_cpu = h.float().cpu()
                 for i in range(len(rid)):
