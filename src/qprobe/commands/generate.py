@@ -47,8 +47,8 @@ class GenerateOptions:
         "help": "--guide: the model a head on another model's states reads (default: the one "
                 "recorded in the head)"})
     chat: bool | None = field(default=None, metadata={
-        "help": "--guide: wrap the prompt in the chat template (default: as the head was "
-                "trained)"})
+        "help": "wrap the prompt in the chat template (default: a guided head's setting, else "
+                "the model's: on when it has a template)"})
     embedder: str | None = field(default=None, metadata={
         "help": "local model computing the features when --model is an API server"})
     device: str | None = field(default=None, metadata={
