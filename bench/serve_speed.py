@@ -6,14 +6,21 @@ same model for the library calls and drives the server with the `openai` client.
 
   (a) latency the server adds: `best_of_k` called directly vs the same request (same prompt,
       seed, k, tokens: the same decode work) through the server, interleaved one after the
-      other; p50 and p99 of the per-pair difference (goal: <= 5 ms at p50). On a busy machine
+      other; p50 and p99 of the per-pair difference (goal: <= 5 ms at p50), and the p50 ratio
+      server / library (goal: a lone request within 5% of the library call). On a busy machine
       the model's time varies by more than that from call to call, so the server's own part is
       also given: the client's round trip minus the server's time in `sample` + scoring (the
       library's work, timed inside the server): HTTP, JSON, queueing and thread handoffs.
-  (b) 8 different prompts as 8 concurrent clients vs the same 8 requests one at a time
-      (goal: >= 3x throughput): concurrent requests share one decode batch.
+  (b) 8 different prompts (8 seeds) as 8 concurrent clients vs the same 8 requests one at a
+      time (goals: >= 4x on the tiny model, >= 2.5x on SmolLM2): concurrent requests share one
+      open decode (continuous batching), joining it at the next step; decode steps thrown away
+      are 0 by construction (nothing restarts), the requests that joined a running decode are
+      counted.
   (c) a load run: `--load-requests` requests (>= 500) from 16 concurrent clients; errors
       counted, the server's RSS sampled at start, during and at the end.
+  (d) a guided policy (an ARM head with random weights on the model's own feature state),
+      `--guided-tokens` (64) tokens, streamed: time to the first content chunk against the whole
+      answer's time (goal: TTFT <= 10%).
 
     python bench/serve_speed.py                       # the embedded SmolLM2-135M
     python bench/serve_speed.py --model PATH          # any local model qprobe loads
@@ -74,8 +81,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8, help="(b): concurrent clients")
     ap.add_argument("--load-requests", type=int, default=500, help="(c): requests")
     ap.add_argument("--load-clients", type=int, default=16, help="(c): concurrent clients")
-    ap.add_argument("--max-restarts", type=int, default=None,
-                    help="the server's --max-restarts (0: restart-to-join off; default: its own)")
+    ap.add_argument("--guided-tokens", type=int, default=64, help="(d): tokens per answer")
+    ap.add_argument("--guided-requests", type=int, default=5, help="(d): streamed requests")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in each process (0: torch's default)")
     a = ap.parse_args()
@@ -97,6 +104,15 @@ def main() -> int:
     with torch.no_grad():
         probe.net[-1].weight.normal_(generator=torch.Generator().manual_seed(0))
     probe_dir = probe.save(work / "probe")
+    from qprobe.policy.heads import RewardHead, tokenizer_identity
+
+    torch.manual_seed(0)
+    head = RewardHead("arm", spec.dim, rank=16, feature_spec=spec,
+                      tokenizer=tokenizer_identity(model.tok.tokenizer))
+    with torch.no_grad():
+        for prm in head.parameters():
+            prm.normal_(std=0.1)
+    head_dir = head.save(work / "head")
     port = free_port()
     env = {**os.environ}
     if a.threads:
@@ -106,8 +122,8 @@ def main() -> int:
         [sys.executable, "-m", "qprobe", "serve", "--model", model_arg, "--probe",
          f"p={probe_dir}", "--port", str(port), "--name", "m", "--k", str(a.k),
          "--max-tokens", str(a.max_tokens), "--log-level", "warning",
-         "--threads", str(a.threads)]
-        + ([] if a.max_restarts is None else ["--max-restarts", str(a.max_restarts)]),
+         "--threads", str(a.threads), "--policy",
+         f"g=guided:head={head_dir},beta=2,top_k=20"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -124,11 +140,10 @@ def main() -> int:
             time.sleep(0.2)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
-    def restarts() -> tuple[int, int]:
-        """The server's (restarts, restart_steps) so far (restart-to-join, see its /health)."""
+    def joined() -> int:
+        """Requests that joined a running decode so far (the server's /health)."""
         with opener.open(url + "/health", timeout=10) as r:
-            h = json.loads(r.read())
-        return h.get("restarts", 0), h.get("restart_steps", 0)
+            return int(json.loads(r.read()).get("joined", 0))
 
     def served(prompt: str, seed: int | None = 0):
         return client.completions.create(model="m:p", prompt=prompt, seed=seed,
@@ -163,7 +178,8 @@ def main() -> int:
         diff = [(s - x) * 1e3 for s, x in zip(srv_t, lib_t)]
         around = [s * 1e3 - b for s, b in zip(srv_t, batch_ms)]  # HTTP, JSON, queue, handoffs
         print(f"(a) library p50 {pct(lib_t, 50) * 1e3:.1f} ms, through the server p50 "
-              f"{pct(srv_t, 50) * 1e3:.1f} ms; added per pair: p50 {pct(diff, 50):.2f} ms, "
+              f"{pct(srv_t, 50) * 1e3:.1f} ms (ratio {pct(srv_t, 50) / pct(lib_t, 50):.3f}, "
+              f"goal <= 1.05); added per pair: p50 {pct(diff, 50):.2f} ms, "
               f"p99 {pct(diff, 99):.2f} ms (goal p50 <= 5 ms); same answer {same}/"
               f"{a.latency_pairs}; in the server: queue p50 {pct(queue_ms, 50):.2f} ms, "
               f"sample+score p50 {pct(batch_ms, 50):.1f} ms")
@@ -179,7 +195,7 @@ def main() -> int:
             served(p, seed=1)
         seq = time.perf_counter() - t0
         out: list = [None] * len(eight)
-        r0 = restarts()
+        j0 = joined()
 
         def one(i: int) -> None:
             out[i] = served(eight[i], seed=1)
@@ -192,11 +208,11 @@ def main() -> int:
             t.join()
         conc = time.perf_counter() - t0
         batches = sorted({r.model_extra["qprobe"]["batch_requests"] for r in out})
-        r1 = restarts()
+        j1 = joined()
         print(f"(b) {len(eight)} requests one at a time {seq:.2f} s, as {len(eight)} concurrent "
-              f"clients {conc:.2f} s: {seq / conc:.2f}x throughput (goal >= 3x); "
-              f"batch sizes seen {batches}; restarts {r1[0] - r0[0]} "
-              f"({r1[1] - r0[1]} decode steps thrown away)")
+              f"clients {conc:.2f} s: {seq / conc:.2f}x throughput (goal >= 4x tiny, >= 2.5x "
+              f"SmolLM2); requests sharing a decode when answered {batches}; "
+              f"{j1 - j0} joined a running decode; 0 decode steps thrown away (nothing restarts)")
 
         # (c) load: many requests from 16 clients, no error, memory sampled
         errors, done, lock = [], [0], threading.Lock()
@@ -230,13 +246,39 @@ def main() -> int:
         dt = time.perf_counter() - t0
         rss.append(rss_mb(proc.pid))
         mid = rss[len(rss) // 2]
-        r2 = restarts()
+        j2 = joined()
         print(f"(c) {done[0]} of {a.load_requests} requests from {a.load_clients} clients in "
               f"{dt:.1f} s ({done[0] / dt:.1f} req/s), errors {len(errors)}"
               + (f" (first: {errors[0]})" if errors else "")
-              + f"; restarts {r2[0] - r1[0]} ({r2[1] - r1[1]} decode steps thrown away)")
+              + f"; {j2 - j1} joined a running decode")
         print(f"    server RSS MB: before any request {rss0:.0f}, load start {rss[0]:.0f}, "
               f"middle {mid:.0f}, end {rss[-1]:.0f}, max {max(rss):.0f}")
+
+        # (d) guided policy, streamed: time to the first token vs the whole answer
+        ttft, total, ntok = [], [], []
+        for i in range(a.guided_requests):
+            t0 = time.perf_counter()
+            first, text = None, ""
+            stream = client.completions.create(
+                model="m:g", prompt=PROMPTS[i], seed=i, max_tokens=a.guided_tokens,
+                temperature=1.0, top_p=1.0, stream=True,
+                stream_options={"include_usage": True})
+            usage = None
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    text += chunk.choices[0].text
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            total.append(time.perf_counter() - t0)
+            ttft.append(first if first is not None else total[-1])
+            ntok.append(usage.completion_tokens if usage else -1)
+        ratios = [f / t for f, t in zip(ttft, total)]
+        print(f"(d) guided (ARM on the model's own state, top_k 20), {a.guided_tokens} tokens "
+              f"max, streamed, {a.guided_requests} requests: TTFT p50 {pct(ttft, 50) * 1e3:.1f} "
+              f"ms, whole answer p50 {pct(total, 50) * 1e3:.1f} ms, TTFT / whole p50 "
+              f"{pct(ratios, 50):.3f} max {max(ratios):.3f} (goal <= 0.10); tokens {ntok}")
     finally:
         proc.terminate()
         try:

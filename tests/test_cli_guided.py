@@ -53,7 +53,8 @@ def test_train_head_then_generate_guided(setup, kind, capsys):
     rc = main(["generate", "--model", str(folder), "--guide", str(head_dir), "--beta", "3",
                "--guide-top-k", "5", "--k", "3", "--all", "--max-new-tokens", "6", "ab"])
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out["method"] == f"{kind}-own" and len(out["samples"]) == 3
+    assert rc == 0 and out["method"] == f"{kind}-own" and len(out["candidates"]) == 3
+    assert out["kind"] == "guided" and out["top_k"] == 5 and out["beta"] == 3.0
     assert out["reward_calls_per_token"] == (0.0 if kind == "arm" else 5.0)
 
 

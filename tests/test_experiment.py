@@ -387,3 +387,55 @@ def test_free_rules_rows_and_paired_table_on_a_hand_made_folder(tmp_path):
     assert "is `shown_test_filter`" in table[0]
     assert "| `pg` | +0.100 [-0.100, +0.200] | +0.100 [-0.100, +0.200] |" in table
     assert "| `shown_test_filter` | 0.900 | 0.800 |" in table
+
+
+def test_run_evaluates_the_yaml_policies_beside_the_probes(tmp_path) -> None:
+    """`policies:` (greedy, logprob, guided with an ARM head, a Q-Adapter) answer every test
+    prompt once and get the probes' rows: CI, gain over pass@1, paired columns. The greedy
+    policy must match the greedy baseline prompt for prompt (paired difference exactly 0)."""
+    pytest.importorskip("peft")
+    import torch
+
+    from qprobe.backends import load_model
+    from qprobe.policy.heads import RewardHead, tokenizer_identity
+
+    model_dir = save_tiny(tmp_path / "model")
+    lm = load_model(str(model_dir), layer=1)
+    torch.manual_seed(0)
+    head = RewardHead("arm", lm.feature_spec.dim, rank=4, feature_spec=lm.feature_spec,
+                      tokenizer=tokenizer_identity(lm.tok.tokenizer))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    head.save(tmp_path / "head")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"word {i}:", "chosen": " a",
+                                         "rejected": " x"}) + "\n" for i in range(4)))
+    assert main(["adapt", "--model", str(model_dir), "--task", str(pairs), "--split", "all",
+                 "--out", str(tmp_path / "qa"), "--batch-pairs", "4", "--lora-r", "4",
+                 "--no-chat", "--max-answer-tokens", "4"]) == 0
+    policies = {"g": "greedy", "lp": "logprob:reduce=sum,k=4",
+                "guided": f"guided:head={tmp_path / 'head'},beta=4,top_k=5",
+                "qa": f"qadapter:adapter={tmp_path / 'qa'}"}
+    cfg = _config(tmp_path, model_dir, probes={"objectives": ["q"], "seeds": [0],
+                                               "train": {"epochs": 2, "min_steps": 5}},
+                  curve={"sizes": [], "samples": []}, policies=policies)
+    res = run_experiment(cfg, progress=False, log=lambda s: None)
+    t = res["test"]["vowels"]
+    assert set(t["policies"]) == set(policies)
+    for name, pol in t["policies"].items():
+        assert pol["n_prompts"] == 6 and pol["spec"] == policies[name]
+        assert pol["lo"] <= pol["mean"] <= pol["hi"]
+        assert {"vs_greedy", "vs_rerank_mean_logprob"} <= set(pol["paired"])
+        folder = Rollouts(tmp_path / "run" / "rollouts" / f"policy-{name}-vowels")
+        assert len(folder) == 6 and folder.meta["model"].startswith(f"policy:{name}:")
+        assert pol["mean"] == pytest.approx(float(np.mean(folder.rewards)))
+    assert t["policies"]["g"]["mean"] == pytest.approx(t["greedy"]["mean"])
+    assert t["policies"]["g"]["paired"]["vs_greedy"]["mean"] == 0.0
+    md = (tmp_path / "run" / "report" / "results.md").read_text()
+    for name in policies:
+        assert f"| policy `{name}` (`{policies[name]}`, 6 prompts) |" in md
+        assert f"| policy `{name}` | " in md  # the paired table
+    # a bad spec is refused when the YAML is read, before anything runs
+    with pytest.raises(QProbeError, match="unknown kind 'nope'"):
+        _config(tmp_path, model_dir, policies={"x": "nope"})

@@ -228,7 +228,7 @@ def test_dtype_and_device_flags_reach_the_model(tmp_path, monkeypatch, capsys):
                  "--device", "cpu", "--k", "2", "--max-new-tokens", "4", "hi"]) == 0
     from qprobe.serve.models import load_served
 
-    load_served(str(model), [str(tmp_path / "probe")], device="cpu")
+    load_served(str(model), [], probe_args=[str(tmp_path / "probe")], device="cpu")
     assert seen == ["cpu", "cpu"]
 
 

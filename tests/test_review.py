@@ -207,7 +207,7 @@ def test_reviewer_extras_reach_a_probe(folder, tiny, tmp_path):
     from qprobe.serve.models import load_served
 
     with pytest.raises(QProbeError, match="stored rollouts only"):  # refused before loading a model
-        load_served("no-such-model", [f"rv={out}"])
+        load_served("no-such-model", [], probe_args=[f"rv={out}"])
 
 
 class _Echo(BaseHTTPRequestHandler):

@@ -30,11 +30,16 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from llama_server import free_port  # noqa: E402
 from qprobe.backends import SamplingParams, load_model  # noqa: E402
-from qprobe.policy import best_of_k  # noqa: E402
+from qprobe.policy import (  # noqa: E402
+    best_of_k,  # noqa: E402
+    registry,
+    specs,
+)
+from qprobe.policy.loading import ModelContext  # noqa: E402
 from qprobe.probe import Probe  # noqa: E402
 from qprobe.serve.app import ServeLimits, build_app  # noqa: E402
 from qprobe.serve.batcher import Batcher  # noqa: E402
-from qprobe.serve.models import ServedModels, ServedProbe  # noqa: E402
+from qprobe.serve.models import ServedModels, ServedPolicy  # noqa: E402
 from qprobe.train import TrainConfig, train_probe  # noqa: E402
 from tiny_lm import save_tiny  # noqa: E402
 
@@ -311,35 +316,45 @@ class GatedModel:
         return self.inner.sample(prompts, k, params)
 
 
-class SteppedModel:
-    """The tiny model with its step hook seam (so the batcher may restart it): the first
-    `sample` call holds at decode step `hold_step` until the gate opens, then hands the step to
-    the batcher's hook. Records the prompts of every call."""
+class HeldModel:
+    """The tiny model with its open decode (continuous batching): in the first decode, the
+    admission before step `hold_at` waits until the gate opens. Records, per decode, the prompts
+    admitted before each step."""
 
-    def __init__(self, model, hold_step: int) -> None:
-        self.inner, self.hold_step, self.calls = model, hold_step, []
+    continuous = True
+
+    def __init__(self, model, hold_at: int) -> None:
+        self.inner, self.hold_at, self.decodes = model, hold_at, []
         self.gate, self.entered = threading.Event(), threading.Event()
         self.name, self.chat = model.name, model.chat
         self.feature_spec, self.max_batch_rows, self.tok = (model.feature_spec,
                                                             model.max_batch_rows, model.tok)
 
-    def sample(self, prompts, k, params, hook=None):
-        first = not self.calls
-        self.calls.append(list(prompts))
+    def sample(self, prompts, k, params, **kw):
+        return self.inner.sample(prompts, k, params, **kw)
 
-        def held(step, hidden, logits, rows):
-            if first and step == self.hold_step:
+    def decode_continuous(self, k, params, admit, deliver, observe=None):
+        first = not self.decodes
+        admits: list[list[str]] = []
+        self.decodes.append(admits)
+
+        def held():
+            if first and len(admits) == self.hold_at:
                 self.entered.set()
                 self.gate.wait(30)
-            return None if hook is None else hook(step, hidden, logits, rows)
+            got = admit()
+            admits.append([p for p, _, _ in got])
+            return got
 
-        return self.inner.sample(prompts, k, params, hook=held)
+        return self.inner.decode_continuous(k, params, held, deliver, observe)
 
 
 def _serve_inproc(model, assets, batcher_kw: dict, limits: ServeLimits):
-    """Serve `model` with the good probe in this process on loopback (no API key)."""
-    served = ServedModels("tiny", model, [ServedProbe("tiny:good", "good", "", assets["good"])])
-    batcher = Batcher(served, **batcher_kw)
+    """Serve `model` with the good probe (k = 3) in this process on loopback (no API key)."""
+    policy = registry.build_config("best-of-k", specs.BestOfKSpec(str(assets["good_dir"]), k=3),
+                                   ModelContext(loaded=model))
+    served = ServedModels("tiny", [ServedPolicy("tiny:good", "good", "", policy)])
+    batcher = Batcher(**batcher_kw)
     app = build_app(served, limits, api_key=None, batcher=batcher)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -362,18 +377,19 @@ def inproc(assets):
     """The app in this process on loopback, no API key, a gated model, a queue of 1, 3 s timeout."""
     gated = GatedModel(assets["model"])
     url, batcher, stop = _serve_inproc(gated, assets, dict(max_queue=1, max_batch=8, wait_s=0.0),
-                                       ServeLimits(k=3, max_tokens=MAX_TOKENS, timeout_s=3.0))
+                                       ServeLimits(max_tokens=MAX_TOKENS, timeout_s=3.0))
     yield url, gated, batcher
     stop()
 
 
 @pytest.fixture
-def stepped(assets, request):
-    """The app over a `SteppedModel` holding at step `request.param` (default restart bounds:
-    with MAX_TOKENS = 8, a batch may restart while at most 2 steps are done)."""
-    model = SteppedModel(assets["model"], getattr(request, "param", 1))
-    url, batcher, stop = _serve_inproc(model, assets, dict(max_queue=8, max_batch=8, wait_s=0.0),
-                                       ServeLimits(k=3, max_tokens=MAX_TOKENS, timeout_s=60.0))
+def held(assets, request):
+    """The app over a `HeldModel` holding its first decode before step 3 (of MAX_TOKENS = 8);
+    request.param: the server's max_batch (default 8)."""
+    model = HeldModel(assets["model"], 3)
+    url, batcher, stop = _serve_inproc(
+        model, assets, dict(max_queue=8, max_batch=getattr(request, "param", 8), wait_s=0.0),
+        ServeLimits(max_tokens=MAX_TOKENS, timeout_s=60.0))
     yield url, model, batcher
     stop()
 
@@ -449,78 +465,80 @@ def test_requests_arriving_together_are_decoded_together(inproc, assets) -> None
     assert batcher.stats["batches"] == 2
 
 
-def test_requests_join_a_young_batch_by_restart(stepped, assets) -> None:
-    """Three requests queued while a batch is at step 1 join it: the decode restarts with the
-    four prompts, and each answer is still the library's answer for that request alone. A
-    request with other settings (another seed) does not join."""
-    url, model, batcher = stepped
+def test_requests_join_a_running_decode_and_get_the_samples_they_get_alone(held, assets):
+    """Three requests queued while a decode is at step 3 join it before step 4, each with its own
+    seed, and each answer is the library's answer for that request alone; a request with other
+    settings (k) waits for the next decode. No step is thrown away: one decode, then one more."""
+    url, model, batcher = held
     c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     got: dict = {}
 
-    def ask(name: str, seed: int):
+    def ask(name: str, seed: int, k: int = 3):
         return _bg(lambda: c.completions.create(model="tiny", prompt=name, seed=seed,
-                                                extra_body={"beta": 0}), got, name)
+                                                extra_body={"beta": 0, "k": k}), got, name)
 
     first = ask("first", 9)
-    assert model.entered.wait(10)  # "first" is decoding, held at step 1
-    ts = [ask(f"p{i}", 9) for i in range(3)] + [ask("other", 4)]
+    assert model.entered.wait(10)  # "first" has decoded 3 steps and waits before the 4th
+    ts = [ask("p0", 9), ask("p1", 4), ask("p2", 7), ask("other", 4, k=2)]
     _until(lambda: batcher.queued() == 4)
     model.gate.set()
     for t in [first, *ts]:
         t.join()
-    assert model.calls[0] == ["first"]
-    assert model.calls[1][0] == "first" and sorted(model.calls[1][1:]) == ["p0", "p1", "p2"]
-    assert model.calls[2:] == [["other"]]
-    for name, seed in [("first", 9), ("p0", 9), ("p1", 9), ("p2", 9), ("other", 4)]:
+    admits = model.decodes[0]
+    assert admits[:3] == [["first"], [], []] and sorted(admits[3]) == ["p0", "p1", "p2"]
+    assert model.decodes[1][0] == ["other"]
+    for name, seed, k in [("first", 9, 3), ("p0", 9, 3), ("p1", 4, 3), ("p2", 7, 3),
+                          ("other", 4, 2)]:
         r = got[name]
-        assert r.model_extra["qprobe"]["batch_requests"] == (1 if name == "other" else 4)
-        lib = library_choice(assets, "good", name, 3, 0.0, seed)
-        assert r.choices[0].text == lib.text  # the restart does not change the answer
+        lib = library_choice(assets, "good", name, k, 0.0, seed)
+        assert r.choices[0].text == lib.text  # joining does not change the answer
         assert r.model_extra["qprobe"]["results"][0]["chosen"] == lib.chosen
-    assert batcher.stats["restarts"] == 1 and batcher.stats["restart_steps"] == 1
-    assert batcher.stats["batches"] == 2 and batcher.stats["requests"] == 5
+        assert r.model_extra["qprobe"]["seed"] == seed
+    assert batcher.stats["joined"] == 3 and batcher.stats["batches"] == 2
+    assert batcher.stats["requests"] == 5
     status, health = _get(url + "/health")
-    assert status == 200 and health["restarts"] == 1
+    assert status == 200 and health["joined"] == 3
 
 
-def test_unseeded_requests_join_under_the_running_batchs_seed(stepped, assets) -> None:
-    """An unseeded request joining an unseeded batch is sampled under the seed the batch drew."""
-    url, model, batcher = stepped
+def test_unseeded_requests_get_their_own_seeds_in_an_open_decode(held, assets):
+    url, model, batcher = held
     c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     got: dict = {}
-    prompts = ["first", "late"]
-    first = _bg(lambda: c.completions.create(model="tiny", prompt="first",
-                                             extra_body={"beta": 0}), got, "first")
+    first = _bg(lambda: c.completions.create(model="tiny", prompt="same",
+                                             extra_body={"beta": 0}), got, "a")
     assert model.entered.wait(10)
-    late = _bg(lambda: c.completions.create(model="tiny", prompt="late",
-                                            extra_body={"beta": 0}), got, "late")
+    late = _bg(lambda: c.completions.create(model="tiny", prompt="same",
+                                            extra_body={"beta": 0}), got, "b")
     _until(lambda: batcher.queued() == 1)
     model.gate.set()
     first.join()
     late.join()
-    seeds = {got[p].model_extra["qprobe"]["seed"] for p in prompts}
-    assert len(seeds) == 1 and batcher.stats["restarts"] == 1  # "late" took the batch's seed
-    assert model.calls == [["first"], ["first", "late"]]
-    for p in prompts:
-        lib = library_choice(assets, "good", p, 3, 0.0, *seeds)
-        assert got[p].choices[0].text == lib.text
+    assert batcher.stats["joined"] == 1 and len(model.decodes) == 1
+    for name in ("a", "b"):
+        seed = got[name].model_extra["qprobe"]["seed"]
+        assert got[name].choices[0].text == library_choice(assets, "good", "same", 3, 0.0,
+                                                           seed).text
 
 
-@pytest.mark.parametrize("stepped", [3], indirect=True)
-def test_no_restart_once_the_batch_is_past_its_young_steps(stepped) -> None:
-    """A request arriving after the batch's young steps waits for the next batch."""
-    url, model, batcher = stepped
+@pytest.mark.parametrize("held", [1], indirect=True)
+def test_a_prompt_that_ends_frees_its_place_for_a_queued_one(held, assets):
+    """With room for one prompt, a request queued while another decodes joins the same decode
+    as soon as the running prompt's rows have ended (not a new decode after it)."""
+    url, model, batcher = held
     c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     got: dict = {}
     first = _bg(lambda: c.completions.create(model="tiny", prompt="first", seed=1), got, "a")
-    assert model.entered.wait(10)  # held at step 3: 3 steps done, more than 8 // 4
-    late = _bg(lambda: c.completions.create(model="tiny", prompt="late", seed=1), got, "b")
+    assert model.entered.wait(10)
+    late = _bg(lambda: c.completions.create(model="tiny", prompt="late", seed=2), got, "b")
     _until(lambda: batcher.queued() == 1)
     model.gate.set()
     first.join()
     late.join()
-    assert model.calls == [["first"], ["late"]] and batcher.stats["restarts"] == 0
-    assert got["b"].model_extra["qprobe"]["batch_requests"] == 1
+    admits = model.decodes[0]
+    assert len(model.decodes) == 1 and admits[3] == []  # no room while "first" runs
+    at = next(i for i, a in enumerate(admits) if a == ["late"])
+    assert at > 3 and batcher.stats["joined"] == 1 and batcher.stats["batches"] == 1
+    assert got["b"].choices[0].text == library_choice(assets, "good", "late", 3, 0.1, 2).text
 
 
 # ----------------------------------------------------------------------------- upstream
@@ -532,12 +550,12 @@ def test_upstream_mode_on_the_module_server(server, assets, monkeypatch) -> None
     from qprobe.serve.models import load_served
 
     monkeypatch.setenv("QPROBE_TEST_UPSTREAM_KEY", KEY)
-    served = load_served(server.url, [f"good={assets['good_dir']}"],
+    served = load_served(server.url, [], probe_args=[f"good={assets['good_dir']}"], k=3,
                          embedder=str(assets["folder"]),
                          upstream={"model": "tiny:rand", "api_key_env": "QPROBE_TEST_UPSTREAM_KEY",
                                    "backoff": 0.01, "max_retries": 1})
     assert served.ids() == ["tiny-rand", "tiny-rand:good"]
-    app = build_app(served, ServeLimits(k=3, max_tokens=MAX_TOKENS), api_key=None)
+    app = build_app(served, ServeLimits(max_tokens=MAX_TOKENS), api_key=None)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

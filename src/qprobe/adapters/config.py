@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qprobe.adapters.methods import METHODS as _REGISTRY
 from qprobe.errors import QProbeError
 
 FORMAT = "qprobe-adapter/1"
-METHODS = ("qadapter", "dpo")
+METHODS = tuple(_REGISTRY)  # the method registry's keys (adapters/methods.py)
 
 
 @dataclass
@@ -18,7 +19,8 @@ class AdaptConfig:
 
     out: str = field(metadata={"help": "Adapter folder to create or resume.", "required": True})
     method: str = field(default="qadapter", metadata={
-        "choices": list(METHODS), "help": "qadapter (Q-Adapter) or dpo (TRL's DPOTrainer)."})
+        "choices": list(METHODS),
+        "help": "; ".join(f"{m.key}: {m.help}" for m in _REGISTRY.values()) + "."})
     task: str = field(default="hh-harmless", metadata={
         "help": "Preference task or pair file ({prompt, chosen, rejected} JSONL)."})
     split: str = field(default="train", metadata={"help": "Task split."})

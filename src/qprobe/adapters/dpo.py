@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from qprobe.adapters.methods import AdapterMethod
 from qprobe.adapters.train import FORMAT, AdaptConfig, load_pairs, need_peft
 from qprobe.errors import QProbeError
 from qprobe.fileio import atomic_write_json
@@ -98,3 +99,39 @@ def train_dpo(cfg: AdaptConfig, bundle: tuple | None = None, say=print) -> dict[
             "final": {k: sum(x[k] for x in tail) / len(tail) for k in keys if tail and k in tail[0]}}
     atomic_write_json(out / "adapter.json", info)
     return info
+
+
+class DPOMethod(AdapterMethod):
+    """DPO as an entry of the adapter method registry (`adapters/methods.py`): trained by TRL;
+    sampled from the LoRA merged into a copy of the base model (no features: its hidden states
+    are another model's); implicit reward beta * (log pi(y|x) - log pi_ref(y|x))."""
+
+    key = "dpo"
+
+    def train(self, cfg, bundle=None, say=print) -> dict[str, Any]:
+        return train_dpo(cfg, bundle, say)
+
+    def language_model(self, peft_model, base, tokenizer, info, *, name: str, **kw: Any):
+        from qprobe.backends.hf.model import HFLanguageModel
+
+        kw.pop("position", None)
+        kw.pop("feature_dtype", None)
+        kw["features"] = False
+        return HFLanguageModel(peft_model.merge_and_unload(), tokenizer, identity=name,
+                               chat=info["chat"], **kw)
+
+    def implicit_reward(self, peft_model, info, batch):
+        from qprobe.adapters.policy import sequence_logp
+        from qprobe.adapters.qadapter import action_logits
+
+        lm = peft_model.get_base_model()
+        act, ids = batch["action_mask"], batch["input_ids"]
+        pol = sequence_logp(action_logits(lm, ids, batch["attention_mask"], act), ids, act)
+        with peft_model.disable_adapter():
+            ref = sequence_logp(action_logits(lm, ids, batch["attention_mask"], act), ids, act)
+        return info["params"]["beta"] * (pol - ref)
+
+    def policy_logp(self, adapter_logits, base_logp, info):
+        import torch
+
+        return torch.log_softmax(adapter_logits, -1)

@@ -51,8 +51,11 @@ def text_logprobs(peft_model, info: dict[str, Any], ids: list[list[int]], pad_id
                   batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(base [n], adapter policy [n]): each text's summed log-likelihood of its tokens after the
     first, under pi_0 and under the adapter's policy."""
+    from qprobe.adapters.methods import method
     from qprobe.adapters.policy import sequence_logp
-    from qprobe.adapters.qadapter import QAdapterParams, action_logits, policy_logits
+    from qprobe.adapters.qadapter import action_logits
+
+    impl = method(info["method"])
 
     peft_model.eval()
     lm = peft_model.get_base_model()
@@ -71,10 +74,7 @@ def text_logprobs(peft_model, info: dict[str, Any], ids: list[list[int]], pad_id
         q = action_logits(lm, inp, att, act)  # [N, V] adapter on
         with peft_model.disable_adapter():
             base_logp = torch.log_softmax(action_logits(lm, inp, att, act), -1)  # [N, V]
-        if info["method"] == "qadapter":
-            pol_logp = torch.log_softmax(policy_logits(q, base_logp, QAdapterParams(**info["params"])), -1)
-        else:
-            pol_logp = torch.log_softmax(q, -1)
+        pol_logp = impl.policy_logp(q, base_logp, info)
         for out, lp in ((base_out, base_logp), (pol_out, pol_logp)):
             out.append(sequence_logp(lp, inp, act).double().cpu().numpy())
     return np.concatenate(base_out), np.concatenate(pol_out)

@@ -7,7 +7,8 @@ DPO adapter is merged into a copy of the base model and sampled plainly, without
 hidden states are another model's).
 
 Implicit rewards, for held-out pair accuracy: the Q-Adapter's sequence reward R = sum_t r_t, and
-DPO's beta * (log pi(y|x) - log pi_ref(y|x)), both on the pairs tokenised as in training.
+DPO's beta * (log pi(y|x) - log pi_ref(y|x)), both on the pairs tokenised as in training. What
+each method does is its entry in the method registry (`adapters/methods.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from qprobe.backends.base import LanguageModel, Sample, SamplingParams
 from qprobe.errors import QProbeError
+from qprobe.policy.base import Policy
 
 
 class AdapterLanguageModel(LanguageModel):
@@ -29,25 +31,18 @@ class AdapterLanguageModel(LanguageModel):
                  features: bool = True, feature_dtype: str = "float16",
                  max_batch_rows: int | None = None, device: str | None = None,
                  bundle: tuple | None = None) -> None:
-        from qprobe.adapters.qadapter import QAdapterParams
+        from qprobe.adapters.methods import method
         from qprobe.adapters.train import load_adapter
-        from qprobe.backends.hf.model import HFLanguageModel
         from qprobe.backends.hf.tokenizer import pad_id
 
         self.peft, base, tokenizer, self.info = load_adapter(folder, device, bundle)
         self.method = self.info["method"]
+        self.impl = method(self.method)
         self.name = f"{self.info['base_model']}+{self.method}:{Path(folder).resolve().name}"
-        if self.method == "qadapter":
-            self.params = QAdapterParams(**self.info["params"])
-            self.lm = HFLanguageModel(base, tokenizer, identity=self.info["base_model"],
-                                      layer=layer, position=position, chat=self.info["chat"],
-                                      features=features, feature_dtype=feature_dtype,
-                                      max_batch_rows=max_batch_rows)
-        else:
-            merged = self.peft.merge_and_unload()
-            self.lm = HFLanguageModel(merged, tokenizer, identity=self.name, layer=layer,
-                                      chat=self.info["chat"], features=False,
-                                      max_batch_rows=max_batch_rows)
+        self.lm = self.impl.language_model(self.peft, base, tokenizer, self.info, name=self.name,
+                                           layer=layer, position=position, features=features,
+                                           feature_dtype=feature_dtype,
+                                           max_batch_rows=max_batch_rows)
         self.pad = pad_id(tokenizer)
 
     @property
@@ -59,17 +54,21 @@ class AdapterLanguageModel(LanguageModel):
         return self.lm.max_batch_rows
 
     @property
+    def tok(self):
+        """The prompt tokenizer of the decode loop (`PromptTokenizer`)."""
+        return self.lm.tok
+
+    @property
     def feature_spec(self):
         return self.lm.feature_spec
 
-    def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
-        if self.method != "qadapter":
-            return self.lm.sample(prompts, k, params)
-        from qprobe.adapters.qadapter import QAdapterHook
-
-        ids = [self.lm.tok.prompt_ids(p) for p in prompts]
-        hook = QAdapterHook(self.peft, ids, k, self.params, pad_id=self.pad)
-        return self.lm.sample(prompts, k, params, hook=hook)
+    def sample(self, prompts: list[str], k: int, params: SamplingParams, *,
+               observe=None) -> list[list[Sample]]:
+        """k samples per prompt from the adapter's policy; observe: the decode loop's per-step
+        observer (`loop.StepObserver`), for streaming."""
+        hook = self.impl.decode_hook(self.peft, [self.lm.tok.prompt_ids(p) for p in prompts], k,
+                                     self.info, self.pad)
+        return self.lm.sample(prompts, k, params, hook=hook, observe=observe)
 
 
 def load_model(folder: str | Path, *, layer: int | None = None, position: str = "last",
@@ -88,6 +87,35 @@ def load_model(folder: str | Path, *, layer: int | None = None, position: str = 
     return lm
 
 
+class AdapterPolicy(Policy):
+    """The `qadapter` and `dpo` kinds of the policy registry: each answer is a sample of the
+    adapter's policy, decided token by token (so a server can stream it)."""
+
+    per_token = True
+    needs = ("adapter",)
+
+    @classmethod
+    def build(cls, cfg: Any, ctx: Any) -> Policy:
+        if not cfg.adapter:
+            raise QProbeError(f"policy {ctx.kind}: give adapter=ADAPTER_DIR")
+        lm = AdapterLanguageModel(cfg.adapter, features=False, device=ctx.device)
+        if lm.method != ctx.kind:
+            raise QProbeError(f"policy {ctx.kind}: {cfg.adapter} is a {lm.method!r} adapter; "
+                              f"serve it as {lm.method}:adapter=...")
+        policy = cls(cfg, lm)
+        policy.kind = lm.method
+        return policy
+
+    @property
+    def sampler_id(self) -> str:
+        return f"adapter:{id(self.model)}"
+
+    def sample(self, prompts, k, params, *, hook: Any = None, observe: Any = None):
+        if hook is not None:
+            raise QProbeError("policy adapter: no step hook can join an adapter's decode")
+        return self.model.sample(prompts, k, params, observe=observe)
+
+
 @torch.no_grad()
 @torch.inference_mode()
 def implicit_rewards(peft_model, info: dict[str, Any], pairs: list, pad_id: int,
@@ -96,12 +124,9 @@ def implicit_rewards(peft_model, info: dict[str, Any], pairs: list, pad_id: int,
     from tqdm.auto import tqdm
 
     from qprobe.adapters.data import batch_tensors
-    from qprobe.adapters.qadapter import (
-        QAdapterParams,
-        action_logits,
-        forward_rewards,
-    )
+    from qprobe.adapters.methods import method
 
+    impl = method(info["method"])
     peft_model.eval()
     lm = peft_model.get_base_model()
     dev = next(lm.parameters()).device
@@ -110,16 +135,7 @@ def implicit_rewards(peft_model, info: dict[str, Any], pairs: list, pad_id: int,
                   disable=not progress):
         part = pairs[i : i + batch_pairs]
         b = {k: v.to(dev) for k, v in batch_tensors(part, pad_id).items()}
-        if info["method"] == "qadapter":
-            big_r = forward_rewards(peft_model, b, QAdapterParams(**info["params"])).sum(1)
-        elif info["method"] == "dpo":
-            act, ids = b["action_mask"], b["input_ids"]
-            pol = sequence_logp(action_logits(lm, ids, b["attention_mask"], act), ids, act)
-            with peft_model.disable_adapter():
-                ref = sequence_logp(action_logits(lm, ids, b["attention_mask"], act), ids, act)
-            big_r = info["params"]["beta"] * (pol - ref)
-        else:
-            raise QProbeError(f"adapter: unknown method {info['method']!r}")
+        big_r = impl.implicit_reward(peft_model, info, b)
         n = len(part)
         out.append((big_r[:n].double().cpu().numpy(), big_r[n:].double().cpu().numpy()))
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])

@@ -60,14 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = from_args(AdaptConfig, args)
     cfg.validate()
-    if cfg.method == "dpo":
-        from qprobe.adapters.dpo import train_dpo
+    from qprobe.adapters.methods import method
 
-        info = train_dpo(cfg)
-    else:
-        from qprobe.adapters.train import train_qadapter
-
-        info = train_qadapter(cfg)
+    info = method(cfg.method).train(cfg)
     print(f"wrote {cfg.out} ({info['method']}, {info['pairs']} pairs, {info['steps']} steps, "
           f"{info['seconds']:.0f}s; final {json.dumps(info['final'])})")
     return 0

@@ -1,5 +1,7 @@
-"""`qprobe generate`: best-of-k with a probe (sample k, score, print the choice), or
-reward-guided decoding with a token-level head (`--guide HEAD --beta B`)."""
+"""`qprobe generate`: answer a prompt with any policy of the registry (`--policy SPEC`, see
+`policy/specs.py`), e.g. best-of-k with a probe (`--probe DIR`, the short form of
+`--policy best-of-k:probe=DIR`) or reward-guided decoding (`--guide HEAD --beta B`, the short
+form of `--policy guided:head=HEAD,beta=B`)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,13 @@ class GenerateOptions:
                 "http(s):// OpenAI-compatible server (then --embedder is needed)"})
     backend: str | None = field(default=None, metadata={
         "help": "backend: hf or openai (default: openai for an http(s):// --model, else hf)"})
+    policy: str = field(default="", metadata={
+        "metavar": "SPEC", "help": "the policy, KIND[:key=value,...]; kinds: sample, greedy, "
+        "best-of-k (probe=, k=, beta=), logprob (reduce=mean|sum, k=), guided (head=, beta=, "
+        "top_k=, inverse=), qadapter / dpo (adapter=); see docs/serve.md"})
     probe: str = field(default="", metadata={
-        "metavar": "PROBE_DIR", "help": "trained probe folder (best-of-k)"})
+        "metavar": "PROBE_DIR", "help": "trained probe folder (best-of-k; short for --policy "
+                                        "best-of-k:probe=PROBE_DIR with --k, --beta)"})
     guide: str = field(default="", metadata={
         "metavar": "HEAD_DIR", "help": "reward head (qprobe train-head): guided decoding instead "
                                        "of best-of-k; --beta is then the reward weight"})
@@ -40,8 +47,8 @@ class GenerateOptions:
         "help": "--guide: the model a head on another model's states reads (default: the one "
                 "recorded in the head)"})
     chat: bool | None = field(default=None, metadata={
-        "help": "--guide: wrap the prompt in the chat template (default: as the head was "
-                "trained)"})
+        "help": "wrap the prompt in the chat template (default: a guided head's setting, else "
+                "the model's: on when it has a template)"})
     embedder: str | None = field(default=None, metadata={
         "help": "local model computing the features when --model is an API server"})
     device: str | None = field(default=None, metadata={
@@ -67,115 +74,54 @@ class GenerateOptions:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "generate",
-        help="best-of-k generation: sample k, score with a probe, print the choice",
-        description="Sample K completions of PROMPT from MODEL, score each with the probe on the "
-        "model's own features, and print the completion the policy softmax(Q/beta) chooses.",
+        help="answer a prompt with a policy: best-of-k with a probe, guided decoding, ...",
+        description="Answer PROMPT with a policy over MODEL: by default (--probe) sample K "
+        "completions, score each with the probe on the model's own features, and print the one "
+        "softmax(Q/beta) chooses; --guide or --policy SPEC for the other kinds.",
     )
     add_flags(p, GenerateOptions)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from qprobe.backends import SamplingParams, load_embedder, load_model, resolve
+    from qprobe.backends import SamplingParams
     from qprobe.errors import QProbeError
-    from qprobe.policy import QProbePolicy
-    from qprobe.probe import Probe
+    from qprobe.policy import registry, specs
+    from qprobe.policy.loading import ModelContext
     from qprobe.tasks import get_task
 
     o = from_args(GenerateOptions, args)
     prompt = sys.stdin.read() if o.prompt == "-" else o.prompt
-    if bool(o.probe) == bool(o.guide):
-        raise QProbeError("generate: give --probe PROBE_DIR (best-of-k) or --guide HEAD_DIR")
-    if o.guide:
-        return _guided(o, prompt)
-    probe = Probe.load(o.probe)
-    spec = probe.feature_spec
-    if spec is None and probe.feature_dim:
-        raise QProbeError(f"{o.probe}: probe has no feature spec; cannot pick a model layer")
-    params = SamplingParams(
-        temperature=o.temperature,
-        top_p=o.top_p,
-        max_new_tokens=o.max_new_tokens,
-        stop=list(o.stop) + (list(get_task(o.task, data=o.data).stop) if o.task else []),
-        seed=o.seed,
-    )
-    is_api = not resolve(o.model, o.backend).own_features  # text only: needs an embedder
-    embedder = None
-    if spec is None:  # a probe on log-likelihoods alone: the model's own, no features
-        pass
-    elif o.embedder:
-        embedder = load_embedder(o.embedder, layer=spec.layer, position=spec.position,
-                                 device=o.device)
-    elif is_api:
-        raise QProbeError(
-            "generate: an API --model needs --embedder (the local model of the probe)"
-        )
-    if is_api:
-        model = load_model(o.model, backend=o.backend)
+    if sum(map(bool, (o.policy, o.probe, o.guide))) != 1:
+        raise QProbeError("generate: give --probe PROBE_DIR (best-of-k), --guide HEAD_DIR "
+                          "(guided) or --policy SPEC")
+    task = get_task(o.task, data=o.data) if o.task else None
+    ctx = ModelContext(o.model, backend=o.backend, embedder_name=o.embedder, device=o.device,
+                       chat=o.chat)
+    from qprobe.tasks.code import CodeTask
+
+    if isinstance(task, CodeTask):
+        ctx.visible = task.visible_reward
+    if o.probe:
+        cfg = specs.BestOfKSpec(probe=o.probe, k=o.k, beta=o.beta,
+                                include_greedy=o.include_greedy)
+        policy = registry.build_config("best-of-k", cfg, ctx)
+    elif o.guide:
+        if o.beta is None:
+            raise QProbeError("generate: --guide needs --beta (the reward weight; 0: plain "
+                              "top-k)")
+        cfg = specs.GuidedSpec(head=o.guide, beta=o.beta, top_k=o.guide_top_k,
+                               inverse=o.inverse, reward_model=o.reward_model)
+        policy = registry.build_config("guided", cfg, ctx)
     else:
-        model = load_model(
-            o.model,
-            backend=o.backend,
-            device=o.device,
-            **({} if spec is None else {"layer": spec.layer, "position": spec.position,
-                                        "feature_dtype": spec.dtype}),
-            features=embedder is None and spec is not None,
-        )
-    visible = None
-    if "visible_pass" in probe.extras:
-        from qprobe.tasks.code import CodeTask
-
-        task = get_task(o.task, data=o.data) if o.task else None
-        if not isinstance(task, CodeTask):
-            raise QProbeError("generate: this probe reads visible_pass; give --task, a code task "
-                              "whose prompts show tests (the prompt must be one of its prompts)")
-        visible = task.visible_reward
-    policy = QProbePolicy(model, probe, k=o.k, beta=o.beta, params=params, embedder=embedder,
-                          seed=o.seed, include_greedy=o.include_greedy, visible=visible)
-    choice = policy.generate([prompt])[0]
-    if o.all:
-        print(json.dumps({"beta": policy.beta, "k": policy.k, **choice.to_dict()}, indent=2))
-    else:
-        print(choice.text)
-    return 0
-
-
-def _guided(o: GenerateOptions, prompt: str) -> int:
-    from qprobe.backends import SamplingParams, load_model, resolve
-    from qprobe.backends.hf import load_hf
-    from qprobe.errors import QProbeError
-    from qprobe.policy.guided import GuideConfig, GuidedSampler
-    from qprobe.policy.heads import RewardHead
-    from qprobe.tasks import get_task
-
-    if o.beta is None:
-        raise QProbeError("generate: --guide needs --beta (the reward weight; 0: plain top-k)")
-    if not resolve(o.model, o.backend).own_features:
-        raise QProbeError("generate: --guide runs inside the local decode loop; --model must be "
-                          "a local model")
-    head = RewardHead.load(o.guide)
-    spec = head.feature_spec
-    if spec is None:
-        raise QProbeError(f"{o.guide}: the head has no feature spec")
-    chat = spec.model.endswith("+chat") if o.chat is None else o.chat
-    # At the head's block, an ARM head on this model reads the loop's own state (no extra pass).
-    model = load_model(o.model, backend=o.backend, layer=spec.layer, chat=chat, features=False,
-                       device=o.device)
-    trunk = None
-    if spec.model != model._spec.model:  # a head on another model's states: load that one
-        name = o.reward_model or head.trunk
-        if not name:
-            raise QProbeError(f"{o.guide}: reads {spec.model!r}; pass --reward-model")
-        trunk = load_hf(name, device=o.device)
-    sampler = GuidedSampler(model, head, GuideConfig(beta=o.beta, top_k=o.guide_top_k,
-                                                     inverse=o.inverse), trunk)
+        policy = registry.build(o.policy, ctx)
     params = SamplingParams(
         temperature=o.temperature, top_p=o.top_p, max_new_tokens=o.max_new_tokens,
-        stop=list(o.stop) + (list(get_task(o.task).stop) if o.task else []), seed=o.seed)
-    samples = sampler.sample([prompt], o.k if o.all else 1, params)[0]
+        stop=list(o.stop) + (list(task.stop) if task is not None else []), seed=o.seed)
+    n = o.k if (o.all and policy.per_token) else 1
+    answer = policy.generate([prompt], params, seed=o.seed, n=n)[0]
     if o.all:
-        print(json.dumps({"method": sampler.method, "beta": o.beta, "top_k": o.guide_top_k,
-                          **sampler.cost(), "samples": [s.text for s in samples]}, indent=2))
+        print(json.dumps({**policy.describe(), **answer.to_dict()}, indent=2))
     else:
-        print(samples[0].text)
+        print(answer.text)
     return 0

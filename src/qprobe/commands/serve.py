@@ -1,4 +1,5 @@
-"""`qprobe serve`: an OpenAI-compatible server whose every answer is the probe's best of k."""
+"""`qprobe serve`: an OpenAI-compatible server whose every answer is a policy's (best of k with a
+probe, guided decoding, an adapter, ...; see docs/serve.md)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,17 @@ class ServeOptions:
                 "OpenAI-compatible server (then --embedder computes the features)"})
     backend: str | None = field(default=None, metadata={
         "help": "backend: hf or openai (default: openai for an http(s):// --model, else hf)"})
+    policy: list[str] = field(default_factory=list, metadata={
+        "action": "append", "metavar": "NAME=SPEC",
+        "help": "a policy, served as model '{name}:{NAME}' (repeatable): SPEC is "
+                "KIND[:key=value,...], kinds sample, greedy, best-of-k (probe=, k=, beta=), "
+                "logprob (reduce=mean|sum, k=), guided (head=, beta=, top_k=, inverse=), "
+                "qadapter / dpo (adapter=); the first policy (--probe ones first) is also "
+                "served as '{name}'"})
     probe: list[str] = field(default_factory=list, metadata={
-        "action": "append", "metavar": "[NAME=]PROBE_DIR", "required": True,
-        "help": "a trained probe, served as model '{name}:{NAME}' (repeatable; NAME defaults to "
-                "the folder's name; the first is also served as '{name}')"})
+        "action": "append", "metavar": "[NAME=]PROBE_DIR",
+        "help": "a trained probe: short for --policy NAME=best-of-k:probe=PROBE_DIR with --k "
+                "and --beta (repeatable; NAME defaults to the folder's name)"})
     name: str | None = field(default=None, metadata={
         "help": "served base model id (default: the model file or folder name; for an API "
                 "model, its model id)"})
@@ -46,12 +54,12 @@ class ServeOptions:
     api_key: str | None = field(default=None, metadata={
         "help": f"require 'Authorization: Bearer KEY' (default: ${KEY_ENV} if set; prefer the "
                 "variable: a flag is visible to other users in the process list)"})
-    k: int = field(default=8, metadata={"help": "candidates per request unless it asks (k, "
-                                         "best_of)"})
+    k: int = field(default=8, metadata={"help": "--probe: candidates per request unless it "
+                                         "asks (k, best_of)"})
     max_k: int = field(default=64, metadata={"help": "largest k a request may ask for"})
     beta: float | None = field(default=None, metadata={
-        "help": "selection temperature unless the request asks; 0 = argmax (default: the "
-                "probe's beta)"})
+        "help": "--probe: selection temperature unless the request asks; 0 = argmax (default: "
+                "the probe's beta)"})
     max_beta: float = field(default=100.0, metadata={"help": "largest beta a request may ask"})
     temperature: float = field(default=TEMPERATURE, metadata={
         "help": "sampling temperature unless the request asks (the probe's training setting)"})
@@ -66,9 +74,6 @@ class ServeOptions:
     batch_wait_ms: float = field(default=10.0, metadata={
         "help": "longest a batch waits for requests still arriving (being read) to join it; "
                 "a lone request starts at once"})
-    max_restarts: int = field(default=2, metadata={
-        "help": "times a young batch (at most 1/4 of max_tokens steps done) may restart to let "
-                "requests with the same settings join it; 0: never (local models only)"})
     timeout: float = field(default=600.0, metadata={
         "help": "seconds a request may take, queue included (then 504)"})
     max_body_bytes: int = field(default=1 << 20, metadata={
@@ -84,10 +89,12 @@ class ServeOptions:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve probes behind an OpenAI-compatible API (/v1/completions, /v1/chat/...)",
-        description="Serve MODEL with one or more probes as an OpenAI-compatible HTTP API: every "
-        "answer is the best of k samples by the probe (softmax(Q/beta), argmax at beta 0). "
-        "Needs the 'serve' extra (starlette, uvicorn). See docs/serve.md.",
+        help="serve policies (probes, guided decoding, adapters) behind an OpenAI-compatible API",
+        description="Serve MODEL with one or more policies as an OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions): each is a served model id, e.g. the best of k "
+        "samples by a probe (softmax(Q/beta), argmax at beta 0) or reward-guided decoding, "
+        "streamed token by token. Needs the 'serve' extra (starlette, uvicorn). See "
+        "docs/serve.md.",
     )
     add_flags(p, ServeOptions)
     p.set_defaults(func=run)
@@ -108,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name, v, lo in (("k", o.k, 1), ("max-k", o.max_k, 1), ("max-queue", o.max_queue, 0),
                         ("max-batch", o.max_batch, 1), ("max-tokens", o.max_tokens, 1),
-                        ("max-body-bytes", o.max_body_bytes, 1),
-                        ("max-restarts", o.max_restarts, 0)):
+                        ("max-body-bytes", o.max_body_bytes, 1)):
         if v < lo:
             raise QProbeError(f"serve: --{name} must be >= {lo}, got {v}")
     if o.k > o.max_k:
@@ -135,14 +141,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(o.threads)
     upstream = {"model": o.upstream_model, "endpoint": o.upstream_endpoint,
                 "api_key_env": o.upstream_key_env}
-    served = load_served(o.model, o.probe, backend=o.backend, embedder=o.embedder, base=o.name,
-                         upstream=upstream, device=o.device)
-    limits = ServeLimits(k=o.k, max_k=o.max_k, beta=o.beta, max_beta=o.max_beta,
+    if not o.policy and not o.probe:
+        raise QProbeError("serve: give at least one --policy NAME=SPEC or --probe PROBE_DIR")
+    served = load_served(o.model, o.policy, probe_args=o.probe, k=o.k, beta=o.beta,
+                         backend=o.backend, embedder=o.embedder, base=o.name, upstream=upstream,
+                         device=o.device)
+    limits = ServeLimits(max_k=o.max_k, max_beta=o.max_beta,
                          temperature=o.temperature, top_p=o.top_p, max_tokens=o.max_tokens,
                          max_tokens_limit=o.max_tokens_limit, max_body_bytes=o.max_body_bytes,
                          timeout_s=o.timeout, log_requests=o.log_requests)
-    batcher = Batcher(served, max_queue=o.max_queue, max_batch=o.max_batch,
-                      wait_s=o.batch_wait_ms / 1000.0, max_restarts=o.max_restarts)
+    batcher = Batcher(max_queue=o.max_queue, max_batch=o.max_batch,
+                      wait_s=o.batch_wait_ms / 1000.0)
     app = build_app(served, limits, api_key=api_key, batcher=batcher)
     config = uvicorn.Config(app, host=o.host, port=o.port, log_level=o.log_level,
                             access_log=o.log_level == "debug", timeout_graceful_shutdown=5)

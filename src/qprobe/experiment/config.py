@@ -203,6 +203,10 @@ class ExperimentConfig:
     curve: CurveConfig = field(default_factory=CurveConfig)
     embed: EmbedStageConfig = field(default_factory=EmbedStageConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    policies: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "NAME: policy spec (KIND[:key=value,...], see policy/specs.py) answering every "
+                "test prompt once, evaluated beside the probes (same rows, CIs, paired columns); "
+                "e.g. {guided: 'guided:head=runs/head,beta=5', qa: 'qadapter:adapter=runs/qa'}"})
 
     def validate(self) -> None:
         where = f"experiment {self.name!r}"
@@ -243,6 +247,17 @@ class ExperimentConfig:
             )
         for obj in [*self.probes.objectives, self.curve.objective]:
             self.train_config(obj, 0).validate()
+        if not isinstance(self.policies, dict):
+            raise QProbeError(f"{where}: policies must be a mapping NAME: SPEC")
+        import re
+
+        from qprobe.policy import registry
+
+        for name, spec in self.policies.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+                raise QProbeError(f"{where}: policies: name {name!r} may hold only letters, "
+                                  "digits, '_', '.', '-'")
+            registry.read(spec)  # a bad spec is refused before anything runs
 
     def train_config(self, objective: str, seed: int) -> Any:
         from qprobe.train import TrainConfig

@@ -189,6 +189,12 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
                 lines.append(
                     f"| probe `{obj}`, greedy + {wg_k(pr) - 1} samples ({bk}) | {_ci(wg)} | "
                     f"{wg['mean'] - p1:+.3f} | {_headroom(wg['mean'] - p1, p1, pk)} | |")
+    for name, pol in t.get("policies", {}).items():
+        g = pol["gain_over_pass@1"]
+        lines.append(
+            f"| policy `{name}` (`{pol['spec']}`, {pol['n_prompts']} prompts) | {_ci(pol)} | "
+            f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | "
+            f"{_headroom(g['mean'], p1, pk)} | |")
     lines.append(
         f"| pass@{k} (skyline) | {_ci(t['pass@k'][str(k)])} | {pk - p1:+.3f} | {'100%' if pk > p1 else '-'} | |"
     )
@@ -212,9 +218,11 @@ def _rules_table(t: dict[str, Any]) -> list[str]:
              f"The best rule on this test set (chosen on test: the sceptic's side) is `{best}`.", "",
              "| probe | " + " | ".join(f"vs `{n}`" for n in names) + " |",
              "|---|" + "---|" * len(names)]
-    for obj, pr in t["probes"].items():
+    named = [(f"`{obj}`", pr) for obj, pr in t["probes"].items()]
+    named += [(f"policy `{n}`", pol) for n, pol in t.get("policies", {}).items()]
+    for obj, pr in named:
         p = pr.get("paired", {})
-        lines.append(f"| `{obj}` | " + " | ".join(sg(p.get(f"vs_{n}")) for n in names) + " |")
+        lines.append(f"| {obj} | " + " | ".join(sg(p.get(f"vs_{n}")) for n in names) + " |")
     lines += ["", "| rule | within-prompt ranking | pooled AUC |", "|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for n in names:
@@ -235,7 +243,10 @@ def _headroom(gain: float, p1: float, pk: float) -> str:
 def _paired_table(t: dict[str, Any]) -> list[str]:
     """Each probe against greedy and against mean-logprob reranking on the same prompts, and
     what cross-validation chose for it."""
-    rows = [(obj, pr) for obj, pr in t["probes"].items() if pr.get("paired") or pr.get("cv_chosen")]
+    rows = [(f"`{obj}`", pr) for obj, pr in t["probes"].items()
+            if pr.get("paired") or pr.get("cv_chosen")]
+    rows += [(f"policy `{name}`", {**pol, "cv_chosen": "-"})
+             for name, pol in t.get("policies", {}).items() if pol.get("paired")]
     if not rows:
         return []
     vis = any("vs_rerank_visible" in pr.get("paired", {}) for _, pr in rows)
@@ -247,7 +258,7 @@ def _paired_table(t: dict[str, Any]) -> list[str]:
     sg = lambda e: "-" if not e else f"{e['mean']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]"  # noqa: E731
     for obj, pr in rows:
         p = pr.get("paired", {})
-        lines.append(f"| `{obj}` | {sg(p.get('vs_greedy'))} | {sg(p.get('vs_rerank_mean_logprob'))} | "
+        lines.append(f"| {obj} | {sg(p.get('vs_greedy'))} | {sg(p.get('vs_rerank_mean_logprob'))} | "
                      + (f"{sg(p.get('vs_rerank_visible'))} | " if vis else "")
                      + f"{pr.get('cv_chosen', 'fixed (no --cv)')} |")
     lines.append("")

@@ -83,6 +83,7 @@ class Baselines:
     greedy: dict[str, Path] = field(default_factory=dict)  # test label -> rollouts folder
     few_shot: dict[str, Path] = field(default_factory=dict)
     shots: list[tuple[str, str]] = field(default_factory=list)
+    policies: dict[str, dict[str, Path]] = field(default_factory=dict)  # name -> label -> folder
 
 
 def run_experiment(
@@ -106,6 +107,9 @@ def run_experiment(
             train_dir, test_dirs = collect_sets(ctx)
         with ctx.timed("baselines_s"):
             base = collect_baselines(ctx, train_dir)
+        if cfg.policies:
+            with ctx.timed("policies_s"):
+                base.policies = collect_policies(ctx)
     if cfg.baselines.visible:
         with ctx.timed("visible_s"):
             visible_sets(ctx, [(train_dir, cfg.train)]
@@ -252,6 +256,46 @@ def collect_baselines(ctx: Context, train_dir: Path) -> Baselines:
         for task in tasks.values():
             task.close()
     return base
+
+
+# ---------------------------------------------------------------- 2b. the YAML's policies
+
+
+def collect_policies(ctx: Context) -> dict[str, dict[str, Path]]:
+    """One answer per test prompt from each policy of `policies:` (built by the policy registry
+    over the run's model), stored as rollouts folders through the collection loop (resumable,
+    scored by the task), with the run's sampling settings and seed."""
+    from qprobe.backends import SamplingParams
+    from qprobe.collect import collect_task
+    from qprobe.policy import registry
+    from qprobe.policy.as_model import PolicyLanguageModel
+    from qprobe.policy.loading import ModelContext
+    from qprobe.tasks import get_task
+
+    cfg, rollouts = ctx.cfg, ctx.out / "rollouts"
+    mctx = ModelContext(cfg.model.name, chat=cfg.model.chat, loaded=ctx.model)
+    out: dict[str, dict[str, Path]] = {}
+    for name, spec in cfg.policies.items():
+        policy = registry.build(spec, mctx)
+        lm = PolicyLanguageModel(policy, f"policy:{name}:{spec}")
+        out[name] = {}
+        for ts in cfg.test:
+            task = get_task(ts.task)
+            try:
+                params = SamplingParams(temperature=cfg.sampling.temperature,
+                                        top_p=cfg.sampling.top_p,
+                                        max_new_tokens=cfg.sampling.max_new_tokens,
+                                        stop=list(task.stop), seed=cfg.seed)
+                folder = rollouts / f"policy-{name}-{ts.label}"
+                summary = collect_task(lm, task, ts.split, folder, k=1, params=params,
+                                       limit=ctx.lim(ts), progress=False, say=ctx.say,
+                                       batch_prompts=max(1, min(32, lm.max_batch_rows)))
+            finally:
+                task.close()
+            ctx.say(f"policy {name} on {ts.label}: {summary['new_rows']} new answers, mean "
+                    f"reward {_fmt_reward(summary['mean_reward'])}")
+            out[name][ts.label] = folder
+    return out
 
 
 # ---------------------------------------------------------------- 2a. the prompts' shown tests
@@ -554,9 +598,45 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
             entry["probes"][obj]["cv_chosen"] = cv["chosen"]
             entry["probes"][obj]["cv_score"] = cv_score(cv)
         scores_by[obj] = scores
+    if base.policies:
+        entry["policies"] = {name: policy_entry(ctx, name, te, folders[ts.label], base, ts, ll,
+                                                cols if cfg.baselines.visible else None, rules)
+                             for name, folders in base.policies.items()}
     entry["_scores"] = scores_by  # for the plots; dropped from results.json
     entry["_rewards"] = rewards
     return entry
+
+
+def policy_entry(ctx: Context, name: str, te: Any, folder: Path, base: Baselines, ts: DataConfig,
+                 ll: dict[str, np.ndarray] | None, cols: dict[str, np.ndarray] | None,
+                 rules: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A policy's answers on one test set: mean reward with its CI, gain over pass@1 and the
+    paired columns of the probes (vs greedy, vs reranking, vs each rule), on the test prompts
+    its answers cover (all of them, unless some could not be scored)."""
+    from qprobe.evaluate import Estimate
+
+    n_boot, seed = ctx.cfg.eval.n_boot, ctx.cfg.seed
+    pol = _rollouts(folder)
+    got = dict(zip(pol.prompt_ids.tolist(), pol.rewards.tolist()))
+    group, prompts = te.groups()
+    rewards = te.rewards
+    keep = ~np.isnan(rewards)
+    present = sorted(set(group[keep].tolist()))  # test prompts in group order, as the probes'
+    vals, p1 = [], []
+    for g in present:
+        r = got.get(prompts[g], float("nan"))
+        if not np.isnan(r):
+            vals.append(r)
+            p1.append(float(np.mean(rewards[(group == g) & keep])))
+    v = np.asarray(vals, dtype=np.float64)
+    out: dict[str, Any] = {
+        "spec": ctx.cfg.policies[name],
+        "n_prompts": len(v), **dataclasses.asdict(Estimate.of(v, n_boot, seed)),
+        "gain_over_pass@1": dataclasses.asdict(Estimate.of(v - np.asarray(p1), n_boot, seed))}
+    # the paired columns need the policy's reward on every prompt the probes cover
+    out["paired"] = paired_gains(ctx, te, v, base, ts, ll, cols, rules) \
+        if len(v) == len(present) else {}
+    return out
 
 
 def headline_beta(ctx: Context, obj: str) -> float:

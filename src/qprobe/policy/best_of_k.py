@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qprobe.errors import QProbeError
+from qprobe.policy.base import Answer, Policy, model_sample
 from qprobe.policy.select import choose, softmax_weights
 
 if TYPE_CHECKING:  # the backends are imported only when a policy is built
@@ -197,3 +198,79 @@ def best_of_k(
     """The probe's choice among k samples for one prompt (see `QProbePolicy`)."""
     return QProbePolicy(model, probe, k, beta, params, embedder, seed,
                         include_greedy, visible).generate([prompt])[0]
+
+
+class BestOfKPolicy(Policy):
+    """The `best-of-k` kind of the policy registry: `QProbePolicy` behind the policy contract."""
+
+    kind = "best-of-k"
+    needs = ("probe",)
+
+    def __init__(self, cfg: Any, model: LanguageModel, scorer: QProbePolicy) -> None:
+        super().__init__(cfg, model)
+        self.scorer = scorer
+
+    @classmethod
+    def build(cls, cfg: Any, ctx: Any) -> Policy:
+        from qprobe.probe import REVIEWER_EXTRAS, Probe
+
+        if not cfg.probe:
+            raise QProbeError("policy best-of-k: give probe=PROBE_DIR")
+        probe = Probe.load(cfg.probe)
+        if set(probe.extras) & set(REVIEWER_EXTRAS):
+            raise QProbeError(f"policy best-of-k: {cfg.probe} reads the reviewer likelihood "
+                              "(`qprobe review`), computed for stored rollouts only: use a probe "
+                              "without it")
+        if "visible_pass" in probe.extras and ctx.visible is None:
+            raise QProbeError(f"policy best-of-k: {cfg.probe} reads visible_pass (the prompt's "
+                              "shown tests, run in the sandbox); give a code task (--task), or "
+                              "use a probe without it (a server does not run code)")
+        spec = probe.feature_spec
+        if spec is None and probe.feature_dim:
+            raise QProbeError(f"{cfg.probe}: probe has no feature spec; cannot pick a model layer")
+        model = ctx.model(feature_spec=spec if probe.feature_dim else None)
+        scorer = QProbePolicy(model, probe, k=max(cfg.k, 1 + int(cfg.include_greedy)),
+                              beta=cfg.beta, embedder=ctx.embedder, visible=ctx.visible,
+                              include_greedy=cfg.include_greedy)
+        return cls(cfg, model, scorer)
+
+    @property
+    def probe(self) -> Any:
+        return self.scorer.probe
+
+    @property
+    def beta(self) -> float:
+        return float(self.probe.beta if self.cfg.beta is None else self.cfg.beta)
+
+    @property
+    def continuous(self) -> bool:
+        return bool(getattr(self.model, "continuous", False)) and not self.cfg.include_greedy
+
+    def draws(self, n: int) -> int:
+        return max(int(self.cfg.k), int(n))
+
+    @property
+    def sampler_id(self) -> str:
+        return "model+greedy" if self.cfg.include_greedy else "model"
+
+    def sample(self, prompts, k, params, *, hook: Any = None, observe: Any = None):
+        if not self.cfg.include_greedy:  # the model's plain samples, as `sample` policies draw
+            return model_sample(self.model, prompts, k, params, hook, observe)
+        import dataclasses
+
+        greedy = model_sample(self.model, prompts, 1, dataclasses.replace(params, temperature=0.0))
+        rest = model_sample(self.model, prompts, k - 1, params)
+        return [g + r for g, r in zip(greedy, rest)]
+
+    def choose(self, prompts, samples, rngs) -> list[Answer]:
+        import copy
+
+        scorer = copy.copy(self.scorer)
+        scorer.beta = self.beta
+        out = []
+        for p, group, c in zip(prompts, samples, scorer.select(prompts, samples, rngs=rngs)):
+            out.append(Answer(p, c.chosen, list(group), c.scores, c.weights))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "beta": self.beta}

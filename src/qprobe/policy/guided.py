@@ -266,8 +266,10 @@ class GuidedSampler:
     def method(self) -> str:
         return f"{self.head.kind}-{'own' if self.own else 'trunk'}"
 
-    def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
-        """k guided samples per prompt (as `HFLanguageModel.sample`)."""
+    def sample(self, prompts: list[str], k: int, params: SamplingParams, *,
+               observe=None) -> list[list[Sample]]:
+        """k guided samples per prompt (as `HFLanguageModel.sample`; `observe` sees each step's
+        tokens as they are decided, see `loop.StepObserver`)."""
         trunk = None
         width = self.cfg.top_k if self.head.kind == "rad" else 1
         if self.head.kind == "rad" or not self.own:
@@ -279,7 +281,7 @@ class GuidedSampler:
         if self.head.kind == "rad":
             rows = min(self.model.max_batch_rows, max(k, RAD_BATCH_ROWS // width))
         with torch.no_grad():
-            out = self.model.sample(prompts, k, params, hook=hook, batch_rows=rows)
+            out = self.model.sample(prompts, k, params, hook=hook, batch_rows=rows, observe=observe)
         if trunk is not None:
             self.calls += trunk.calls
             self.prefill_tokens += trunk.prefill_tokens

@@ -1,16 +1,22 @@
 """The OpenAI-compatible HTTP API (Starlette): routes, request checking, errors, streaming.
 
     GET  /health                 liveness and queue counters (no key needed, no prompts)
-    GET  /v1/models              the served ids: `{base}` and `{base}:{probe}` per probe
-    POST /v1/completions         prompt (a string or a list of strings) -> the policy's choice
-    POST /v1/chat/completions    one user message -> the policy's choice as the assistant reply
+    GET  /v1/models              the served ids: `{base}` and `{base}:{name}` per policy
+    POST /v1/completions         prompt (a string or a list of strings) -> the policy's answer
+    POST /v1/chat/completions    one user message -> the policy's answer as the assistant reply
 
-Every request is the best-of-k policy: k candidates, probe scores Q, choice by softmax(Q/beta)
-(argmax at beta = 0). Extension fields in the request: `k`, `beta` (bounded by the server's
-limits); `best_of` is read as k. `n` returns n of the k candidates: the policy's choice first,
-then the rest by descending Q (at beta = 0: the top n by Q). The response's `qprobe` field holds,
-per prompt, every candidate's score and selection weight, the chosen index and which candidates
-the returned choices are; `usage.completion_tokens` counts all k candidates.
+Every request is answered by the policy its `model` names (`serve/models.py`): best-of-k with a
+probe (k candidates, scores Q, choice by softmax(Q/beta)), log-likelihood reranking, the model's
+own samples, guided decoding, an adapter. Extension fields: `k`, `beta` (for the kinds that have
+them, bounded by the server's limits; `best_of` is read as k) and `policy`, a spec of the
+options a request may set ('beta=2,top_k=10'). `n` returns n answers: of a best-of-k policy, the
+choice first, then the rest of the k by descending score; of a per-token policy, n samples.
+The response's `qprobe` field holds, per prompt, every candidate's score and selection weight
+(when the policy scores), the chosen index and which candidates the returned choices are;
+`usage.completion_tokens` counts every candidate drawn.
+
+Streaming: a per-token policy's answer is streamed as it is decoded (`batcher.StreamRows`); a
+best-of-k answer can only be sent once every candidate is scored.
 
 Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}}: 400 a bad field,
 401 a missing or wrong key, 404 an unknown model or path, 413 an oversized body, 429 a full queue
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -36,6 +43,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from qprobe.backends.base import SamplingParams
 from qprobe.serve.batcher import Batcher, Job, QueueFull, SamplingKey
 
 log = logging.getLogger("qprobe.serve")
@@ -45,9 +53,7 @@ log = logging.getLogger("qprobe.serve")
 class ServeLimits:
     """Defaults and bounds applied to every request (the `qprobe serve` flags)."""
 
-    k: int = 8
     max_k: int = 64
-    beta: float | None = None  # None: each probe's own beta
     max_beta: float = 100.0
     temperature: float = 0.8
     top_p: float = 0.95
@@ -111,10 +117,10 @@ def _stop(body: dict) -> tuple[str, ...]:
 @dataclass
 class Parsed:
     model_id: str
-    probe: Any
+    served: Any  # models.ServedPolicy
+    policy: Any  # its Policy with this request's options
     prompts: list[str]
     key: SamplingKey
-    beta: float
     n: int
     stream: bool
     include_usage: bool
@@ -209,14 +215,12 @@ class ServeApp:
             if len(prompts) > L.max_prompts:
                 raise APIError(400, f"at most {L.max_prompts} prompts per request",
                                param="prompt")
-        best_of = _number(body, "best_of", None, 1, L.max_k, integer=True)
-        k = _number(body, "k", best_of if best_of is not None else L.k, 1, L.max_k, integer=True)
+        policy = self._options(served.policy, body)
+        cfg = policy.cfg
         n = _number(body, "n", 1, 1, L.max_k, integer=True)
-        if n > k:
-            raise APIError(400, f"'n' ({n}) must be at most k ({k}): n of the k candidates are "
+        if hasattr(cfg, "k") and n > cfg.k:
+            raise APIError(400, f"'n' ({n}) must be at most k ({cfg.k}): n of the k candidates are "
                            "returned", param="n")
-        beta_default = served.probe.beta if L.beta is None else L.beta
-        beta = _number(body, "beta", beta_default, 0, L.max_beta)
         temperature = _number(body, "temperature", L.temperature, 0, 2)
         top_p = _number(body, "top_p", L.top_p, 1e-6, 1)
         tok_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
@@ -230,17 +234,56 @@ class ServeApp:
         if opts is not None and not isinstance(opts, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
         include_usage = bool((opts or {}).get("include_usage", False))
-        key = SamplingKey(k=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                          stop=_stop(body), seed=seed)
-        return Parsed(model_id, served, prompts, key, beta, n, stream, include_usage)
+        stop = _stop(body)
+        params = policy.sampling(SamplingParams(temperature=temperature, top_p=top_p,
+                                                max_new_tokens=max_tokens, stop=list(stop)))
+        key = SamplingKey(sampler=policy.sampler_id, k=policy.draws(n),
+                          temperature=params.temperature, top_p=params.top_p,
+                          max_tokens=max_tokens, stop=stop, seed=seed)
+        return Parsed(model_id, served, policy, prompts, key, n, stream, include_usage)
+
+    def _options(self, policy: Any, body: dict) -> Any:
+        """The served policy with the request's options: `policy` (a spec of the options a
+        request may set), `k` / `best_of` and `beta` for the kinds that have them."""
+        from qprobe.policy.registry import request_options
+        from qprobe.policy.specs import SpecError
+
+        L = self.limits
+        cfg = policy.cfg
+        spec = body.get("policy")
+        if spec is not None:
+            try:
+                cfg = request_options(policy, spec)
+            except SpecError as e:
+                raise APIError(400, str(e), param="policy") from None
+        changes: dict[str, Any] = {}
+        best_of = _number(body, "best_of", None, 1, L.max_k, integer=True)
+        k = _number(body, "k", best_of, 1, L.max_k, integer=True)
+        beta = _number(body, "beta", None, 0, L.max_beta)
+        for name, v in (("k", k), ("beta", beta)):
+            if v is None:
+                continue
+            if not hasattr(cfg, name):
+                raise APIError(400, f"'{name if name != 'k' or 'k' in body else 'best_of'}' does "
+                               f"not apply to a {policy.kind!r} policy", param=name)
+            changes[name] = v
+        if getattr(cfg, "k", 1) > L.max_k:
+            raise APIError(400, f"'k' must be at most {L.max_k}", param="k")
+        if getattr(cfg, "beta", None) is not None and cfg.beta > L.max_beta:
+            raise APIError(400, f"'beta' must be at most {L.max_beta:g}", param="beta")
+        if changes:
+            cfg = dataclasses.replace(cfg, **changes)
+        return policy if cfg == policy.cfg else policy.with_config(cfg)
 
     # -- running
 
-    def enqueue(self, p: Parsed) -> Job:
-        """Queue the request (429 when the queue is full)."""
+    def enqueue(self, p: Parsed, pieces: asyncio.Queue | None = None) -> Job:
+        """Queue the request (429 when the queue is full); `pieces` gets (prompt, answer,
+        text) for each piece of text decided while it decodes (streaming)."""
         loop = asyncio.get_running_loop()
-        job = Job(prompts=p.prompts, key=p.key, probe=p.probe, beta=p.beta,
-                  future=loop.create_future(), loop=loop)
+        job = Job(prompts=p.prompts, key=p.key, policy=p.policy, future=loop.create_future(),
+                  loop=loop, n=p.n, stream=None if pieces is None else (
+                      lambda j, r, text: pieces.put_nowait((j, r, text))))
         try:
             self.batcher.submit(job)
         except QueueFull as e:
@@ -275,13 +318,10 @@ class ServeApp:
     def body(self, p: Parsed, result: Any, chat: bool, rid: str) -> dict:
         choices, extension = [], []
         n_tokens = 0
-        for i, (choice, group) in enumerate(zip(result.choices, result.samples)):
-            order = [choice.chosen] + sorted(
-                (j for j in range(len(group)) if j != choice.chosen),
-                key=lambda j: (-choice.scores[j], j))
-            returned = order[: p.n]
+        for i, ans in enumerate(result.answers):
+            returned = ans.order()[: p.n]
             for r, j in enumerate(returned):
-                text, fin = group[j].text, group[j].finish_reason
+                text, fin = ans.samples[j].text, ans.samples[j].finish_reason
                 c: dict[str, Any] = {"index": i * p.n + r, "finish_reason": fin,
                                      "logprobs": None}
                 if chat:
@@ -289,13 +329,22 @@ class ServeApp:
                 else:
                     c["text"] = text
                 choices.append(c)
-            n_tokens += sum(int(s.num_tokens or 0) for s in group)
-            extension.append({"chosen": choice.chosen, "returned": returned,
-                              "scores": choice.scores, "weights": choice.weights})
+            n_tokens += sum(int(s.num_tokens or 0) for s in ans.samples)
+            extension.append({"chosen": ans.chosen, "returned": returned,
+                              "scores": _finite(ans.scores), "weights": ans.weights})
             if self.limits.log_requests:
-                log.info("prompt %r -> %r (candidate %d of %d)", choice.prompt, choice.text,
-                         choice.chosen, len(group))
+                log.info("prompt %r -> %r (candidate %d of %d)", ans.prompt, ans.text,
+                         ans.chosen, len(ans.samples))
         prompt_tokens = result.prompt_tokens
+        ext: dict[str, Any] = {"policy": p.served.name, "kind": p.policy.kind, "k": p.key.k}
+        if "probe" in p.policy.needs:
+            ext["probe"] = p.served.name
+        beta = getattr(p.policy, "beta", getattr(p.policy.cfg, "beta", None))
+        if beta is not None:
+            ext["beta"] = beta
+        ext.update({"seed": result.seed, "batch_requests": result.batch_requests,
+                    "queue_ms": round(result.queued_s * 1e3, 3),
+                    "batch_ms": round(result.batch_s * 1e3, 3), "results": extension})
         return {
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
@@ -304,36 +353,80 @@ class ServeApp:
             "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
                       "total_tokens": prompt_tokens + n_tokens},
-            "qprobe": {"probe": p.probe.name, "k": p.key.k, "beta": p.beta, "seed": result.seed,
-                       "batch_requests": result.batch_requests,
-                       "queue_ms": round(result.queued_s * 1e3, 3),
-                       "batch_ms": round(result.batch_s * 1e3, 3), "results": extension},
+            "qprobe": ext,
         }
 
     async def complete(self, request: Request, chat: bool) -> Response:
         # While this request is read and checked, the batcher may wait for it (a few ms at
         # most) rather than start a batch without it.
         self.batcher.arriving()
+        pieces: asyncio.Queue | None = None
         try:
             self.check_auth(request)
             p = self.parse(await self.read_json(request), chat)
-            job = self.enqueue(p)  # before any streaming starts: a full queue is a real 429
+            if p.stream and p.policy.streams:  # tokens are sent as they are decided
+                pieces = asyncio.Queue()
+            job = self.enqueue(p, pieces)  # before any streaming starts: a full queue is a 429
         finally:
             self.batcher.arrived()
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         if not p.stream:
             return JSONResponse(self.body(p, await self.wait(request, job), chat, rid))
         task = asyncio.ensure_future(self.wait(request, job))
-        return StreamingResponse(self._events(p, task, chat, rid), media_type="text/event-stream",
+        return StreamingResponse(self._events(p, task, pieces, chat, rid),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _events(self, p: Parsed, task: asyncio.Future, chat: bool, rid: str):
-        """SSE: comments while the k candidates are made, then the chosen text, then usage."""
+    async def _events(self, p: Parsed, task: asyncio.Future, pieces: asyncio.Queue | None,
+                      chat: bool, rid: str):
+        """SSE. A per-token policy: each answer's text as it is decoded (`pieces`), then the
+        rest of it and its finish; best-of-k: comments while the k candidates are made, then the
+        chosen text. Then a last chunk with the `qprobe` field (and usage if asked)."""
+        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": p.model_id}
+        sent: dict[int, str] = {}  # choice index -> text sent so far
+
+        def content(i: int, text: str) -> list[bytes]:
+            out = []
+            if chat and i not in sent:
+                out.append(_sse({**base, "choices": [{"index": i, "delta": {
+                    "role": "assistant", "content": ""}, "finish_reason": None,
+                    "logprobs": None}]}))
+            sent[i] = sent.get(i, "") + text
+            if text:
+                delta = {"delta": {"content": text}} if chat else {"text": text}
+                out.append(_sse({**base, "choices": [{"index": i, **delta,
+                                                      "finish_reason": None,
+                                                      "logprobs": None}]}))
+            return out
+
+        def drain() -> list[bytes]:
+            out = []
+            while pieces is not None and not pieces.empty():
+                j, r, text = pieces.get_nowait()
+                out += content(j * p.n + r, text)
+            return out
+
         try:
             while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=2.0)
-                if not done:
-                    yield b": waiting for the k candidates\n\n"
+                if pieces is None:
+                    done, _ = await asyncio.wait({task}, timeout=2.0)
+                    if not done:
+                        yield b": waiting for the k candidates\n\n"
+                    continue
+                get = asyncio.ensure_future(pieces.get())
+                done, _ = await asyncio.wait({task, get}, timeout=2.0,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get.done() and not get.cancelled():
+                    j, r, text = get.result()
+                    for chunk in content(j * p.n + r, text):
+                        yield chunk
+                else:
+                    get.cancel()
+                    if not done:
+                        yield b": decoding\n\n"
+            for chunk in drain():
+                yield chunk
             try:
                 full = self.body(p, task.result(), chat, rid)
             except _ClientGone:
@@ -343,21 +436,19 @@ class ServeApp:
                 yield _sse(err)
                 yield b"data: [DONE]\n\n"
                 return
-            base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                    "created": full["created"], "model": p.model_id}
+            base["created"] = full["created"]
             for c in full["choices"]:
                 i = c["index"]
-                if chat:
-                    text = c["message"]["content"]
-                    yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant",
-                                "content": ""}, "finish_reason": None, "logprobs": None}]})
-                    yield _sse({**base, "choices": [{"index": i, "delta": {"content": text},
-                                "finish_reason": None, "logprobs": None}]})
-                    yield _sse({**base, "choices": [{"index": i, "delta": {},
-                                "finish_reason": c["finish_reason"], "logprobs": None}]})
-                else:
-                    yield _sse({**base, "choices": [{"index": i, "text": c["text"],
-                                "finish_reason": c["finish_reason"], "logprobs": None}]})
+                text = c["message"]["content"] if chat else c["text"]
+                before = sent.get(i, "")
+                if not text.startswith(before):  # cannot happen (see StreamRows); say so
+                    log.warning("streamed text of choice %d is not a prefix of its answer", i)
+                for chunk in content(i, text[len(before):]):
+                    yield chunk
+                fin = {"delta": {}} if chat else {"text": ""}
+                yield _sse({**base, "choices": [{"index": i, **fin,
+                                                 "finish_reason": c["finish_reason"],
+                                                 "logprobs": None}]})
             last = {**base, "choices": [], "qprobe": full["qprobe"]}
             if p.include_usage:
                 last["usage"] = full["usage"]
@@ -392,6 +483,11 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+def _finite(xs: list[float] | None) -> list[float | None] | None:
+    """Scores for JSON: a non-finite one (an empty completion's mean log-prob) as null."""
+    return None if xs is None else [x if math.isfinite(x) else None for x in xs]
+
+
 def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
@@ -405,7 +501,7 @@ def build_app(served: Any, limits: ServeLimits | None = None, api_key: str | Non
               batcher: Batcher | None = None) -> Starlette:
     """The ASGI app. `batcher` defaults to one over `served` with the default queue settings."""
     limits = limits or ServeLimits()
-    state = ServeApp(served, limits, api_key, batcher or Batcher(served))
+    state = ServeApp(served, limits, api_key, batcher or Batcher())
 
     def route(handler):
         async def endpoint(request: Request) -> Response:

@@ -1,37 +1,40 @@
-"""The request-batching queue in front of the model: requests that arrive together decode together.
+"""The request-batching queue in front of the policies: requests that arrive together decode together.
 
-One worker thread owns the model. It takes the oldest waiting request, waits `wait_s` (a few
+One worker thread owns the models. It takes the oldest waiting request, waits `wait_s` (a few
 ms) for others to arrive, and hands every waiting request with the same sampling settings
-(k, temperature, top_p, max_tokens, stop, seed) to ONE `model.sample` call over all their
-prompts: the local decode loop runs them as one batch, an upstream server gets them
-concurrently. Each request is then scored by its own probe and chosen with its own seeded
-generator, so its answer is the one the library's `best_of_k` gives alone: local and API
+(the policy's sampler, k, temperature, top_p, max_tokens, stop, seed) to ONE `policy.sample`
+call over all their prompts: the local decode loop runs them as one batch, an upstream server
+gets them concurrently. Each request is then answered by its own policy's `choose` (its probe,
+its seeded generator), so its answer is the one the library's policy gives alone: local and API
 backends seed every sample from (seed, prompt text, sample index), never from the batch.
+Policies with the same `sampler_id` (best-of-k on any probe, logprob, sample: the model's plain
+samples) share batches; a guided or adapter policy batches with requests of its own.
 
-Restart-to-join. A burst of requests reaches the worker spread out: the first starts alone and
-the rest would wait for the whole of its decode. So while a local batch is young (at most
-`restart_frac` of its max_tokens steps done), requests with the same settings that arrive are
-let in by aborting the running decode (a step hook raises `Restart`) and starting again with
-the running prompts plus theirs, at most `max_restarts` times per batch so nothing starves.
-A restarted request gets exactly the samples it would have got: they do not depend on the
-batch. The cost is the aborted steps (and prefill), decoded again. Only for models whose
-`sample` takes a step hook (the local backend); an upstream server already runs requests
-concurrently. This is not continuous batching: rows never enter a batch mid-decode.
+Streaming: a request of a per-token policy (`policy.streams`) that asks for a stream gets each
+of its answers' text as the decode loop decides it, through the loop's step observer
+(`StreamRows`), while the batch runs.
 
-Requests without a seed share one fresh seed per batch (reported in the response), so they batch
-together; two identical unseeded prompts in the same batch therefore get the same candidates.
-A restarted batch keeps its seed: unseeded requests that join it are seeded by it.
+Continuous batching. A policy that samples a local Llama-family model plainly (best-of-k,
+logprob, sample, greedy: `Policy.continuous`) runs in an open decode
+(`HFLanguageModel.decode_continuous`): before every step the worker lets in the queued requests
+with the same sampler and settings (any seed: each request's rows are seeded by its own seed),
+while the decode's prompts stay within `max_batch`; a prompt whose k rows have ended leaves,
+frees its place and its request is answered at once. A request gets exactly the samples it gets
+alone, whenever it joins; no decode step is thrown away. Other policies (guided, adapters) and
+upstream models run one closed batch at a time, as below.
+
+Requests without a seed: in an open decode each draws its own seed; in a closed batch they share
+one fresh seed per batch (reported in the response), so they batch together; two identical
+unseeded prompts in the same closed batch therefore get the same candidates.
 
 The queue is bounded: `submit` raises `QueueFull` (the server answers 429 with Retry-After).
-A cancelled request (client gone, timeout) is dropped if it has not started; once its batch
-runs, the batch finishes (the other rows need it) and its result is thrown away, unless the
-batch restarts: it is left out of the new one.
+A cancelled request (client gone, timeout) is dropped if it has not started; once its rows
+run, they run to their end (the decode loop has no per-row abort) and its result is thrown away.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import math
 import secrets
@@ -42,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from qprobe.serve.models import prompt_tokens
 
 log = logging.getLogger("qprobe.serve")
 
@@ -54,80 +59,77 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-class Restart(Exception):
-    """Raised from the join hook inside `model.sample`: abort the running decode and start again
-    with its requests plus `joined` (already taken from the queue). `steps`: decode steps the
-    aborted call had done (thrown away)."""
-
-    def __init__(self, joined: list[Job], steps: int) -> None:
-        super().__init__(f"restart: {len(joined)} request(s) join after {steps} step(s)")
-        self.joined, self.steps = joined, steps
-
-
 @dataclass(frozen=True)
 class SamplingKey:
     """What must match for requests to share one `sample` call."""
 
+    sampler: str  # `Policy.sampler_id`
     k: int
     temperature: float
     top_p: float
     max_tokens: int
     stop: tuple[str, ...]
-    seed: int | None  # None: the batch draws one
+    seed: int | None  # None: the request (open decode) or the batch (closed) draws one
+
+    def open(self) -> SamplingKey:
+        """What must match to join an open decode: all but the seed (each row has its own)."""
+        return SamplingKey(self.sampler, self.k, self.temperature, self.top_p, self.max_tokens,
+                           self.stop, None)
 
 
 @dataclass
 class Job:
-    """One request: its prompts, settings, probe and where its result goes."""
+    """One request: its prompts, settings, policy and where its result goes.
+
+    stream: called on the event loop with (prompt index, answer index r < n, text) for each
+    piece of an answer's text as it is decided (per-token policies only); None: no stream."""
 
     prompts: list[str]
     key: SamplingKey
-    probe: Any  # models.ServedProbe
-    beta: float
+    policy: Any  # policy.base.Policy with the request's options
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    n: int = 1
+    seed: int | None = None  # the seed it was sampled with (drawn if the request gave none)
+    shared: int = 0  # most requests decoding beside it (itself included), in an open decode
+    stream: Callable[[int, int, str], None] | None = None
+    sent: dict[tuple[int, int], str] = field(default_factory=dict)  # text streamed per answer
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
-    started: float = 0.0  # when the batch it runs in started (or it joined one by restart)
+    started: float = 0.0  # when it was taken from the queue (its decode started or it joined)
 
 
 @dataclass
 class Result:
-    """Per prompt: the policy's Choice and the k samples (for token counts)."""
+    """Per prompt: the policy's Answer (its candidates, for token counts, and its choice)."""
 
-    choices: list[Any]  # policy.Choice per prompt
-    samples: list[list[Any]]  # [prompt][k] backend Samples
+    answers: list[Any]  # policy.base.Answer per prompt
     seed: int
     batch_requests: int  # requests that shared this request's sample call
     prompt_tokens: int  # the prompts' tokens as the model reads them (0 if unknown)
-    queued_s: float  # from submit to the start of its batch (or its joining one)
-    batch_s: float  # from then: sample call (aborted steps included), scoring and choice
+    queued_s: float  # from submit to the start of its batch (or its joining a running decode)
+    batch_s: float  # from then: its sampling, scoring and choice
 
 
 class Batcher:
-    """A bounded queue and one worker thread calling `served.model.sample` in batches.
+    """A bounded queue and one worker thread sampling the policies' requests in batches.
 
     max_queue: most waiting requests (beyond them: QueueFull). max_batch: most prompts in one
-    sample call. wait_s: how long the worker waits for more requests after the first, and only
-    while other requests are arriving (`arriving()` was called for them and they are not yet
-    submitted): a lone request starts at once. max_restarts: times one batch may restart to let
-    newcomers join (0: never); restart_frac: only while at most this fraction of its max_tokens
-    steps are done (see the module docstring).
+    decode (an open decode: at any time). wait_s: how long the worker waits for more requests
+    after the first, and only while other requests are arriving (`arriving()` was called for
+    them and they are not yet submitted): a lone request starts at once.
     """
 
-    def __init__(self, served: Any, max_queue: int = 64, max_batch: int = 32,
-                 wait_s: float = 0.010, max_restarts: int = 2, restart_frac: float = 0.25) -> None:
-        self.served = served
+    def __init__(self, max_queue: int = 64, max_batch: int = 32,
+                 wait_s: float = 0.010) -> None:
         self.max_queue, self.max_batch, self.wait_s = int(max_queue), int(max_batch), float(wait_s)
-        # An upstream model (or a policy with its own step hook) takes no hook: no restarts.
-        self.max_restarts = int(max_restarts) if _takes_step_hook(served.model) else 0
-        self.restart_frac = float(restart_frac)
         self._cv = threading.Condition()
         self._queue: list[Job] = []
         self._closed = False
         self._batch_s = 1.0  # moving average of a batch's duration (Retry-After)
+        # batches: decodes run (open or closed); joined: requests that entered a running decode
         self.stats = {"batches": 0, "requests": 0, "cancelled": 0, "max_batch_requests": 0,
-                      "rejected": 0, "restarts": 0, "restart_steps": 0}
+                      "rejected": 0, "joined": 0, "steps": 0}
         self.running = 0
         self._arriving = 0  # requests being read and checked, not yet submitted
         self._thread = threading.Thread(target=self._work, name="qprobe-serve-batcher",
@@ -197,17 +199,21 @@ class Batcher:
                 self._cv.wait(left)
             if not self._queue:
                 return []
-            batch = self._pick(self._queue[0].key, 0)
+            first = self._queue[0]
+            batch = self._pick(first.key, 0, first.policy.continuous)
             self.running = len(batch)
             return batch
 
-    def _pick(self, key: SamplingKey, n: int) -> list[Job]:
-        """Take the queued requests with `key`, oldest first, while the prompts stay within
-        max_batch (`n` prompts already run; the first request always fits an empty batch).
-        The caller holds the lock."""
+    def _pick(self, key: SamplingKey, n: int, open_: bool = False) -> list[Job]:
+        """Take the queued requests with `key` (open_: whatever their seed), oldest first, while
+        the prompts stay within max_batch (`n` prompts already run; the first request always fits
+        an empty batch). The caller holds the lock."""
+        if open_:
+            key = key.open()
         picked: list[Job] = []
         for job in self._queue:
-            if job.key != key:
+            if (job.key.open() if open_ else job.key) != key or \
+                    job.policy.continuous != open_:
                 continue
             if n and n + len(job.prompts) > self.max_batch:
                 break
@@ -219,25 +225,6 @@ class Batcher:
             job.started = now
         return picked
 
-    def _join_hook(self, key: SamplingKey, n: int) -> Callable[..., None]:
-        """A decode-loop step hook that never changes the logits: while the running batch (`n`
-        prompts) is young, it raises `Restart` with the queued requests that can join it."""
-        young = int(self.restart_frac * key.max_tokens)  # most steps a restart throws away
-        calls = 0  # steps done, over all of the sample call's chunks
-
-        def hook(step: int, hidden: Any, logits: Any, rows: Any) -> None:
-            nonlocal calls
-            done, calls = calls, calls + 1
-            if done > young or not self._queue:  # unlocked peek; _pick runs under the lock
-                return None
-            with self._cv:
-                joined = [] if self._closed else self._pick(key, n)
-            if joined:
-                raise Restart(joined, done)
-            return None
-
-        return hook
-
     def _work(self) -> None:
         while True:
             batch = self._take()
@@ -247,7 +234,10 @@ class Batcher:
                 continue
             t0 = time.monotonic()
             try:
-                self._run(batch)
+                if batch[0].policy.continuous:
+                    self._run_open(batch)
+                else:
+                    self._run(batch)
             except BaseException as e:  # noqa: BLE001 - delivered to the requests, never fatal
                 log.warning("batch of %d request(s) failed: %s", len(batch), type(e).__name__)
                 for job in batch:
@@ -259,64 +249,152 @@ class Batcher:
                 self._batch_s = 0.8 * self._batch_s + 0.2 * dt
 
     def _run(self, batch: list[Job]) -> None:
-        """Sample, score and deliver `batch`. On a restart `batch` grows in place, so that
-        `_work` delivers a failure to the requests that joined too."""
+        """A closed batch: sample, choose and deliver `batch` (one `sample` call)."""
         from qprobe.backends.base import SamplingParams
-        from qprobe.policy import QProbePolicy
 
         key = batch[0].key
-        # One seed for the batch's unseeded requests; a restart keeps it (joiners get it too).
+        lead = batch[0].policy  # every job's policy samples as this one does (same sampler_id)
+        # One seed for the batch's unseeded requests.
         seed = key.seed if key.seed is not None else secrets.randbits(31)
         params = SamplingParams(temperature=key.temperature, top_p=key.top_p,
                                 max_new_tokens=key.max_tokens, stop=list(key.stop), seed=seed)
-        restarts = 0
-        while True:
-            prompts = [p for job in batch for p in job.prompts]
-            try:
-                if restarts < self.max_restarts:
-                    hook = self._join_hook(key, len(prompts))
-                    samples = self.served.model.sample(prompts, key.k, params, hook=hook)
-                else:
-                    samples = self.served.model.sample(prompts, key.k, params)  # [P][k]
-                break
-            except Restart as r:
-                # Cancelled requests are left out of the new batch: nobody waits for them.
-                batch[:] = [job for job in batch if not job.cancelled] + r.joined
-                restarts += 1
-                self.stats["restarts"] += 1
-                self.stats["restart_steps"] += r.steps
-                with self._cv:
-                    self.running = len(batch)
+        prompts = [p for job in batch for p in job.prompts]
+        observe = None
+        if any(job.stream is not None and job.policy.streams for job in batch):
+            observe = StreamRows(list(key.stop), lead.decode)
+            pairs = [(job, j) for job in batch for j in range(len(job.prompts))]
+            for i, (job, j) in enumerate(pairs):
+                observe.add(i, job, j)
+        samples = lead.sample(prompts, key.k, params, observe=observe)
         self.stats["batches"] += 1
-        self.stats["requests"] += len(batch)
-        self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(batch))
+        self._count(len(batch))
         i = 0
         for job in batch:
             mine = samples[i : i + len(job.prompts)]
             i += len(job.prompts)
-            if job.cancelled:
+            self._answer(job, mine, seed, len(batch))
+
+    def _run_open(self, batch: list[Job]) -> None:
+        """An open decode (continuous batching): `batch` starts it; before every step the
+        queued requests that fit join it; each request is answered when its prompts end."""
+        from qprobe.backends.base import SamplingParams
+
+        key = batch[0].key
+        lead = batch[0].policy
+        params = SamplingParams(temperature=key.temperature, top_p=key.top_p,
+                                max_new_tokens=key.max_tokens, stop=list(key.stop))
+        observe = StreamRows(list(key.stop), lead.decode)
+        admitted: list[Job] = []  # not yet answered
+        pending = list(batch)
+        live = 0  # prompts in the decode
+        n_prompts = 0  # prompts admitted so far (the observer's prompt index)
+        got: dict[int, list[Any]] = {}  # id(job) -> samples per prompt
+
+        def admit() -> list[tuple[str, int, Any]]:
+            nonlocal pending, live, n_prompts
+            jobs, pending = pending, []
+            if not jobs and self._queue:  # unlocked peek; _pick runs under the lock
+                with self._cv:
+                    jobs = [] if self._closed else self._pick(key, live, open_=True)
+                self.stats["joined"] += len(jobs)
+            out = []
+            for job in jobs:
+                seed = job.key.seed if job.key.seed is not None else secrets.randbits(31)
+                job.seed = seed
+                got[id(job)] = [None] * len(job.prompts)
+                for j, p in enumerate(job.prompts):
+                    if job.stream is not None and job.policy.streams:
+                        observe.add(n_prompts, job, j)
+                    n_prompts += 1
+                    out.append((p, seed, (job, j)))
+                live += len(job.prompts)
+                admitted.append(job)
+            if jobs:
+                self._count(len(jobs))
+                with self._cv:
+                    self.running = len(admitted)
+                for job in admitted:
+                    job.shared = max(job.shared, len(admitted))
+            return out
+
+        def deliver(tag: tuple[Job, int], samples: list[Any]) -> None:
+            nonlocal live
+            job, j = tag
+            live -= 1
+            mine = got[id(job)]
+            mine[j] = samples
+            if all(m is not None for m in mine):
+                admitted.remove(job)
+                with self._cv:
+                    self.running = len(admitted)
+                self._answer(job, mine, job.seed, job.shared)
+
+        try:
+            stats = lead.model.decode_continuous(key.k, params, admit, deliver, observe=observe)
+            self.stats["steps"] += stats["steps"]
+        except BaseException:
+            batch[:] = admitted  # `_work` delivers the failure to every request not answered
+            raise
+        self.stats["batches"] += 1
+
+    def _count(self, n: int) -> None:
+        self.stats["requests"] += n
+        self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], n)
+
+    def _answer(self, job: Job, samples: list[list[Any]], seed: int, shared: int) -> None:
+        """Choose by the job's own policy and deliver (nothing for a cancelled job)."""
+        if job.cancelled:
+            return
+        try:
+            rng = np.random.default_rng(seed)  # as the library's generate(seed=seed) would
+            answers = job.policy.choose(job.prompts, samples, [rng] * len(job.prompts))
+            # tokenised here: the tokenizer is not safe to share across threads
+            n_prompt = sum(prompt_tokens(job.policy.model, p) for p in job.prompts)
+            _deliver(job, result=Result(answers, seed, shared, n_prompt,
+                                        job.started - job.enqueued,
+                                        time.monotonic() - job.started))
+        except BaseException as e:  # noqa: BLE001
+            _deliver(job, error=e)
+
+
+class StreamRows:
+    """The decode loop's step observer for a batch with streaming requests: after each step,
+    the new text of each streamed answer row goes to its request (`Job.stream`, on its event
+    loop). Only text that can no longer change is sent: never the last (longest stop string - 1)
+    characters, which a stop string completed later would cut, nor an unfinished UTF-8
+    character; a row that ends at a step (EOS, stop string) sends nothing more. The rest of each
+    answer comes with the result, so the streamed pieces add up to exactly the answer's text.
+    `add(i, job, j)`: the decode's prompt i is prompt j of `job`."""
+
+    def __init__(self, stop: list[str], decode) -> None:
+        self.decode = decode
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.rows: dict[int, tuple[Job, int]] = {}  # prompt index in the decode -> (job, j)
+
+    def add(self, i: int, job: Job, j: int) -> None:
+        self.rows[i] = (job, j)
+
+    def __call__(self, step: int, rows: Any, done: np.ndarray) -> None:
+        picked = [a for a in range(len(rows.prompt)) if not done[a]
+                  and int(rows.prompt[a]) in self.rows]
+        if not picked:
+            return
+        texts = self.decode([rows.tokens[a].tolist() for a in picked])
+        for a, text in zip(picked, texts):
+            job, j = self.rows[int(rows.prompt[a])]
+            r = int(rows.sample[a])
+            if r >= job.n or job.cancelled:
                 continue
-            try:
-                policy = QProbePolicy(self.served.model, job.probe.probe, k=key.k, beta=job.beta,
-                                      params=params, embedder=self.served.embedder, seed=seed)
-                rng = np.random.default_rng(seed)  # as best_of_k(..., seed=seed) would
-                choices = policy.select(job.prompts, mine, rngs=[rng] * len(job.prompts))
-                # tokenised here: the tokenizer is not safe to share across threads
-                n_prompt = sum(self.served.prompt_tokens(p) for p in job.prompts)
-                _deliver(job, result=Result(choices, mine, seed, len(batch), n_prompt,
-                                            job.started - job.enqueued,
-                                            time.monotonic() - job.started))
-            except BaseException as e:  # noqa: BLE001
-                _deliver(job, error=e)
-
-
-def _takes_step_hook(model: Any) -> bool:
-    """Whether `model.sample` takes a decode-loop step hook (`hook=`): the local backend's does;
-    an upstream API model's, or a policy that runs its own hook (guided), does not."""
-    try:
-        return "hook" in inspect.signature(model.sample).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
+            safe = text[: len(text) - self.hold] if self.hold else text
+            safe = safe.rstrip("\ufffd")
+            sent = job.sent.get((j, r), "")
+            if len(safe) > len(sent) and safe.startswith(sent):
+                job.sent[(j, r)] = safe
+                piece = safe[len(sent):]
+                try:
+                    job.loop.call_soon_threadsafe(job.stream, j, r, piece)
+                except RuntimeError:  # the event loop is closed: nobody listens any more
+                    pass
 
 
 def _deliver(job: Job, result: Result | None = None, error: BaseException | None = None) -> None:

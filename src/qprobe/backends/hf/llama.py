@@ -253,15 +253,51 @@ class FastDecoder:
         }
 
     # -- one decode step ----------------------------------------------------------------------
+    def merge(self, state: dict, new: dict, k: int) -> dict:
+        """The state of a running decode with the prompts of `new` (a prefill without a shared
+        prefix) joined: their groups after the running ones, their k rows each after the
+        computed rows (continuous batching). Prompt caches are left-padded to the longer of the
+        two prompt lengths (the padding masked by the bias)."""
+        if state.get("prefix") is not None or new.get("prefix") is not None:
+            raise ValueError("merge: a decode with a shared prefix cannot take new prompts")
+        t_a, t_b = state["bias"].shape[-1], new["bias"].shape[-1]
+        t = max(t_a, t_b)
+
+        def pad(x: torch.Tensor, have: int, dim: int, fill: float) -> torch.Tensor:
+            if have == t:
+                return x
+            shape = list(x.shape)
+            shape[dim] = t - have
+            return torch.cat([x.new_full(shape, fill), x], dim=dim)
+
+        prompt = [(torch.cat([pad(ak, t_a, 2, 0.0), pad(bk, t_b, 2, 0.0)]),
+                   torch.cat([pad(av, t_a, 2, 0.0), pad(bv, t_b, 2, 0.0)]))
+                  for (ak, av), (bk, bv) in zip(state["prompt"], new["prompt"])]
+        bias = torch.cat([pad(state["bias"], t_a, 3, float("-inf")),
+                          pad(new["bias"], t_b, 3, float("-inf"))])
+        p_a, p_b = state["bias"].shape[0], new["bias"].shape[0]
+        dev = bias.device
+        old = state.get("slots")
+        old = torch.arange(p_a * k, device=dev) if old is None else old
+        slots = torch.cat([old, p_a * k + torch.arange(p_b * k, device=dev)])
+        gen = state["gen"]
+        if gen is not None:
+            gen = [tuple(torch.cat([g, g.new_zeros(p_b * k, *g.shape[1:])]) for g in kv)
+                   for kv in gen]
+        return {"prompt": prompt, "bias": bias, "gen": gen, "prefix": None,
+                "slots": None if len(slots) == (p_a + p_b) * k else slots}
+
     @torch.no_grad()
-    def step(self, state: dict, tok: torch.Tensor, pos: torch.Tensor, s: int, k: int, layer: int,
-             n_steps: int, logits: bool = True):
+    def step(self, state: dict, tok: torch.Tensor, pos: torch.Tensor, s: int | torch.Tensor,
+             k: int, layer: int, n_steps: int, logits: bool = True):
         """Feed token s of every computed row.
 
         Only unfinished rows are computed: A of the B = P * k slots of the live prompt groups,
         state["slots"] [A] says which (None: all of them, A = B). tok, pos: [A];
         state["bias"]: [P, 1, 1, T0] (0 or -inf on padding); state["gen"]: per layer (k, v)
         buffers [A, Hkv, n_steps, hd] (allocated at s = 0), this step writes index s.
+        s: one step for every row, or each row's own step [A] (int64; continuous batching:
+        rows that joined later are at earlier steps).
         Stops after block `layer` when `logits` is False.
         Returns (logits [A, V] or None, residual after `layer` [A, D]).
         """
@@ -276,11 +312,16 @@ class FastDecoder:
         cos, sin = self._rope(pos[:, None])
         x = F.embedding(tok[:, None], self.embed)  # [A, 1, D]
         feat = None
+        rows = torch.arange(a, device=tok.device) if torch.is_tensor(s) else None
         for i, lyr in enumerate(self.layers):
             q, kk, vv = self._qkv(lyr, x, cos, sin)  # q [A, H, 1, hd], kk/vv [A, Hkv, 1, hd]
             gk, gv = state["gen"][i]
-            gk[:, :, s] = kk[:, :, 0]
-            gv[:, :, s] = vv[:, :, 0]
+            if rows is None:
+                gk[:, :, s] = kk[:, :, 0]
+                gv[:, :, s] = vv[:, :, 0]
+            else:
+                gk[rows, :, s] = kk[:, :, 0]
+                gv[rows, :, s] = vv[:, :, 0]
             o = self._attend(q * self.scale, state["prompt"][i], (gk, gv),
                              None if shared is None else shared[i], state["bias"],
                              state.get("slots"), s, k)  # [A, H hd]
@@ -294,13 +335,20 @@ class FastDecoder:
         return F.linear(h, self.lm_head).float(), feat
 
     def _attend(self, q: torch.Tensor, prompt_kv, gen_kv, shared_kv, prompt_bias: torch.Tensor,
-                slots: torch.Tensor | None, s: int, k: int) -> torch.Tensor:
+                slots: torch.Tensor | None, s: int | torch.Tensor, k: int) -> torch.Tensor:
         """One layer's decode attention over [shared prefix | prompt | generated 0..s], one softmax.
 
         q [A, H, 1, hd] (already scaled); prompt_kv: (k, v) [P, Hkv, T0, hd]; gen_kv: (k, v)
         [A, Hkv, n_steps, hd]; shared_kv: (k, v) [1, Hkv, L, hd] or None. Returns [A, H * hd].
+        s: each row's own step [A] masks the generated positions after it.
         """
         a = q.shape[0]
+        gen_mask = None
+        if torch.is_tensor(s):
+            steps, s = s, int(s.max())
+            gen_mask = torch.zeros(a, 1, 1, s + 1, dtype=q.dtype, device=q.device)
+            gen_mask.masked_fill_((torch.arange(s + 1, device=q.device)[None, :]
+                                   > steps[:, None])[:, None, None, :], float("-inf"))
         pk, pv = prompt_kv
         gk, gv = gen_kv
         p, t0 = prompt_bias.shape[0], pk.shape[2]
@@ -316,6 +364,8 @@ class FastDecoder:
         # Generated part: each row against its own tokens 0..s.
         qg = q.view(a, self.hkv, g, self.hd)
         sg = torch.matmul(qg, gk[:, :, : s + 1].transpose(-1, -2))  # [A, Hkv, G, s+1]
+        if gen_mask is not None:
+            sg = sg + gen_mask
         parts = [sp, sg]
         if shared_kv is not None:  # shared prefix: every row against one cache
             sk, sv = shared_kv  # [1, Hkv, L, hd]

@@ -19,7 +19,9 @@ cache by concatenation, sorts the whole vocabulary for top-p at every step, and 
   top-p) is recorded, and summed over the kept tokens (`RowResult.logprob_sum`);
 - an optional `StepHook` sees each step's hidden state and logits and may change the logits
   before sampling (token-level guided decoding); without one the loop does exactly what it
-  would do without the seam.
+  would do without the seam;
+- an optional `StepObserver` sees each step's sampled tokens as soon as they are decided (what
+  `qprobe serve` streams); it changes nothing.
 
 Shapes: P prompts, k samples each, B = P * k rows, A computed (unfinished) rows, T0 padded prompt
 length, D hidden size, V vocabulary.
@@ -85,11 +87,25 @@ class StepHook(Protocol):
     Temperature, top-k and top-p then apply as usual. Recorded log-probabilities stay those of
     the model's own logits.
     A hook may raise to abort the whole call: the exception leaves `sample` and nothing of the
-    batch is kept (`qprobe serve` restarts a young batch this way to let new requests join it).
+    batch is kept.
     """
 
     def __call__(self, step: int, hidden: torch.Tensor, logits: torch.Tensor,
                  rows: LiveRows) -> torch.Tensor | Candidates | None: ...
+
+
+class StepObserver(Protocol):
+    """Called once per decode step, after sampling and the EOS / stop-string checks.
+
+    step: 0-based index of the token just sampled.
+    rows: the rows computed at this step; `rows.tokens` [A, step + 1] includes the new token.
+    done: bool [A], the row ended at this step by EOS or a stop string (its last tokens are not
+        all kept: the row's text is known only from the result). Rows that reach max_new_tokens
+        are not `done` here: their last token is kept.
+    It must not raise unless it means to abort the call (as a `StepHook` may).
+    """
+
+    def __call__(self, step: int, rows: LiveRows, done: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -135,6 +151,7 @@ def run_batch(
     hook: StepHook | None = None,
     prompt_offset: int = 0,
     top_k: int = 0,
+    observe: StepObserver | None = None,
 ) -> list[list[RowResult]]:
     """Sample k completions for each tokenised prompt in one batch (P * k rows).
 
@@ -149,7 +166,7 @@ def run_batch(
                   temperature=temperature, top_p=top_p, top_k=top_k, n_steps=int(max_new_tokens),
                   stop=stop,
                   layer=layer, features=features, eos=eos, detok=detok, hook=hook,
-                  prompt_offset=prompt_offset)
+                  prompt_offset=prompt_offset, observe=observe)
     return _results(out, h_prompt.cpu() if features else None, len(prompt_tokens), k, stop,
                     position, detok)
 
@@ -181,7 +198,8 @@ def _prefill(dec, prompt_tokens: list[list[int]], k: int, layer: int):
 
 def _decode(dec, state, logits_p, h_prompt, pos0, seeds, p: int, k: int, *, temperature: float,
             top_p: float, top_k: int, n_steps: int, stop: list[str], layer: int, features: bool,
-            eos: torch.Tensor, detok, hook: StepHook | None, prompt_offset: int) -> _Decoded:
+            eos: torch.Tensor, detok, hook: StepHook | None, prompt_offset: int,
+            observe: StepObserver | None = None) -> _Decoded:
     """The steps: sample, record, drop finished rows, feed the rest.
 
     Kept whole: one step's order (hook, sample, log-prob, EOS/stop checks, compaction, forward)
@@ -233,6 +251,9 @@ def _decode(dec, state, logits_p, h_prompt, pos0, seeds, p: int, k: int, *, temp
             for r, t in zip(rest, texts):
                 if any(st in t for st in stop):
                     active[r], finish[r], end_step[r] = False, "stop", s
+        if observe is not None:
+            observe(s, LiveRows(prompt=prompt_offset + live // k, sample=live % k,
+                                tokens=tokens[live, : s + 1]), ~active[live])
         last = s == n_steps - 1
         if last:
             for r in live[active[live]]:
@@ -265,34 +286,39 @@ def _decode(dec, state, logits_p, h_prompt, pos0, seeds, p: int, k: int, *, temp
 def _results(d: _Decoded, h_prompt: torch.Tensor | None, p: int, k: int, stop: list[str],
              position: str, detok) -> list[list[RowResult]]:
     """Cut each row at EOS / its stop string; its text, kept tokens, feature and log-prob sum."""
-    n_steps = d.tokens.shape[1]
-    out: list[list[RowResult]] = []
-    for i in range(p):
-        group = []
-        for j in range(k):
-            r = i * k + j
-            e = int(d.end_step[r])
-            if d.finish[r] == "length":
-                n, text = n_steps, None
-            elif d.by_eos[r]:  # EOS sampled at step e: tokens 0..e-1 kept
-                n, text = e, None
-            else:  # a stop string ends in token e
-                n, text = _cut_at_stop(d.tokens[r, : e + 1].tolist(), stop, detok)
-            ids_r = d.tokens[r, :n].tolist()
-            if text is None:
-                text = detok([ids_r])[0]
-            feat = None
-            if d.feats is not None:
-                if n == 0:
-                    feat = h_prompt[i]
-                elif position == "mean":
-                    feat = d.feats[r, :n].mean(0)
-                else:
-                    feat = d.feats[r, n - 1]
-                feat = feat.numpy().copy()
-            group.append(RowResult(text, ids_r, d.finish[r], feat, float(d.logp[r, :n].sum())))
-        out.append(group)
-    return out
+    return [[row_result(d.tokens[i * k + j], d.logp[i * k + j],
+                        None if d.feats is None else d.feats[i * k + j],
+                        None if h_prompt is None else h_prompt[i], d.finish[i * k + j],
+                        int(d.end_step[i * k + j]), bool(d.by_eos[i * k + j]), stop, position,
+                        detok)
+             for j in range(k)] for i in range(p)]
+
+
+def row_result(tokens: np.ndarray, logp: np.ndarray, feats: torch.Tensor | None,
+               h_prompt: torch.Tensor | None, finish: str, end: int, by_eos: bool,
+               stop: list[str], position: str, detok) -> RowResult:
+    """One row's result: tokens [n_steps], logp [n_steps], feats [n_steps, D] (or None) as the
+    steps left them; cut at EOS (step `end`) or before its stop string."""
+    n_steps = len(tokens)
+    if finish == "length":
+        n, text = n_steps, None
+    elif by_eos:  # EOS sampled at step `end`: tokens 0..end-1 kept
+        n, text = end, None
+    else:  # a stop string ends in token `end`
+        n, text = _cut_at_stop(tokens[: end + 1].tolist(), stop, detok)
+    ids = tokens[:n].tolist()
+    if text is None:
+        text = detok([ids])[0]
+    feat = None
+    if feats is not None:
+        if n == 0:
+            feat = h_prompt
+        elif position == "mean":
+            feat = feats[:n].mean(0)
+        else:
+            feat = feats[n - 1]
+        feat = feat.numpy().copy()
+    return RowResult(text, ids, finish, feat, float(logp[:n].sum()))
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

@@ -10,7 +10,9 @@ is checked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ from qprobe import models
 from qprobe.backends.base import Embedder, LanguageModel, Sample, SamplingParams
 from qprobe.backends.hf.generic import GenericDecoder, StopForward, decoder_blocks
 from qprobe.backends.hf.llama import FastDecoder, supports
-from qprobe.backends.hf.loop import StepHook, run_batch
+from qprobe.backends.hf.loop import StepHook, StepObserver, run_batch
 from qprobe.backends.hf.tokenizer import PromptTokenizer
 from qprobe.errors import QProbeError
 from qprobe.features import FeatureSpec, chat_identity
@@ -115,14 +117,16 @@ class HFLanguageModel(LanguageModel):
         return self._spec if self.features else None
 
     def sample(self, prompts: list[str], k: int, params: SamplingParams, *,
-               hook: StepHook | None = None, batch_rows: int | None = None) -> list[list[Sample]]:
+               hook: StepHook | None = None, batch_rows: int | None = None,
+               observe: StepObserver | None = None) -> list[list[Sample]]:
         """k samples per prompt, max_batch_rows rows at a time; each carries its feature (when
         features are on) and its log-probability sum under the model (temperature 1, no top-p).
 
         hook: called at every decode step with the feature-layer hidden state and the logits of
         the live rows, may change the logits before sampling (see `loop.StepHook`).
         batch_rows: rows per batch instead of max_batch_rows (a hook that runs a model of its
-        own on several candidates per row needs fewer)."""
+        own on several candidates per row needs fewer).
+        observe: called at every step with the tokens just decided (see `loop.StepObserver`)."""
         if k < 1:
             raise QProbeError(f"k must be >= 1, got {k}")
         per_batch = max(1, int(batch_rows or self.max_batch_rows) // k)
@@ -135,10 +139,43 @@ class HFLanguageModel(LanguageModel):
                 max_new_tokens=params.max_new_tokens, stop=list(params.stop), seed=params.seed,
                 layer=self.layer, position=self.position, features=self.features,
                 eos_ids=self.eos_ids, detok=self.tok.decode, hook=hook, prompt_offset=i,
+                observe=observe,
             )
             out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum,
                                num_tokens=len(r.token_ids)) for r in g] for g in rows)
         return out
+
+    @property
+    def continuous(self) -> bool:
+        """Whether `decode_continuous` can run (qprobe's own Llama-family forward)."""
+        return isinstance(self._dec, FastDecoder)
+
+    def decode_continuous(self, k: int, params: SamplingParams,
+                          admit: Callable[[], list[tuple[str, int, Any]]],
+                          deliver: Callable[[Any, list[Sample]], None],
+                          observe: StepObserver | None = None) -> dict[str, int]:
+        """Continuous batching (`continuous.run_continuous`): before each decode step,
+        admit() -> [(prompt, seed, tag)] prompts that join the running decode (each seeded by
+        its own seed; params.seed is not used); deliver(tag, k samples) as soon as a prompt's k
+        rows have ended. Returns when nothing runs and nothing is admitted."""
+        from qprobe.backends.hf.continuous import Joiner, run_continuous
+
+        if not self.continuous:
+            raise QProbeError("continuous batching needs a Llama-family model (FastDecoder)")
+
+        def joiners() -> list[Joiner]:
+            return [Joiner(self.tok.prompt_ids(p), p, int(seed), tag) for p, seed, tag in admit()]
+
+        def give(tag: Any, rows: list[Any]) -> None:
+            deliver(tag, [Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum,
+                                 num_tokens=len(r.token_ids)) for r in rows])
+
+        return run_continuous(
+            self._dec, k, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k, max_new_tokens=params.max_new_tokens, stop=list(params.stop),
+            layer=self.layer, position=self.position, features=self.features,
+            eos_ids=self.eos_ids, detok=self.tok.decode, admit=joiners, deliver=give,
+            observe=observe)
 
     def embedder(self) -> HFEmbedder:
         """An embedder computing the same features from text, sharing this model's weights."""

@@ -28,10 +28,11 @@ def row_seeds(seed: int, prompts: list[str], k: int) -> np.ndarray:
     return out
 
 
-def uniforms(seeds: np.ndarray, step: int) -> np.ndarray:
-    """Counter-based U[0, 1) per row for this step (splitmix64 of seed + step): float64 [B]."""
+def uniforms(seeds: np.ndarray, step: int | np.ndarray) -> np.ndarray:
+    """Counter-based U[0, 1) per row for this step (splitmix64 of seed + step): float64 [B].
+    step: one step for every row, or each row's own [B] (continuous batching)."""
     with np.errstate(over="ignore"):
-        z = seeds + np.uint64(step + 1) * _GOLDEN
+        z = seeds + (np.asarray(step, dtype=np.int64) + 1).astype(np.uint64) * _GOLDEN
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
