@@ -92,6 +92,9 @@ def _builtin() -> None:
         lambda data=None, few_shot=0: GSM8K(data, "strict", few_shot),
         GSM8K.description + " (strict: '#### N')",
     )
+    from qprobe.tasks.gsm8k_pal import GSM8KPAL  # program-aided GSM8K (issue 27)
+
+    register("gsm8k-pal", GSM8KPAL, GSM8KPAL.description)
     register("hh-harmless", HHHarmless,
              "Anthropic HH-RLHF harmless-base test file: preference pairs, split by prompt hash")
 
