@@ -42,6 +42,8 @@ def test_registered_prompt_and_splits(task):
     assert not any(task._raw("train")[i]["question"] in test_questions for i, _ in SHOTS)
     three = get_task("gsm8k-pal", data=str(DATA), few_shot=3).prompts("test", limit=1)[0]
     assert three["prompt"].count("def solution():") == 4
+    registered = get_task("gsm8k-pal-3shot", data=str(DATA))
+    assert registered.name == "gsm8k-pal-3shot" and registered.prompts("test", 1)[0] == three
     with pytest.raises(QProbeError, match="few_shot must be 0..8"):
         get_task("gsm8k-pal", data=str(DATA), few_shot=9)
     with pytest.raises(QProbeError, match="unknown prompt_id"):

@@ -165,7 +165,7 @@ def answer_signature(v: Verdict) -> str | None:
 class GSM8KPAL(CodeTask):
     """GSM8K with program-aided answers, scored in the sandbox."""
 
-    name = "gsm8k-pal"
+    name = "gsm8k-pal"  # "gsm8k-pal-Nshot" when few_shot is not 8
     description = ("GSM8K program-aided (PAL): the model writes solution(); its return value, "
                    "run in the sandbox, is the answer")
     # After the body: blank lines and the next question (PAL's own stop is three newlines).
@@ -177,6 +177,7 @@ class GSM8KPAL(CodeTask):
         if not 0 <= few_shot <= len(SHOTS):
             raise QProbeError(f"gsm8k-pal: few_shot must be 0..{len(SHOTS)}, got {few_shot}")
         self.data, self.few_shot = data, few_shot
+        self.name = "gsm8k-pal" if few_shot == len(SHOTS) else f"gsm8k-pal-{few_shot}shot"
         self._cache: dict[str, list[dict]] = {}
 
     def _raw(self, split: str) -> list[dict]:
