@@ -71,6 +71,7 @@ CASES = [  # (completion, reward, status, stored signature)
     ("    return 0.1 * 180\n", 1.0, "passed", '["=18"]'),  # 18.000000000000004
     ("    return '18'\n", 1.0, "passed", '["=18"]'),  # a numeric string counts, like float()
     ("    return 17\n", 0.0, "failed", '["=17"]'),
+    ("    return 10.0 ** 30\n", 0.0, "failed", '["=1' + "0" * 30 + '"]'),  # beyond Decimal's quantize
     ("    return 'eighteen'\n", 0.0, "error", "!error"),
     ("    return None\n", 0.0, "error", "!error"),
     ("    return True\n", 0.0, "error", "!error"),  # a bool is no number
