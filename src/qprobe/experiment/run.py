@@ -3,6 +3,7 @@
 1. collect    k samples per prompt of the train split and of every test set (rollouts folders,
               resumable shard by shard), scored by the task's reward;
 2. baselines  greedy decoding and few-shot on successes on every test set (`baselines`);
+              with `baselines.vote`, each sample's answer as its `exec_sig` (the votes);
 3. probes     one probe per objective x seed on all train rollouts (`qprobe.train`);
 4. evaluate   pass@1, pass@k and every probe at each k x beta on every test set
               (`qprobe.evaluate`), then the learning curve (`curve`);
