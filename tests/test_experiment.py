@@ -439,3 +439,35 @@ def test_run_evaluates_the_yaml_policies_beside_the_probes(tmp_path) -> None:
     # a bad spec is refused when the YAML is read, before anything runs
     with pytest.raises(QProbeError, match="unknown kind 'nope'"):
         _config(tmp_path, model_dir, policies={"x": "nope"})
+
+
+def test_run_with_votes_on_gsm8k_pal(tmp_path) -> None:
+    """baselines.vote: every train and test sample gets its answer as exec_sig (run in the
+    sandbox), the report has the majority vote and each probe's weighted vote, paired against the
+    vote, and CV may give the probes the vote share."""
+    model_dir = save_tiny(tmp_path / "model")
+    cfg = _config(tmp_path, model_dir,
+                  train={"task": "gsm8k-pal", "split": "train", "limit": 6},
+                  test=[{"task": "gsm8k-pal", "split": "test", "name": "pal", "limit": 4}],
+                  probes={"objectives": ["pg"], "seeds": [0], "cv": 2,
+                          "cv_grid": {"min_steps": [20], "weight_decay": [0.0], "loglik": ["with"],
+                                      "signals": ["none", "mbr_share"]},
+                          "train": {"epochs": 5, "min_steps": 20, "batch_size": 16}},
+                  baselines={"greedy": True, "few_shot": 0, "vote": True},
+                  curve={"sizes": [], "samples": []})
+    res = run_experiment(cfg, progress=False, log=lambda s: None)
+    for name in ("train", "pal"):
+        r = Rollouts(tmp_path / "run" / "rollouts" / name)
+        sig = r.column("exec_sig")
+        assert None not in sig and all(s.startswith(("!", '["=')) for s in sig)
+        assert "mbr_share" in r.extra_inputs()
+    t = res["test"]["pal"]
+    assert "majority_vote" in t["rules"]
+    pg = t["probes"]["pg"]
+    assert {"vs_majority_vote"} <= set(pg["paired"]) and "vs_majority_vote" in pg["weighted_vote"]
+    assert 0.0 <= pg["weighted_vote"]["mean"] <= t["pass@k"]["4"]["mean"] + 1e-9
+    cv = Probe.load(tmp_path / "run" / "probes" / "pg-seed0").info["cv"]
+    assert any("mbr_share" in row["label"] for row in cv["rows"])
+    md = (tmp_path / "run" / "report" / "results.md").read_text()
+    assert "free rule `majority_vote`" in md and "vote weighted by probe `pg`" in md
+    assert "| vote weighted by `pg` |" in md

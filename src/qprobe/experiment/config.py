@@ -144,6 +144,12 @@ class BaselinesConfig:
         "help": "code tasks: run the tests each prompt shows on every sample (train, test, "
                 "greedy) for a visible_reward column: the baseline 'filter by the shown tests, "
                 "then mean log-prob', and an input cross-validation may give the probes"})
+    vote: bool = field(default=False, metadata={
+        "help": "answer tasks with programs (gsm8k-pal): each sample's answer stored as its "
+                "execution signature (exec_sig, run in the sandbox after collection, train and "
+                "test); rows: majority vote over the k answers (self-consistency) and, per "
+                "probe, the vote weighted by its scores; the answer's vote share (mbr_share) is "
+                "an input cross-validation may give the probes (cv_grid.signals)"})
     rules: bool = field(default=False, metadata={
         "help": "code tasks: a row for each zero-parameter rule over the free signals the test "
                 "rollouts store (shown-test error class, MBR-exec, CodeT, ...; `qprobe signals`, "

@@ -184,6 +184,11 @@ def _test_table(label: str, t: dict[str, Any], k: int, beta: float, n_samples: i
             f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {head} | "
             f"{min(sm):.3f}..{max(sm):.3f} ({len(sm)} seed{'s' if len(sm) > 1 else ''}) |"
         )
+        if "weighted_vote" in pr:
+            wv = pr["weighted_vote"]
+            lines.append(
+                f"| vote weighted by probe `{obj}` (k={wv['k']}) | {_ci(wv)} | "
+                f"{wv['mean'] - p1:+.3f} | {_headroom(wv['mean'] - p1, p1, pk)} | |")
         for bk, wg in pr.get("with_greedy", {}).items():
             if bk.startswith("beta="):
                 lines.append(
@@ -223,6 +228,11 @@ def _rules_table(t: dict[str, Any]) -> list[str]:
     for obj, pr in named:
         p = pr.get("paired", {})
         lines.append(f"| {obj} | " + " | ".join(sg(p.get(f"vs_{n}")) for n in names) + " |")
+    for obj, pr in t["probes"].items():
+        if "weighted_vote" in pr:
+            wv = pr["weighted_vote"]
+            lines.append(f"| vote weighted by `{obj}` | " + " | ".join(
+                sg(wv.get("vs_majority_vote")) if n == "majority_vote" else "-" for n in names) + " |")
     lines += ["", "| rule | within-prompt ranking | pooled AUC |", "|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for n in names:

@@ -3,6 +3,7 @@
 1. collect    k samples per prompt of the train split and of every test set (rollouts folders,
               resumable shard by shard), scored by the task's reward;
 2. baselines  greedy decoding and few-shot on successes on every test set (`baselines`);
+              with `baselines.vote`, each sample's answer as its `exec_sig` (the votes);
 3. probes     one probe per objective x seed on all train rollouts (`qprobe.train`);
 4. evaluate   pass@1, pass@k and every probe at each k x beta on every test set
               (`qprobe.evaluate`), then the learning curve (`curve`);
@@ -115,6 +116,9 @@ def run_experiment(
             visible_sets(ctx, [(train_dir, cfg.train)]
                          + [(test_dirs[ts.label], ts) for ts in cfg.test]
                          + [(base.greedy[ts.label], ts) for ts in cfg.test if ts.label in base.greedy])
+    if cfg.baselines.vote:
+        with ctx.timed("answers_s"):
+            answer_sets(ctx, [(train_dir, cfg.train)] + [(test_dirs[ts.label], ts) for ts in cfg.test])
     if cfg.embed.enabled:
         with ctx.timed("embed_s"):
             embed_sets(ctx, [train_dir, *test_dirs.values(), *base.greedy.values()])
@@ -336,7 +340,24 @@ def visible_sets(ctx: Context, folders: list[tuple[Path, DataConfig]]) -> None:
                 f"{_fmt_reward(sum(shown) / len(shown) if shown else None)})")
 
 
-# ---------------------------------------------------------------- 2b. re-encode
+# ---------------------------------------------------------------- 2b. answers (votes)
+
+
+def answer_sets(ctx: Context, folders: list[tuple[Path, DataConfig]]) -> None:
+    """Each sample's answer as its `exec_sig` (`qprobe.verifier.signals.fill_answers`: the
+    program run in the sandbox; only rows still without one), for the votes."""
+    from qprobe.tasks import get_task
+    from qprobe.verifier.signals import fill_answers
+
+    for folder, d in folders:
+        task = get_task(d.task)
+        try:
+            fill_answers(folder, task, say=ctx.say)
+        finally:
+            task.close()
+
+
+# ---------------------------------------------------------------- 2c. re-encode
 
 
 def embed_sets(ctx: Context, folders: list[Path]) -> None:
@@ -574,6 +595,8 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
     if cfg.baselines.visible and "visible_pass" in cols:
         entry["rerank_visible"] = rerank_entry(ctx, group, rewards, visible_score(cols))
     rules = free_rules(te, cols, ll) if cfg.baselines.rules else {}
+    if cfg.baselines.vote:
+        rules = {**vote_rules(cols, ll), **rules}
     if rules:
         from qprobe.evaluate import ranking
 
@@ -590,6 +613,9 @@ def evaluate_test_set(ctx: Context, ts: DataConfig, test_dir: Path,
         if greedy is not None:
             entry["probes"][obj]["with_greedy"] = with_greedy_entry(
                 ctx, te, greedy, [probes[(obj, seed)] for seed in cfg.probes.seeds], scores, beta)
+        if "majority_vote" in rules:
+            entry["probes"][obj]["weighted_vote"] = weighted_vote_entry(
+                ctx, te, rewards, scores, rules["majority_vote"])
         entry["probes"][obj]["paired"] = paired_gains(ctx, te, entry["probes"][obj]["_values"],
                                                       base, ts, ll, cols if cfg.baselines.visible else None,
                                                       rules)
@@ -712,6 +738,42 @@ def free_rules(te: Any, cols: dict[str, np.ndarray], ll: dict[str, np.ndarray] |
     if "visible_status" in te.table.column_names:
         rc["visible_ordinal"] = visible_ordinal(te.column("visible_status"))
     return {k: v for k, v in rule_scores(rc).items() if k != "rerank_mean_logprob"}
+
+
+def vote_rules(cols: dict[str, np.ndarray], ll: dict[str, np.ndarray] | None
+               ) -> dict[str, np.ndarray]:
+    """{"majority_vote": scores [N]} where the folder has answer signatures (`mbr_size`) and
+    log-likelihoods: MBR-exec over answers (`qprobe.verifier.baselines` rule `mbr_exec`), i.e.
+    the most frequent answer (self-consistency), ties broken by the mean log-prob of its best
+    sample; {} otherwise."""
+    from qprobe.verifier.baselines import rule_scores
+
+    if ll is None or "mbr_size" not in cols:
+        return {}
+    return {"majority_vote": rule_scores({**cols, "logprob_mean": ll["logprob_mean"]})["mbr_exec"]}
+
+
+def weighted_vote_entry(ctx: Context, te: Any, rewards: np.ndarray, scores: list[np.ndarray],
+                        majority: np.ndarray) -> dict[str, Any]:
+    """The vote weighted by a probe's scores (`agreement.weighted_vote`), at the largest k,
+    averaged over the seeds: its reward with a CI over prompts and its paired gain over the
+    plain majority vote (`majority`: the majority-vote rule's scores) on the same prompts."""
+    from qprobe.evaluate import Estimate, argmax_expected_reward, split_groups
+    from qprobe.verifier.agreement import weighted_vote
+
+    ev, k, seed = ctx.cfg.eval, max(ctx.cfg.eval.ks), ctx.cfg.seed
+    group, _ = te.groups()
+    sig = te.column("exec_sig")
+    keep = ~np.isnan(rewards)
+
+    def per_prompt(sc: np.ndarray) -> np.ndarray:
+        parts = split_groups(group[keep], rewards[keep], sc[keep])
+        return np.array([argmax_expected_reward(s, r, min(k, len(r))) for r, s in parts])
+
+    vals = np.mean([per_prompt(weighted_vote(group, sig, sc)) for sc in scores], axis=0)
+    return {**dataclasses.asdict(Estimate.of(vals, ev.n_boot, seed)), "k": k,
+            "vs_majority_vote": dataclasses.asdict(
+                Estimate.of(vals - per_prompt(majority), ev.n_boot, seed))}
 
 
 def paired_gains(ctx: Context, te: Any, vals: np.ndarray, base: Baselines, ts: DataConfig,

@@ -92,6 +92,12 @@ def _builtin() -> None:
         lambda data=None, few_shot=0: GSM8K(data, "strict", few_shot),
         GSM8K.description + " (strict: '#### N')",
     )
+    from qprobe.tasks.gsm8k_pal import GSM8KPAL  # program-aided GSM8K (issue 27)
+
+    register("gsm8k-pal", GSM8KPAL, GSM8KPAL.description + " (8-shot, as the bigcode harness)")
+    register("gsm8k-pal-3shot",  # a third of the prefill: what a 1-2 core CPU run can afford
+             lambda data=None, sandbox=None, few_shot=3: GSM8KPAL(data, sandbox, few_shot),
+             GSM8KPAL.description + " (3-shot)")
     register("hh-harmless", HHHarmless,
              "Anthropic HH-RLHF harmless-base test file: preference pairs, split by prompt hash")
 

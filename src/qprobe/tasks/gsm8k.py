@@ -29,7 +29,12 @@ def normalize(num: str) -> str | None:
     if not d.is_finite():
         return None
     d = d.normalize()
-    return format(d.quantize(Decimal(1)) if d == d.to_integral() else d, "f")
+    if d == d.to_integral():
+        try:
+            d = d.quantize(Decimal(1))
+        except InvalidOperation:  # more digits than the context holds (1e30): keep it as is
+            pass
+    return format(d, "f")
 
 
 def extract(text: str, mode: str = "flexible") -> str | None:

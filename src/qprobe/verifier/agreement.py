@@ -116,3 +116,30 @@ EXEC_EXTRAS = (*VISIBLE_ONE_HOT, "mbr_share", "mbr_size", "mbr_gen_share", "gen_
                "gen_pass_frac", "codet_score", "mbr_fuzz_share", "mbr_fuzz_size")
 # = probe.EXEC_EXTRAS (a test checks)
 EXEC_COLUMNS = ("visible_status", "exec_sig", "gen_passed", "gen_tests", "gen_sig", "fuzz_sig")
+
+
+def _vote_weights(values: list) -> np.ndarray:
+    """One prompt's [(signature, score)] -> [k] total weight of each candidate's signature,
+    weight exp(z) with z the score standardised over the prompt (0 for a failed candidate)."""
+    sig = [s for s, _ in values]
+    q = np.array([q for _, q in values], dtype=np.float64)
+    sd = q.std()
+    w = np.exp((q - q.mean()) / sd) if sd > 0 else np.ones(len(q))
+    bad = [failed(s) for s in sig]
+    total: dict[str, float] = {}
+    for s, b, x in zip(sig, bad, w):
+        if not b:
+            total[s] = total.get(s, 0.0) + float(x)
+    return np.array([0.0 if b else total[s] for s, b in zip(sig, bad)])
+
+
+def weighted_vote(group: np.ndarray, signatures: Sequence[str], scores: np.ndarray) -> np.ndarray:
+    """[N] scores whose per-prompt argmax is the vote weighted by a probe: each candidate's
+    signature (answer) gets the sum of exp(z) over the candidates that share it, z = probe score
+    standardised within the prompt (so no scale or temperature to choose, and equal scores give
+    the plain majority vote); a failed candidate weighs 0. Ties go to the higher own score."""
+    from qprobe.verifier.baselines import lexicographic
+
+    q = np.asarray(scores, dtype=np.float64)
+    w = per_prompt(group, list(zip(signatures, q.tolist())), _vote_weights)
+    return lexicographic([w, q])

@@ -9,7 +9,9 @@ docs/verifier-execution.md).
 - `fill_gen_exec`: per candidate, which of those asserts it passes (`gen_passed`, `gen_tests`)
   and its signature on their inputs (`gen_sig`);
 - `fill_fuzz`: per candidate, its signature on calls next to the shown ones (`fuzz_sig`,
-  fuzz.py): MBR-exec that can still split the candidates that pass the shown test.
+  fuzz.py): MBR-exec that can still split the candidates that pass the shown test;
+- `fill_answers`: for a task whose program returns an answer (gsm8k-pal), `exec_sig` is the
+  answer: MBR-exec over it is the majority vote (self-consistency).
 
 Every stage works in chunks of prompts and writes its columns after each chunk (under the
 folder's lock, through `Rollouts.set_rewards`, which replaces shards atomically), so a stopped
@@ -32,8 +34,8 @@ from qprobe.verifier.calls import calls_of, shown_inputs
 from qprobe.verifier.programs import error_class, exec_program, passed_checks, signature
 from qprobe.verifier.store import COST_FILE, add_cost, write_columns
 
-__all__ = ["COST_FILE", "add_cost", "fill_exec", "fill_fuzz", "fill_gen_exec", "fuzz_inputs",
-           "write_columns"]
+__all__ = ["COST_FILE", "add_cost", "fill_answers", "fill_exec", "fill_fuzz", "fill_gen_exec",
+           "fuzz_inputs", "write_columns"]
 
 MAX_GEN_INPUTS = 20  # call inputs taken from a prompt's model-written tests for `gen_sig`
 
@@ -209,3 +211,29 @@ def fill_fuzz(path: str | os.PathLike, task: Any, *, limit: int | None = None, c
 
     say(f"fuzz: {len(todo)} prompts with rows to fill in {path}")
     return _run_chunks(path, task, todo, chunk, "fuzz", programs_of, columns_of, say)
+
+
+def fill_answers(path: str | os.PathLike, task: Any, *, limit: int | None = None,
+                 chunk: int = 20, say: Callable[[str], None] = _say) -> dict[str, int]:
+    """`exec_sig` for every row lacking it, for a task whose programs return an answer
+    (`task.answer_signature`, e.g. gsm8k-pal): candidates with equal answers share a signature,
+    so MBR-exec over it is the majority vote over answers and `mbr_share` is the answer's vote
+    share. The programs run in the sandbox, as the task's reward runs them."""
+    from qprobe.rollouts import Rollouts
+
+    if not callable(getattr(task, "answer_signature", None)):
+        raise QProbeError(f"task {task.name!r} gives no answers to vote on (answer tasks with "
+                          "programs only, e.g. gsm8k-pal)")
+    path = Path(path)
+    r = Rollouts(path)
+    todo = _todo(r, ("exec_sig",), limit)
+    completions = r.column("completion")
+
+    def programs_of(row: dict, rows: list[int]) -> list[tuple[int, list[str]]]:
+        return [(i, [task.program(row, completions[i])]) for i in rows]
+
+    def columns_of(i: int, verdicts: list[Any]) -> dict[str, Any]:
+        return {"exec_sig": task.answer_signature(verdicts[0])}
+
+    say(f"answers: {len(todo)} prompts with rows to fill in {path}")
+    return _run_chunks(path, task, todo, chunk, "answers", programs_of, columns_of, say)
