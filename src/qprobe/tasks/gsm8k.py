@@ -57,6 +57,16 @@ def gold(answer: str) -> str:
     return n
 
 
+
+def read_split(split: str, data: str | None = None) -> list[dict]:
+    """The rows {question, answer, ...} of a GSM8K split from the local data folder, checked."""
+    path = find_data("gsm8k", f"gsm8k/{split}.jsonl", data)
+    rows = read_jsonl(path)
+    for n, r in enumerate(rows, 1):
+        if "question" not in r or "answer" not in r:
+            raise QProbeError(f"{path}:{n}: expected fields question and answer")
+    return rows
+
 class AnswerTask(Task):
     """A task scored by comparing the answer extracted from the completion with a gold answer.
 
@@ -98,12 +108,7 @@ class GSM8K(AnswerTask):
 
     def _raw(self, split: str) -> list[dict]:
         if split not in self._cache:
-            path = find_data("gsm8k", f"gsm8k/{split}.jsonl", self.data)
-            rows = read_jsonl(path)
-            for n, r in enumerate(rows, 1):
-                if "question" not in r or "answer" not in r:
-                    raise QProbeError(f"{path}:{n}: expected fields question and answer")
-            self._cache[split] = rows
+            self._cache[split] = read_split(split, self.data)
         return self._cache[split]
 
     def splits(self) -> dict[str, int]:

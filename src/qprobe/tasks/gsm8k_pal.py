@@ -39,9 +39,9 @@ from collections.abc import Callable
 
 from qprobe.errors import QProbeError
 from qprobe.sandbox import SandboxConfig, Verdict
-from qprobe.tasks.base import Score, check_columns, find_data, read_jsonl
+from qprobe.tasks.base import Score, check_columns
 from qprobe.tasks.code import CodeTask
-from qprobe.tasks.gsm8k import gold, normalize
+from qprobe.tasks.gsm8k import gold, normalize, read_split
 
 MARK = "@@qprobe-pal@@"
 DECIMALS = 6  # a returned float is rounded to this many decimals before comparison and voting
@@ -182,12 +182,7 @@ class GSM8KPAL(CodeTask):
 
     def _raw(self, split: str) -> list[dict]:
         if split not in self._cache:
-            path = find_data("gsm8k", f"gsm8k/{split}.jsonl", self.data)
-            rows = read_jsonl(path)
-            for n, r in enumerate(rows, 1):
-                if "question" not in r or "answer" not in r:
-                    raise QProbeError(f"{path}:{n}: expected fields question and answer")
-            self._cache[split] = rows
+            self._cache[split] = read_split(split, self.data)
         return self._cache[split]
 
     def shot_ids(self) -> set[int]:
