@@ -36,8 +36,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qprobe.backends.base import LanguageModel, Sample, SamplingParams
 from qprobe.errors import QProbeError
 from qprobe.fileio import atomic_write_json, atomic_write_text

@@ -143,4 +143,4 @@ if __name__ == "__main__":
     try:
         main()
     except QProbeError as e:
-        raise SystemExit(f"hh_arm: {e}")
+        raise SystemExit(f"hh_arm: {e}") from None

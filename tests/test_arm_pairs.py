@@ -41,7 +41,7 @@ def planted_pairs(tok, n: int, seed: int):
     chosen, ..."""
     rng = random.Random(seed)
     p_ids, c_ids = [], []
-    for i in range(n):
+    for _ in range(n):
         prompt = "".join(rng.choice(BODY) for _ in range(rng.randint(3, 8)))
         body = [rng.choice(BODY) for _ in range(rng.randint(6, 14))]
         spots = rng.sample(range(len(body)), 3)

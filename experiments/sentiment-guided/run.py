@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
     import torch
+    from qprobe.policy.head_config import HeadConfig
 
     from qprobe.backends import SamplingParams, load_model
     from qprobe.cli import main as cli
     from qprobe.collect import collect_task
     from qprobe.policy.guided import GuideConfig, GuidedSampler
-    from qprobe.policy.head_config import HeadConfig
     from qprobe.policy.head_train import train_head
     from qprobe.policy.heads import RewardHead
     from qprobe.probe import Probe
