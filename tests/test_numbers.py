@@ -240,6 +240,28 @@ def hh_tables() -> list[Table]:
         "bt probe, CV, all 1,803 train pairs; best-of-8": ci(pa[bt_all])
         + g("best-of-8, bt-all probe", "judge_vs_base", "judge_vs_base_mean")
         + n(sec["probe-bt-all"], 0) + n(sec["collect-train-all"], 0),
+        "ARM head (token level), all 1,803 train pairs; guided, beta 1":
+            ci(r["arm_pairs"]["accuracy"]["ARM head from pairs (sum of token scores)"])
+            + g("ARM head from pairs, guided, beta=1 (k=1)", "judge_vs_base", "judge_vs_base_mean")
+            + n(sec["arm-train-head"], 0),
+    }, reports=[HH])
+    bk = r["best_of_k"]
+
+    def lvl(key, skip=()):  # judge, vs plain sampling, vs DPO; "-" where the row is the reference
+        e = bk[key]
+        return [x for part in ("judge", "vs_base_mean", "vs_dpo") if part not in skip
+                for x in ci(e[part])]
+
+    levels = Table("docs/preferences.md", "| policy | judge score | vs plain sampling | vs DPO |", {
+        "plain sampling (mean of 8 samples)": lvl("plain sampling (pool mean) k=1", ("vs_base_mean",)),
+        "DPO sample, mean of seeds": lvl("DPO sample, mean of seeds k=1", ("vs_dpo",)),
+        "best-of-2, bt probe (400 pairs)": lvl("best-of-k, bt probe k=2"),
+        "best-of-4, bt probe (400 pairs)": lvl("best-of-k, bt probe k=4"),
+        "best-of-8, bt probe (400 pairs)": lvl("best-of-k, bt probe k=8"),
+        "best-of-8, bt-all probe (1,803 pairs)": lvl("best-of-k, bt-all probe k=8"),
+        "ARM head from all 1,803 pairs, guided, beta = 1":
+            lvl("ARM head from pairs, guided, beta=1 k=1"),
+        "best-of-8 by the judge itself (a ceiling)": lvl("best-of-k, the judge itself (ceiling) k=8"),
     }, reports=[HH])
     accuracy = Table("docs/preferences.md", "**Held-out pair accuracy** (509 test pairs", {
         "base model, summed log-likelihood (untrained)": ci(pa["base logprob_sum"]),
@@ -272,7 +294,7 @@ def hh_tables() -> list[Table]:
         "best-of-8 by the judge itself (a ceiling, not a method)": row(
             "best-of-8, the judge itself (ceiling)"),
     }, reports=[HH])
-    return [readme, accuracy, generations]
+    return [readme, accuracy, generations, levels]
 
 
 def demo_tables() -> list[Table]:
