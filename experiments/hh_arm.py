@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,12 @@ def main() -> None:
         if (d / "meta.json").is_file() and len(Rollouts(d)) >= n_prompts:
             continue
         torch.manual_seed(0)
-        sampler = GuidedSampler(lm, head, GuideConfig(beta=beta, top_k=a.top_k))
+        # unclamped: the head's token scores are log-odds shares (link identity), not rewards in
+        # [0, 1]; the guide's default clamp to [0, 1] would drop every negative score
+        sampler = GuidedSampler(lm, head, GuideConfig(beta=beta, top_k=a.top_k,
+                                                      clamp_min=-math.inf, clamp_max=math.inf))
         t0 = time.perf_counter()
-        collect_task(Guided(lm, sampler, f"arm-pairs(beta={beta:g},top_k={a.top_k})"), task,
+        collect_task(Guided(lm, sampler, f"arm-pairs(beta={beta:g},top_k={a.top_k},unclamped)"), task,
                      "test", d, k=1, params=params, limit=n_prompts,
                      batch_prompts=a.batch_prompts, progress=True, say=say)
         log_seconds(out, f"sample-{label}", time.perf_counter() - t0)
