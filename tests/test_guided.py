@@ -113,6 +113,20 @@ def test_inverse_and_clamp():
                           torch.tensor([1.0, 0.75, 0.0]))
 
 
+def test_a_pairs_head_is_not_clamped_unless_asked():
+    """A head trained from preference pairs scores tokens in log-odds: the default [0, 1] clamp
+    of reward heads would drop every negative score, so its default is no clamp."""
+    from qprobe.policy.guided import shaped_reward
+
+    head = RewardHead("arm", 4, rank=2, link="identity", info={"training": {"pairs": True}})
+    raw = torch.tensor([-0.5, 0.25, 2.0])
+    assert torch.equal(shaped_reward(head, raw, GuideConfig()), raw)
+    assert torch.allclose(shaped_reward(head, raw, GuideConfig(clamp_min=0.0, clamp_max=1.0)),
+                          torch.tensor([0.0, 0.25, 1.0]))
+    assert torch.allclose(shaped_reward(head, raw, GuideConfig(clamp_max=1.0)),
+                          torch.tensor([-0.5, 0.25, 1.0]))
+
+
 # -- decoding ---------------------------------------------------------------------------------
 
 PARAMS = dict(temperature=1.0, max_new_tokens=14, seed=3, stop=["e", "\n"])

@@ -31,9 +31,8 @@ class HeadConfig:
                 "`qprobe collect` stores them) instead of rewards: the sequence score is the sum "
                 "of the head's per-token raw outputs, fitted by the Bradley-Terry loss "
                 "-log sigmoid(score(chosen) - score(rejected)) (an autoregressive reward model; "
-                "link identity, so guiding adds beta * that token's share of the score; guide it "
-                "unclamped, clamp_min=-inf and clamp_max=inf: the guide's default clamp to "
-                "[0, 1] is for sigmoid heads and would drop every negative token score)"})
+                "link identity, so guiding adds beta * that token's share of the score, "
+                "unclamped by default)"})
     distill_from: str | None = field(default=None, metadata={
         "help": "arm only: fit the head to this rad head's scores of prefix + next token "
                 "instead of to the labels (the rad head must read the same model, at any block)"})

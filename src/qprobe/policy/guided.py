@@ -5,7 +5,8 @@ with a reward head (`heads.RewardHead`), and sample from
 
     softmax(logits + beta * r)   over the top-k,  probability 0 elsewhere,
 
-with r = clamp(link(raw), lo, hi) (1 - r with `inverse`). Sampling then goes through the same
+with r = clamp(link(raw), lo, hi) (1 - r with `inverse`; [lo, hi] = [0, 1] unless given, none
+for a head trained from preference pairs). Sampling then goes through the same
 function as unguided top-k sampling (`sampling.sample_candidates`), so beta = 0 gives exactly the
 samples of unguided top-k decoding with the same seed.
 
@@ -55,21 +56,37 @@ class GuideConfig:
         "help": "candidates scored per step (RAD's k); every other token gets probability 0"})
     inverse: bool = field(default=False, metadata={
         "help": "steer away from the reward: use 1 - r"})
-    clamp_min: float = field(default=0.0, metadata={"help": "rewards are clamped to at least this"})
-    clamp_max: float = field(default=1.0, metadata={"help": "rewards are clamped to at most this"})
+    clamp_min: float | None = field(default=None, metadata={
+        "help": "rewards are clamped to at least this (default: 0, or no bound for a head "
+                "trained from preference pairs, whose token scores are unbounded log-odds)"})
+    clamp_max: float | None = field(default=None, metadata={
+        "help": "rewards are clamped to at most this (default: 1, or no bound for a head "
+                "trained from preference pairs)"})
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.beta):
             raise QProbeError(f"guide: beta must be finite, got {self.beta}")
         if int(self.top_k) < 1:
             raise QProbeError(f"guide: top_k must be >= 1, got {self.top_k}")
-        if not self.clamp_min <= self.clamp_max:
+        if (self.clamp_min is not None and self.clamp_max is not None
+                and not self.clamp_min <= self.clamp_max):
             raise QProbeError(f"guide: clamp_min {self.clamp_min} > clamp_max {self.clamp_max}")
+
+    def bounds(self, head: RewardHead) -> tuple[float | None, float | None]:
+        """The clamp for this head: as given, else [0, 1] (rewards), or none for a head trained
+        from preference pairs (`train-head --pairs`: summed token scores, unbounded)."""
+        from_pairs = bool(head.info.get("training", {}).get("pairs"))
+        lo, hi = (None, None) if from_pairs else (0.0, 1.0)
+        return (lo if self.clamp_min is None else self.clamp_min,
+                hi if self.clamp_max is None else self.clamp_max)
 
 
 def shaped_reward(head: RewardHead, raw: torch.Tensor, cfg: GuideConfig) -> torch.Tensor:
-    """r in [clamp_min, clamp_max] from a head's raw output (1 - r with `inverse`)."""
-    r = head.reward(raw).clamp(cfg.clamp_min, cfg.clamp_max)
+    """r in the head's clamp (`GuideConfig.bounds`) from its raw output (1 - r with `inverse`)."""
+    lo, hi = cfg.bounds(head)
+    r = head.reward(raw)
+    if lo is not None or hi is not None:
+        r = r.clamp(lo, hi)
     return 1.0 - r if cfg.inverse else r
 
 

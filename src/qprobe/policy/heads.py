@@ -13,7 +13,8 @@ vector as a Q-probe feature) and are standardised inside, like probes: h_ = (h -
   none at all when the trunk is the generating model itself ("own hidden state").
 
 `raw` is the head's output; `link` ("sigmoid" or "identity") maps it to the reward the training
-loss compares with its target and that decoding adds (clamped to [0, 1]) to the logits.
+loss compares with its target and that decoding adds (clamped to [0, 1], except for a head
+trained from preference pairs) to the logits.
 
 On disk, like a probe folder:
 

@@ -74,8 +74,10 @@ class GuidedSpec:
                                              "request": True, "min": 1, "max": 1000})
     inverse: bool = field(default=False, metadata={"help": "steer away from the reward (1 - r)",
                                                    "request": True})
-    clamp_min: float = field(default=0.0, metadata={"help": "rewards clamped to at least this"})
-    clamp_max: float = field(default=1.0, metadata={"help": "rewards clamped to at most this"})
+    clamp_min: float | None = field(default=None, metadata={
+        "help": "rewards clamped to at least this (default: 0; none for a pairs head)"})
+    clamp_max: float | None = field(default=None, metadata={
+        "help": "rewards clamped to at most this (default: 1; none for a pairs head)"})
     reward_model: str | None = field(default=None, metadata={
         "help": "the model a head on another model's states reads (default: the head's)",
         "path": True})
