@@ -64,3 +64,18 @@ def test_rows_leave_when_they_end_and_prompts_are_handed_out_at_once(folder):
     # with eos off (the tiny model may never end early) the earlier prompt ends first
     assert order[0] == ("ab x", 1)
     assert stats["steps"] == 13  # 12 steps of "ab x", then "cd"'s last one: none thrown away
+
+
+def test_ignore_eos_runs_every_row_to_max_new_tokens(folder):
+    """With every token an end-of-sequence token rows end at once, unless `ignore_eos`."""
+    model = load_model(str(folder), layer=1)
+    model.eos_ids = set(range(model.model.config.vocab_size))
+    params = SamplingParams(temperature=0.9, max_new_tokens=6, seed=1)
+    ended = model.sample(["ab x"], K, params)[0]
+    assert all(s.num_tokens == 0 and s.finish_reason == "stop" for s in ended)
+    on = dataclasses.replace(params, ignore_eos=True)
+    full = model.sample(["ab x"], K, on)[0]
+    assert all(s.num_tokens == 6 and s.finish_reason == "length" for s in full)
+    got, _, _ = _run(model, {0: [("ab x", 1)]}, on)  # the open decode reads it too
+    assert [s.token_ids for s in got[("ab x", 1)]] == [s.token_ids for s in full]
+    assert "ignore_eos" not in params.to_dict() and on.to_dict()["ignore_eos"] is True

@@ -228,6 +228,9 @@ def test_n_best_of_and_prompt_lists(client) -> None:
     assert [c.index for c in r.choices] == [0, 1, 2, 3] and len(r.model_extra["qprobe"]["results"]) == 2
     with pytest.raises(openai.BadRequestError, match="'n'"):
         client.completions.create(model="tiny", prompt="cd", n=5, extra_body={"k": 4})
+    r = client.completions.create(model="tiny", prompt="cd", max_tokens=5, seed=2,
+                                  extra_body={"ignore_eos": True})  # vLLM's extra parameter
+    assert r.usage.completion_tokens == 5 * r.model_extra["qprobe"]["k"]  # all k candidates
 
 
 def test_chat_and_streaming(client, assets) -> None:
@@ -260,7 +263,7 @@ def test_errors_are_openai_json_and_the_server_survives(server, client) -> None:
         client.completions.create(model="tiny:nope", prompt="ab")
     for kw in ({"temperature": 7}, {"extra_body": {"k": 0}}, {"extra_body": {"k": 17}},
                {"extra_body": {"beta": -1}}, {"max_tokens": 0}, {"logprobs": 2},
-               {"extra_body": {"k": "many"}}, {"top_p": 0}):
+               {"extra_body": {"k": "many"}}, {"top_p": 0}, {"extra_body": {"ignore_eos": "yes"}}):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="tiny", prompt="ab", **kw)
         assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"

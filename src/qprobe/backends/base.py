@@ -47,6 +47,11 @@ class SamplingParams:
         default=0,
         metadata={"help": "Base seed; each (prompt, sample) draws from its own derived stream."},
     )
+    ignore_eos: bool = field(
+        default=False,
+        metadata={"help": "Decode past end-of-sequence tokens, so every completion runs to "
+                          "max_new_tokens or a stop string (vLLM's ignore_eos; for benchmarks)."},
+    )
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0):
@@ -64,6 +69,8 @@ class SamplingParams:
         d = asdict(self)
         if not d["top_k"]:  # off: left out, so rollouts made before top-k existed still resume
             d.pop("top_k")
+        if not d["ignore_eos"]:  # likewise
+            d.pop("ignore_eos")
         return d
 
 

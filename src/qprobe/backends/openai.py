@@ -321,6 +321,8 @@ class OpenAIBackend(LanguageModel):
         }
         if params.top_k:  # not in OpenAI's API; vLLM and llama.cpp servers read it
             body["top_k"] = int(params.top_k)
+        if params.ignore_eos:  # likewise
+            body["ignore_eos"] = True
         if params.stop:
             body["stop"] = list(params.stop)[: self.config.max_stop]
         if self.config.endpoint == "chat":

@@ -235,11 +235,15 @@ class ServeApp:
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
         include_usage = bool((opts or {}).get("include_usage", False))
         stop = _stop(body)
+        ignore_eos = body.get("ignore_eos", False)  # vLLM's extra parameter
+        if not isinstance(ignore_eos, bool):
+            raise APIError(400, "'ignore_eos' must be true or false", param="ignore_eos")
         params = policy.sampling(SamplingParams(temperature=temperature, top_p=top_p,
-                                                max_new_tokens=max_tokens, stop=list(stop)))
+                                                max_new_tokens=max_tokens, stop=list(stop),
+                                                ignore_eos=ignore_eos))
         key = SamplingKey(sampler=policy.sampler_id, k=policy.draws(n),
                           temperature=params.temperature, top_p=params.top_p,
-                          max_tokens=max_tokens, stop=stop, seed=seed)
+                          max_tokens=max_tokens, stop=stop, seed=seed, ignore_eos=ignore_eos)
         return Parsed(model_id, served, policy, prompts, key, n, stream, include_usage)
 
     def _options(self, policy: Any, body: dict) -> Any:

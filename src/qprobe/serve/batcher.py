@@ -41,7 +41,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,11 +70,11 @@ class SamplingKey:
     max_tokens: int
     stop: tuple[str, ...]
     seed: int | None  # None: the request (open decode) or the batch (closed) draws one
+    ignore_eos: bool = False
 
     def open(self) -> SamplingKey:
         """What must match to join an open decode: all but the seed (each row has its own)."""
-        return SamplingKey(self.sampler, self.k, self.temperature, self.top_p, self.max_tokens,
-                           self.stop, None)
+        return replace(self, seed=None)
 
 
 @dataclass
@@ -257,7 +257,8 @@ class Batcher:
         # One seed for the batch's unseeded requests.
         seed = key.seed if key.seed is not None else secrets.randbits(31)
         params = SamplingParams(temperature=key.temperature, top_p=key.top_p,
-                                max_new_tokens=key.max_tokens, stop=list(key.stop), seed=seed)
+                                max_new_tokens=key.max_tokens, stop=list(key.stop), seed=seed,
+                                ignore_eos=key.ignore_eos)
         prompts = [p for job in batch for p in job.prompts]
         observe = None
         if any(job.stream is not None and job.policy.streams for job in batch):
@@ -282,7 +283,8 @@ class Batcher:
         key = batch[0].key
         lead = batch[0].policy
         params = SamplingParams(temperature=key.temperature, top_p=key.top_p,
-                                max_new_tokens=key.max_tokens, stop=list(key.stop))
+                                max_new_tokens=key.max_tokens, stop=list(key.stop),
+                                ignore_eos=key.ignore_eos)
         observe = StreamRows(list(key.stop), lead.decode)
         admitted: list[Job] = []  # not yet answered
         pending = list(batch)

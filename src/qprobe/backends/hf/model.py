@@ -138,12 +138,16 @@ class HFLanguageModel(LanguageModel):
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 max_new_tokens=params.max_new_tokens, stop=list(params.stop), seed=params.seed,
                 layer=self.layer, position=self.position, features=self.features,
-                eos_ids=self.eos_ids, detok=self.tok.decode, hook=hook, prompt_offset=i,
+                eos_ids=self._eos(params), detok=self.tok.decode, hook=hook, prompt_offset=i,
                 observe=observe,
             )
             out.extend([Sample(r.text, r.token_ids, r.finish_reason, r.feature, r.logprob_sum,
                                num_tokens=len(r.token_ids)) for r in g] for g in rows)
         return out
+
+    def _eos(self, params: SamplingParams) -> set[int]:
+        """The tokens that end a row: none with `ignore_eos`."""
+        return set() if params.ignore_eos else self.eos_ids
 
     @property
     def continuous(self) -> bool:
@@ -174,7 +178,7 @@ class HFLanguageModel(LanguageModel):
             self._dec, k, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k, max_new_tokens=params.max_new_tokens, stop=list(params.stop),
             layer=self.layer, position=self.position, features=self.features,
-            eos_ids=self.eos_ids, detok=self.tok.decode, admit=joiners, deliver=give,
+            eos_ids=self._eos(params), detok=self.tok.decode, admit=joiners, deliver=give,
             observe=observe)
 
     def embedder(self) -> HFEmbedder:
