@@ -93,12 +93,15 @@ class Policy(ABC):
         """Policies with equal ids sample identically given (prompts, k, params)."""
         return "model"
 
+    plain_samples = False  # `sample` is the model's plain sampling (no hook of its own)
+
     @property
     def continuous(self) -> bool:
         """Whether a server may decode this policy's requests in an open decode that requests
         join at any step (`HFLanguageModel.decode_continuous`): plain sampling of a local
         Llama-family model; not a policy running its own step hook, nor an upstream model."""
-        return False
+        return self.plain_samples and bool(getattr(getattr(self, "model", None), "continuous",
+                                                   False))
 
     @property
     def streams(self) -> bool:

@@ -242,9 +242,11 @@ class BestOfKPolicy(Policy):
     def beta(self) -> float:
         return float(self.probe.beta if self.cfg.beta is None else self.cfg.beta)
 
+    plain_samples = True
+
     @property
     def continuous(self) -> bool:
-        return bool(getattr(self.model, "continuous", False)) and not self.cfg.include_greedy
+        return super().continuous and not self.cfg.include_greedy
 
     def draws(self, n: int) -> int:
         return max(int(self.cfg.k), int(n))

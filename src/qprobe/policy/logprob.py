@@ -33,9 +33,7 @@ class LogprobPolicy(Policy):
     def build(cls, cfg, ctx) -> Policy:
         return cls(cfg, ctx.model())
 
-    @property
-    def continuous(self) -> bool:
-        return bool(getattr(self.model, "continuous", False))
+    plain_samples = True
 
     def draws(self, n: int) -> int:
         return max(int(self.cfg.k), int(n))

@@ -18,9 +18,7 @@ class SamplePolicy(Policy):
     def build(cls, cfg, ctx) -> Policy:
         return cls(cfg, ctx.model())
 
-    @property
-    def continuous(self) -> bool:
-        return bool(getattr(self.model, "continuous", False))
+    plain_samples = True
 
     def sample(self, prompts, k, params, *, hook: Any = None, observe: Any = None):
         return model_sample(self.model, prompts, k, params, hook, observe)
