@@ -177,14 +177,16 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     with llama_server(Path(gguf), args.model, out, args.threads, args.n_ctx) as url:
         api = load_model(url, backend="openai", model=args.model, api_key_env=KEY_ENV,
                          concurrency=1, timeout=600.0)
-        emb = load_embedder(embedders[0], layer=args.layer, position="last")
         cfg = run_config(args, first, url)
+        # the embedder reads the text as the served model did (the config's chat setting)
+        emb = load_embedder(embedders[0], layer=args.layer, position="last",
+                            chat=cfg.model.chat)
         results[first] = run_experiment(cfg, model=Embedded(api, emb, timing, first),
                                         progress=False)
     src = cfg.out_dir / "rollouts"
     folders = [p for p in sorted(src.iterdir()) if (p / "meta.json").is_file()]
     for e, lab in zip(embedders[1:], labels[1:]):
-        emb = load_embedder(e, layer=args.layer, position="last")
+        emb = load_embedder(e, layer=args.layer, position="last", chat=cfg.model.chat)
         cfg_e = run_config(args, lab, f"{args.model} (replayed from api-{first})")
         results[lab] = run_experiment(cfg_e, model=Embedded(Replay(folders, args.model), emb,
                                                             timing, lab), progress=False)
