@@ -47,14 +47,14 @@ KEY_ENV = "QPROBE_API_RUN_KEY"  # the server's key, made up per run, only in thi
 
 @contextmanager
 def llama_server(gguf: Path, alias: str, workdir: Path, threads: int, n_ctx: int,
-                 ready_timeout: float = 300.0) -> Iterator[str]:
-    """llama.cpp's server serving `gguf` as `alias` on 127.0.0.1 (token logprobs on, a random
-    key in $QPROBE_API_RUN_KEY); yields its URL, stops it on exit."""
+                 logprobs: bool, ready_timeout: float = 300.0) -> Iterator[str]:
+    """llama.cpp's server serving `gguf` as `alias` on 127.0.0.1 (token logprobs on if
+    `logprobs`, a random key in $QPROBE_API_RUN_KEY); yields its URL, stops it on exit."""
     from qprobe.backends.llama_server import LlamaCppServer
 
     key = "sk-" + secrets.token_hex(16)
     model = {"model": str(gguf), "model_alias": alias, "n_ctx": n_ctx, "n_threads": threads,
-             "n_threads_batch": threads, "logits_all": True, "verbose": False}
+             "n_threads_batch": threads, "logits_all": logprobs, "verbose": False}
     os.environ[KEY_ENV] = key
     try:
         with LlamaCppServer([model], workdir, api_key=key, ready_timeout=ready_timeout) as srv:
@@ -123,17 +123,21 @@ class Embedded(LanguageModel):
         atomic_write_json(self.timing, d)
 
     def sample(self, prompts: list[str], k: int, params: SamplingParams) -> list[list[Sample]]:
+        used0 = getattr(self.source, "completion_tokens", 0)  # the server's usage counts
         t0 = time.perf_counter()
         groups = self.source.sample(prompts, k, params)
         t1 = time.perf_counter()
+        used = getattr(self.source, "completion_tokens", 0) - used0
         flat = [(p, s) for p, g in zip(prompts, groups) for s in g]
         feats = self.embedder.embed([p for p, _ in flat], [s.text for _, s in flat])
         t2 = time.perf_counter()
         for (_, s), f in zip(flat, feats):
             s.feature = f
         if not isinstance(self.source, Replay):
-            self._add("server", seconds=t1 - t0, tokens=sum(s.num_tokens or 0 for _, s in flat),
-                      samples=len(flat), prompts=len(prompts))
+            # tokens generated, from the server's usage (the samples' own counts need logprobs)
+            tokens = used or sum(s.num_tokens or 0 for _, s in flat)
+            self._add("server", seconds=t1 - t0, tokens=tokens, samples=len(flat),
+                      prompts=len(prompts))
         self._add(f"embed-{self.label}", seconds=t2 - t1, samples=len(flat), prompts=len(prompts))
         return groups
 
@@ -151,6 +155,8 @@ def run_config(args: argparse.Namespace, label: str, model_name: str) -> Any:
 
     sets = [f"name=gsm8k-pal-api-{label}", f"out={Path(args.out) / f'api-{label}'}",
             f"model.name={model_name}", f"train.limit={args.train_limit}"]
+    if not args.server_logprobs:  # no log-likelihoods: no rerank rows, no loglik input
+        sets += ["baselines.rerank=false", "probes.cv_grid.loglik=[without]"]
     sets += list(args.set or [])
     cfg = load_config(args.config, sets)
     for ts in cfg.test:
@@ -174,8 +180,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     gguf = resolve(args.model)
     first = labels[0]
-    with llama_server(Path(gguf), args.model, out, args.threads, args.n_ctx) as url:
+    with llama_server(Path(gguf), args.model, out, args.threads, args.n_ctx,
+                      args.server_logprobs) as url:
         api = load_model(url, backend="openai", model=args.model, api_key_env=KEY_ENV,
+                         logprobs=args.server_logprobs,
                          concurrency=1, timeout=600.0)
         cfg = run_config(args, first, url)
         # the embedder reads the text as the served model did (the config's chat setting)
@@ -263,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-limit", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2, help="server threads")
     ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--server-logprobs", action="store_true",
+                    help="ask the server for token log-probs (llama-cpp-python's server: about "
+                         "10x the time per sample, docs/gsm8k-pal.md); off: the runs have no "
+                         "log-likelihood rows or inputs, and the vote's ties go by sample order")
     ap.add_argument("--local", default="results/gsm8k-pal-qwen-coder",
                     help="the local run whose decode throughput is compared")
     ap.add_argument("--set", action="append", help="config override KEY=VALUE (qprobe run --set)")

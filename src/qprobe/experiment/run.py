@@ -742,15 +742,16 @@ def free_rules(te: Any, cols: dict[str, np.ndarray], ll: dict[str, np.ndarray] |
 
 def vote_rules(cols: dict[str, np.ndarray], ll: dict[str, np.ndarray] | None
                ) -> dict[str, np.ndarray]:
-    """{"majority_vote": scores [N]} where the folder has answer signatures (`mbr_size`) and
-    log-likelihoods: MBR-exec over answers (`qprobe.verifier.baselines` rule `mbr_exec`), i.e.
-    the most frequent answer (self-consistency), ties broken by the mean log-prob of its best
-    sample; {} otherwise."""
+    """{"majority_vote": scores [N]} where the folder has answer signatures (`mbr_size`):
+    MBR-exec over answers (`qprobe.verifier.baselines` rule `mbr_exec`), i.e. the most frequent
+    answer (self-consistency), ties broken by the mean log-prob of its best sample, or by sample
+    order where the samples have no log-likelihoods (a server that gives none); {} otherwise."""
     from qprobe.verifier.baselines import rule_scores
 
-    if ll is None or "mbr_size" not in cols:
+    if "mbr_size" not in cols:
         return {}
-    return {"majority_vote": rule_scores({**cols, "logprob_mean": ll["logprob_mean"]})["mbr_exec"]}
+    tie = ll["logprob_mean"] if ll is not None else np.zeros(len(cols["mbr_size"]))  # [N]
+    return {"majority_vote": rule_scores({**cols, "logprob_mean": tie})["mbr_exec"]}
 
 
 def weighted_vote_entry(ctx: Context, te: Any, rewards: np.ndarray, scores: list[np.ndarray],
