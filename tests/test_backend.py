@@ -429,3 +429,19 @@ def test_the_registry_picks_the_backend(tmp_path):
     code = "import qprobe.backends, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("position", ["last", "mean"])
+def test_the_embedder_runs_a_shared_prompt_once_with_the_same_features(position):
+    """k completions of one prompt go after one prompt pass (GroupEncoder); their features are
+    those of each pair embedded alone, empty completions included."""
+    torch.set_num_threads(1)
+    lm = HFLanguageModel(build_model("llama", seed=3), build_tokenizer(), identity="tiny",
+                         layer=1, position=position, chat=False, feature_dtype="float32")
+    emb = lm.embedder()
+    prompts = ["def add(a, b):"] * 3 + ["hello"] + ["x y"] * 2
+    texts = [" return a + b", "", " pass\n", " world", " z", " and more words here"]
+    together = emb.embed(prompts, texts)
+    alone = np.concatenate([emb.embed([p], [t]) for p, t in zip(prompts, texts)])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(together[0], together[2])  # the rows differ: no copying

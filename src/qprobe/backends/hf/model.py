@@ -219,7 +219,34 @@ class HFEmbedder(Embedder):
 
     @torch.no_grad()
     def embed_tokens(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> np.ndarray:
-        """Features for already tokenised pairs: float32 [N, dim]."""
+        """Features for already tokenised pairs: float32 [N, dim]. Pairs that share a prompt
+        (k samples of one prompt) run the prompt once and their completions after its cache
+        (`GroupEncoder`); the others one whole sequence each."""
+        out = np.zeros((len(prompt_ids), self._spec.dim), dtype=np.float32)
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompt_ids):
+            by_prompt.setdefault(tuple(p), []).append(i)
+        # GroupEncoder needs the decoder under `.model` (Llama, Qwen2, ...; not GPT-2)
+        group = getattr(self.model, "model", None) is not None
+        alone = [i for rows in by_prompt.values() if len(rows) == 1 or not group for i in rows]
+        shared = [rows for rows in by_prompt.values() if len(rows) > 1 and group]
+        if shared:
+            from qprobe.backends.hf.encode import GroupEncoder
+
+            enc = GroupEncoder(self.model, [self.layer], self.blocks)
+            for rows in shared:
+                _, _, feats = enc.encode(list(prompt_ids[rows[0]]),
+                                         [list(completion_ids[r]) for r in rows])
+                out[rows] = feats[self.layer][self.position]
+        if alone:
+            out[alone] = self._embed_whole([prompt_ids[i] for i in alone],
+                                           [completion_ids[i] for i in alone])
+        return out
+
+    @torch.no_grad()
+    def _embed_whole(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+                     ) -> np.ndarray:
+        """Features of each (prompt, completion) as one sequence, batched: float32 [N, dim]."""
         n = len(prompt_ids)
         out = np.zeros((n, self._spec.dim), dtype=np.float32)
         seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
