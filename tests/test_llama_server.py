@@ -18,3 +18,4 @@ def test_a_server_that_cannot_load_its_model_is_one_error(tmp_path) -> None:
                        ready_timeout=120)
     assert "\n" not in str(e.value)
     assert (tmp_path / "srv" / "llama_server.log").is_file()
+    assert not (tmp_path / "srv" / "llama_server.json").exists()  # it held the key

@@ -30,6 +30,8 @@ DEMO = "results/demo/report/results.json"
 SENTIMENT = "results/sentiment-guided/report/results.json"
 VERIFIER = "results/mbpp-qwen-coder-verifier/report/results.json"
 PAL = "results/gsm8k-pal-qwen-coder/report/results.json"
+PAL_API = "results/gsm8k-pal-api/api-{}/report/results.json"  # smollm2 / qwen features
+PAL_API_TIMING = "results/gsm8k-pal-api/timing.json"
 NUM = re.compile(r"(?:(?<![\w@])[+\-\u2212])?\d[\d,]*(?:\.\d+)?")  # "best-of-16" is 16, not -16
 
 
@@ -383,8 +385,32 @@ def pal_tables() -> list[Table]:
     }, reports=[PAL])]
 
 
+def pal_api() -> tuple[dict, dict, dict, dict]:
+    """The API run's test entries and headline probes: (smollm2 test, qwen test, their probes)."""
+    a, b = (report(PAL_API.format(x)) for x in ("smollm2", "qwen"))
+    ta, tb = a["test"]["gsm8k-pal-test"], b["test"]["gsm8k-pal-test"]
+    return ta, tb, ta["probes"][a["headline"]["objective"]], tb["probes"][b["headline"]["objective"]]
+
+
+def pal_api_tables() -> list[Table]:
+    ta, tb, pa, pb = pal_api()
+    assert tb["pass@1"] == ta["pass@1"]  # the same completions: one column says it for both
+    return [Table("docs/gsm8k-pal.md", "| row (GSM8K test, first 16) |", {
+        "pass@1": ci(ta["pass@1"]),
+        "greedy": ci(ta["greedy"]),
+        "majority vote (ties by sample order)": ci(ta["rules"]["majority_vote"]),
+        "CV-chosen probe (`q` in both)": ci(pa["mean_over_seeds"]) + ci(pb["mean_over_seeds"]),
+        "CV chose": lit(pa["cv_chosen"].split("-")[0][1:], pb["cv_chosen"].split("-")[0][1:]),
+        "probe minus majority vote (paired)": ci(pa["paired"]["vs_majority_vote"])
+        + ci(pb["paired"]["vs_majority_vote"]),
+        "vote weighted by the probe": ci(pa["weighted_vote"]) + ci(pb["weighted_vote"]),
+        "pass@16": ci(ta["pass@k"]["16"]),
+    }, reports=[PAL_API.format("smollm2"), PAL_API.format("qwen")])]
+
+
 def all_tables() -> list[Table]:
-    return mbpp_tables() + hh_tables() + demo_tables() + sentiment_tables() + pal_tables()
+    return (mbpp_tables() + hh_tables() + demo_tables() + sentiment_tables() + pal_tables()
+            + pal_api_tables())
 
 
 def _id(t: Table) -> str:
@@ -438,6 +464,7 @@ def claims() -> list[tuple[str, str, list[str]]]:
         return sum(v) / len(v)
 
     old = report(RUN_1201)["test"]["mbpp-test"]["probes"]["pg"]["gain_over_pass@1"]
+    api, timing = pal_api(), report(PAL_API_TIMING)
     return [
         ("docs/evaluation.md", "gain over pass@1 on MBPP is +0.026 with a paired 95% CI of [−0.006, +0.058]",
          lit("1") + n(old["mean"]) + lit("95") + n(old["lo"]) + n(old["hi"])),
@@ -473,6 +500,12 @@ def claims() -> list[tuple[str, str, list[str]]]:
         ("docs/evaluation.md", "`pg` 0.3858 ± 0.0129,\n  `ce` 0.3849 ± 0.0072, `q` 0.3793 ± 0.0165 (with the shown tests: `pg` 0.5820, `q` 0.5777,\n  `ce` 0.5755)",
          [x for o in ("pg", "ce", "q") for x in cv(cvs, o) + n(cvs[o]["se"], 4)]
          + cv(vcvs, "pg") + cv(vcvs, "q") + cv(vcvs, "ce")),
+        ("README.md", "GGUF on loopback (27.9 tokens/s), features from a local model. Majority vote 0.250; the\n"
+         "CV-chosen probe on SmolLM2 features 0.250 (minus the vote +0.000 [−0.188, +0.188]), on Qwen's\n"
+         "own features 0.188 (−0.062 [−0.312, +0.125])",
+         n(timing["server"]["tokens_per_s"], 1) + n(api[0]["rules"]["majority_vote"]["mean"])
+         + lit("2") + n(api[2]["mean_over_seeds"]["mean"]) + ci(api[2]["paired"]["vs_majority_vote"])
+         + n(api[3]["mean_over_seeds"]["mean"]) + ci(api[3]["paired"]["vs_majority_vote"])),
         ("docs/preferences.md", "the Q-Adapter is below plain sampling (-0.028\n[-0.047, -0.010], seed 1 -0.024 [-0.044, -0.004])",
          ci(g["Q-Adapter sample (k=1)"]["judge_vs_base_mean"]) + lit("1")
          + ci(g["Q-Adapter seed 1 sample (k=1)"]["judge_vs_base_mean"])),

@@ -74,8 +74,8 @@ class LlamaCppServer:
     per alias: model, model_alias, n_ctx, n_threads, logits_all, embedding, ...) on 127.0.0.1.
 
     Started at construction (ready when it returns), stopped by `stop()` or at the end of a
-    `with` block; its config and log go to `workdir`. api_key: required of every request
-    (None: none)."""
+    `with` block; its config (removed at stop: it holds the key) and log go to `workdir`.
+    api_key: required of every request (None: none)."""
 
     def __init__(self, models: list[dict[str, Any]], workdir: Path, api_key: str | None = None,
                  ready_timeout: float = 120.0) -> None:
@@ -88,12 +88,13 @@ class LlamaCppServer:
             config["api_key"] = api_key
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        cfg = workdir / "llama_server.json"
-        cfg.write_text(json.dumps(config))
+        self._config = workdir / "llama_server.json"  # holds the key: removed at stop
+        self._config.touch(mode=0o600)
+        self._config.write_text(json.dumps(config))
         self.log_path = workdir / "llama_server.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--config_file", str(cfg)],
+            [sys.executable, "-m", "llama_cpp.server", "--config_file", str(self._config)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             wait_ready(self.proc, self.url, self.log_path, ready_timeout, "llama_cpp.server",
@@ -104,6 +105,7 @@ class LlamaCppServer:
 
     def stop(self) -> None:
         stop_process(self.proc, self._log, grace_s=20.0)
+        self._config.unlink(missing_ok=True)
 
     def __enter__(self) -> LlamaCppServer:
         return self
