@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="server threads")
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--server-logprobs", action="store_true",
-                    help="ask the server for token log-probs (llama-cpp-python's server: about "
-                         "10x the time per sample, docs/gsm8k-pal.md); off: the runs have no "
+                    help="ask the server for token log-probs (llama-cpp-python's server: 7-10x "
+                         "the time per sample, bench/llama_server_logprobs.py); off: the runs have no "
                          "log-likelihood rows or inputs, and the vote's ties go by sample order")
     ap.add_argument("--local", default="results/gsm8k-pal-qwen-coder",
                     help="the local run whose decode throughput is compared")
