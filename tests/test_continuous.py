@@ -79,3 +79,30 @@ def test_ignore_eos_runs_every_row_to_max_new_tokens(folder):
     got, _, _ = _run(model, {0: [("ab x", 1)]}, on)  # the open decode reads it too
     assert [s.token_ids for s in got[("ab x", 1)]] == [s.token_ids for s in full]
     assert "ignore_eos" not in params.to_dict() and on.to_dict()["ignore_eos"] is True
+
+
+def test_a_dropped_prompt_leaves_at_once_and_the_others_are_unchanged(folder):
+    """`drop(tag)` True takes a running prompt's rows out before the next step; it is never
+    delivered; the prompts beside it get the samples they get alone; a decode whose only prompt
+    is dropped ends early."""
+    model = load_model(str(folder), layer=1, feature_dtype="float32")
+    params = SamplingParams(temperature=0.9, max_new_tokens=12)
+    calls = [0]
+
+    def admit():
+        calls[0] += 1
+        return [("ab x", 1, "keep"), ("cd", 2, "drop")] if calls[0] == 1 else []
+
+    got: dict = {}
+    stats = model.decode_continuous(K, params, admit, lambda t, s: got.__setitem__(t, s),
+                                    drop=lambda tag: tag == "drop" and calls[0] > 3)
+    assert set(got) == {"keep"} and stats["dropped"] == 1 and stats["steps"] == 12
+    alone = model.sample(["ab x"], K, dataclasses.replace(params, seed=1))[0]
+    for a, b in zip(got["keep"], alone):
+        assert (a.text, a.token_ids) == (b.text, b.token_ids)
+        np.testing.assert_allclose(a.feature, b.feature, atol=1e-4)
+    once = iter([[("cd", 2, "only")]])
+    got.clear()
+    stats = model.decode_continuous(K, params, lambda: next(once, []),
+                                    lambda t, s: got.__setitem__(t, s), drop=lambda tag: True)
+    assert got == {} and stats["dropped"] == 1 and stats["steps"] == 0

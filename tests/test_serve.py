@@ -336,7 +336,7 @@ class HeldModel:
     def sample(self, prompts, k, params, **kw):
         return self.inner.sample(prompts, k, params, **kw)
 
-    def decode_continuous(self, k, params, admit, deliver, observe=None):
+    def decode_continuous(self, k, params, admit, deliver, observe=None, drop=None):
         first = not self.decodes
         admits: list[list[str]] = []
         self.decodes.append(admits)
@@ -349,7 +349,7 @@ class HeldModel:
             admits.append([p for p, _, _ in got])
             return got
 
-        return self.inner.decode_continuous(k, params, held, deliver, observe)
+        return self.inner.decode_continuous(k, params, held, deliver, observe, drop=drop)
 
 
 def _serve_inproc(model, assets, batcher_kw: dict, limits: ServeLimits):
@@ -543,6 +543,28 @@ def test_a_prompt_that_ends_frees_its_place_for_a_queued_one(held, assets):
     at = next(i for i, a in enumerate(admits) if a == ["late"])
     _until(lambda: batcher.stats["batches"] == 1)  # counted when the decode returns
     assert at > 3 and batcher.stats["joined"] == 1 and len(model.decodes) == 1
+    assert got["b"].choices[0].text == library_choice(assets, "good", "late", 3, 0.1, 2).text
+
+
+def test_a_cancelled_request_leaves_a_running_decode(held, assets):
+    """A client that gives up while its request decodes: the server cancels it, its rows are
+    taken out before the next step (counted as dropped), and a request that joins then gets
+    the library's answer."""
+    url, model, batcher = held
+    quick = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=0.5)
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    got: dict = {}
+    first = _bg(lambda: quick.completions.create(model="tiny", prompt="first", seed=1), got, "a")
+    assert model.entered.wait(10)  # "first" decodes, held before its 4th step
+    first.join()
+    assert isinstance(got["a"], openai.APITimeoutError)
+    _until(lambda: batcher.stats["cancelled"] == 1)
+    late = _bg(lambda: c.completions.create(model="tiny", prompt="late", seed=2), got, "b")
+    _until(lambda: batcher.queued() == 1)
+    model.gate.set()
+    late.join()
+    _until(lambda: batcher.stats["batches"] == 1)
+    assert batcher.stats["dropped"] == 1 and len(model.decodes) == 1
     assert got["b"].choices[0].text == library_choice(assets, "good", "late", 3, 0.1, 2).text
 
 

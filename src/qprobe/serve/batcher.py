@@ -28,8 +28,9 @@ one fresh seed per batch (reported in the response), so they batch together; two
 unseeded prompts in the same closed batch therefore get the same candidates.
 
 The queue is bounded: `submit` raises `QueueFull` (the server answers 429 with Retry-After).
-A cancelled request (client gone, timeout) is dropped if it has not started; once its rows
-run, they run to their end (the decode loop has no per-row abort) and its result is thrown away.
+A cancelled request (client gone, timeout) is dropped if it has not started. In an open decode
+its rows are taken out before the next step (their places go to waiting requests); in a closed
+batch they run to their end and its result is thrown away.
 """
 
 from __future__ import annotations
@@ -127,9 +128,10 @@ class Batcher:
         self._queue: list[Job] = []
         self._closed = False
         self._batch_s = 1.0  # moving average of a batch's duration (Retry-After)
-        # batches: decodes run (open or closed); joined: requests that entered a running decode
+        # batches: decodes run (open or closed); joined: requests that entered a running decode;
+        # dropped: prompts of cancelled requests taken out of a running decode
         self.stats = {"batches": 0, "requests": 0, "cancelled": 0, "max_batch_requests": 0,
-                      "rejected": 0, "joined": 0, "steps": 0}
+                      "rejected": 0, "joined": 0, "steps": 0, "dropped": 0}
         self.running = 0
         self._arriving = 0  # requests being read and checked, not yet submitted
         self._thread = threading.Thread(target=self._work, name="qprobe-serve-batcher",
@@ -291,9 +293,14 @@ class Batcher:
         live = 0  # prompts in the decode
         n_prompts = 0  # prompts admitted so far (the observer's prompt index)
         got: dict[int, list[Any]] = {}  # id(job) -> samples per prompt
+        gone: set[int] = set()  # id(job) of cancelled requests whose rows are taken out
 
         def admit() -> list[tuple[str, int, Any]]:
             nonlocal pending, live, n_prompts
+            for job in [j for j in admitted if j.cancelled]:  # nobody waits: free its places
+                admitted.remove(job)
+                live -= sum(m is None for m in got.pop(id(job)))
+                gone.add(id(job))
             jobs, pending = pending, []
             if not jobs and self._queue:  # unlocked peek; _pick runs under the lock
                 with self._cv:
@@ -322,8 +329,10 @@ class Batcher:
         def deliver(tag: tuple[Job, int], samples: list[Any]) -> None:
             nonlocal live
             job, j = tag
+            mine = got.get(id(job))
+            if mine is None:  # cancelled and already counted out
+                return
             live -= 1
-            mine = got[id(job)]
             mine[j] = samples
             if all(m is not None for m in mine):
                 admitted.remove(job)
@@ -332,8 +341,10 @@ class Batcher:
                 self._answer(job, mine, job.seed, job.shared)
 
         try:
-            stats = lead.model.decode_continuous(key.k, params, admit, deliver, observe=observe)
+            stats = lead.model.decode_continuous(key.k, params, admit, deliver, observe=observe,
+                                                 drop=lambda tag: id(tag[0]) in gone)
             self.stats["steps"] += stats["steps"]
+            self.stats["dropped"] += stats.get("dropped", 0)
         except BaseException:
             batch[:] = admitted  # `_work` delivers the failure to every request not answered
             raise

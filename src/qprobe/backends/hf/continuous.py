@@ -43,11 +43,15 @@ def run_continuous(dec, k: int, *, temperature: float, top_p: float, top_k: int,
                    features: bool, eos_ids: set[int], detok: Callable[[list[list[int]]], list[str]],
                    admit: Callable[[], list[Joiner]],
                    deliver: Callable[[Any, list[RowResult]], None],
-                   observe: StepObserver | None = None) -> dict[str, int]:
+                   observe: StepObserver | None = None,
+                   drop: Callable[[Any], bool] | None = None) -> dict[str, int]:
     """Decode until no row is left and `admit` brings nothing; returns counters (steps, joined:
-    prompts admitted after the first step). deliver(tag, k RowResults) is called for each prompt
-    when its k rows have ended. observe: as in `loop.run_batch`, with `rows.prompt` the order in
-    which prompts were admitted and `rows.tokens` each row's own tokens so far (ragged)."""
+    prompts admitted after the first step, dropped: prompts taken out by `drop`).
+    deliver(tag, k RowResults) is called for each prompt when its k rows have ended. observe: as
+    in `loop.run_batch`, with `rows.prompt` the order in which prompts were admitted and
+    `rows.tokens` each row's own tokens so far (ragged). drop(tag), asked of every running
+    prompt after each `admit`: True takes its rows out before the next step, and it is never
+    delivered (a request nobody waits for any more)."""
     dev = dec.device
     n_steps = int(max_new_tokens)
     window = max((len(s.encode()) for s in stop), default=0) + 1
@@ -69,7 +73,7 @@ def run_continuous(dec, k: int, *, temperature: float, top_p: float, top_k: int,
     fin: dict[int, tuple[str, int, bool]] = {}  # finish, end step, by EOS
     prompts: dict[int, tuple[Any, list[int], torch.Tensor | None]] = {}  # tag, rows, h_prompt
     next_g = 0
-    done_steps = joined = 0
+    done_steps = joined = dropped = 0
 
     def keep(mask: np.ndarray) -> None:
         nonlocal state, rid, grp, samp, steps, seeds, pos0, logits, groups
@@ -126,6 +130,15 @@ def run_continuous(dec, k: int, *, temperature: float, top_p: float, top_k: int,
                 lps[int(r)] = np.zeros(n_steps, np.float64)
                 if features:
                     feats[int(r)] = torch.zeros(n_steps, dec.dim, dtype=torch.float32)
+        if drop is not None and prompts:
+            off = [g for g, (tag, _, _) in prompts.items() if drop(tag)]
+            if off:
+                keep(~np.isin(grp, off))
+                for g in off:
+                    for r in prompts.pop(g)[1]:
+                        for store in (toks, lps, feats, fin):
+                            store.pop(r, None)
+                dropped += len(off)
         if not len(rid):
             break
         a = len(rid)
@@ -182,4 +195,4 @@ def run_continuous(dec, k: int, *, temperature: float, top_p: float, top_k: int,
                 deliver(tag, [row_result(toks.pop(r), lps.pop(r), feats.pop(r, None), h_prompt,
                                          *fin.pop(r), stop, position, detok) for r in rows_g])
                 del prompts[g]
-    return {"steps": done_steps, "joined": joined}
+    return {"steps": done_steps, "joined": joined, "dropped": dropped}

@@ -157,11 +157,13 @@ class HFLanguageModel(LanguageModel):
     def decode_continuous(self, k: int, params: SamplingParams,
                           admit: Callable[[], list[tuple[str, int, Any]]],
                           deliver: Callable[[Any, list[Sample]], None],
-                          observe: StepObserver | None = None) -> dict[str, int]:
+                          observe: StepObserver | None = None,
+                          drop: Callable[[Any], bool] | None = None) -> dict[str, int]:
         """Continuous batching (`continuous.run_continuous`): before each decode step,
         admit() -> [(prompt, seed, tag)] prompts that join the running decode (each seeded by
         its own seed; params.seed is not used); deliver(tag, k samples) as soon as a prompt's k
-        rows have ended. Returns when nothing runs and nothing is admitted."""
+        rows have ended; drop(tag) -> True takes a running prompt out, never delivered (see
+        `run_continuous`). Returns when nothing runs and nothing is admitted."""
         from qprobe.backends.hf.continuous import Joiner, run_continuous
 
         if not self.continuous:
@@ -179,7 +181,7 @@ class HFLanguageModel(LanguageModel):
             top_k=params.top_k, max_new_tokens=params.max_new_tokens, stop=list(params.stop),
             layer=self.layer, position=self.position, features=self.features,
             eos_ids=self._eos(params), detok=self.tok.decode, admit=joiners, deliver=give,
-            observe=observe)
+            observe=observe, drop=drop)
 
     def embedder(self) -> HFEmbedder:
         """An embedder computing the same features from text, sharing this model's weights."""
