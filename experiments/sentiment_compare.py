@@ -30,12 +30,13 @@ from qprobe.tasks.sentiment import POSITIVE
 DRIVER_NAME = {"sample": "base", "best-of-8": "bok-8"}
 
 
-def driver_means(path: Path) -> dict[str, np.ndarray]:
+def driver_means(driver: Path, method: str) -> dict[str, np.ndarray]:
     """Per prompt text: the driver's compound scores [S] for one method."""
-    rows = [json.loads(line) for line in (path.with_suffix(".jsonl")).read_text().splitlines()]
-    scores = json.loads(path.with_suffix(".scores.json").read_text())["compound"]
+    gen = driver / "generations"
+    rows = [json.loads(line) for line in (gen / f"{method}.jsonl").read_text().splitlines()]
+    scores = json.loads((gen / f"{method}.scores.json").read_text())["compound"]
     if len(scores) != len(rows):
-        raise SystemExit(f"error: {path}: {len(rows)} rows but {len(scores)} scores")
+        raise SystemExit(f"error: {gen / method}: {len(rows)} rows but {len(scores)} scores")
     out: dict[str, list[float]] = {}
     for r, c in zip(rows, scores):
         out.setdefault(r["prompt"], []).append(float(c))
@@ -53,7 +54,7 @@ def compare(run: Path, driver: Path, split: str = "neutral-test") -> list[dict]:
             continue  # a method the driver lacks, or a policy still running
         r = Rollouts(folder)
         mine = dict(zip(r.column("prompt"), (float(x) for x in r.column("reward"))))
-        theirs = driver_means(gen.with_suffix(""))
+        theirs = driver_means(driver, method)
         common = [p for p in mine if p in theirs]
         a = np.array([mine[p] for p in common])  # [P] the run's one answer per prompt
         b = np.array([theirs[p].mean() for p in common])  # [P] the driver's mean of 25

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qprobe.errors import QProbeError
 
@@ -92,6 +93,20 @@ class Verdict:
         if self.status == "sandbox_error":
             return None
         return 1.0 if self.passed else 0.0
+
+    def marked(self, mark: str) -> Any:
+        """The JSON value a program printed after `mark` on its last line starting with it,
+        when it ran to the end (`passed`); None otherwise, or when that value does not parse.
+        How the trusted suffixes of the verifier's and gsm8k-pal's programs report back."""
+        if not self.passed:
+            return None
+        for line in reversed(self.output.splitlines()):
+            if line.startswith(mark):
+                try:
+                    return json.loads(line[len(mark):])
+                except ValueError:
+                    return None
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from qprobe.backends.base import SamplingParams
 from qprobe.serve.models import prompt_tokens
 
 log = logging.getLogger("qprobe.serve")
@@ -76,6 +77,12 @@ class SamplingKey:
     def open(self) -> SamplingKey:
         """What must match to join an open decode: all but the seed (each row has its own)."""
         return replace(self, seed=None)
+
+    def params(self, seed: int = 0) -> SamplingParams:
+        """The `SamplingParams` these settings sample with (`seed`: the batch's)."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_tokens, stop=list(self.stop), seed=seed,
+                              ignore_eos=self.ignore_eos)
 
 
 @dataclass
@@ -252,15 +259,11 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> None:
         """A closed batch: sample, choose and deliver `batch` (one `sample` call)."""
-        from qprobe.backends.base import SamplingParams
-
         key = batch[0].key
         lead = batch[0].policy  # every job's policy samples as this one does (same sampler_id)
         # One seed for the batch's unseeded requests.
         seed = key.seed if key.seed is not None else secrets.randbits(31)
-        params = SamplingParams(temperature=key.temperature, top_p=key.top_p,
-                                max_new_tokens=key.max_tokens, stop=list(key.stop), seed=seed,
-                                ignore_eos=key.ignore_eos)
+        params = key.params(seed)
         prompts = [p for job in batch for p in job.prompts]
         observe = None
         if any(job.stream is not None and job.policy.streams for job in batch):
@@ -280,27 +283,22 @@ class Batcher:
     def _run_open(self, batch: list[Job]) -> None:
         """An open decode (continuous batching): `batch` starts it; before every step the
         queued requests that fit join it; each request is answered when its prompts end."""
-        from qprobe.backends.base import SamplingParams
-
         key = batch[0].key
         lead = batch[0].policy
-        params = SamplingParams(temperature=key.temperature, top_p=key.top_p,
-                                max_new_tokens=key.max_tokens, stop=list(key.stop),
-                                ignore_eos=key.ignore_eos)
+        params = key.params()  # each row is seeded by its own request's seed
         observe = StreamRows(list(key.stop), lead.decode)
         admitted: list[Job] = []  # not yet answered
         pending = list(batch)
         live = 0  # prompts in the decode
         n_prompts = 0  # prompts admitted so far (the observer's prompt index)
         got: dict[int, list[Any]] = {}  # id(job) -> samples per prompt
-        gone: set[int] = set()  # id(job) of cancelled requests whose rows are taken out
 
         def admit() -> list[tuple[str, int, Any]]:
             nonlocal pending, live, n_prompts
-            for job in [j for j in admitted if j.cancelled]:  # nobody waits: free its places
+            # Cancelled requests free their places; the decode takes their rows out (`drop`).
+            for job in [j for j in admitted if j.cancelled]:
                 admitted.remove(job)
                 live -= sum(m is None for m in got.pop(id(job)))
-                gone.add(id(job))
             jobs, pending = pending, []
             if not jobs and self._queue:  # unlocked peek; _pick runs under the lock
                 with self._cv:
@@ -330,7 +328,7 @@ class Batcher:
             nonlocal live
             job, j = tag
             mine = got.get(id(job))
-            if mine is None:  # cancelled and already counted out
+            if mine is None:  # cancelled and already counted out by `admit`
                 return
             live -= 1
             mine[j] = samples
@@ -342,7 +340,7 @@ class Batcher:
 
         try:
             stats = lead.model.decode_continuous(key.k, params, admit, deliver, observe=observe,
-                                                 drop=lambda tag: id(tag[0]) in gone)
+                                                 drop=lambda tag: tag[0].cancelled)
             self.stats["steps"] += stats["steps"]
             self.stats["dropped"] += stats.get("dropped", 0)
         except BaseException:

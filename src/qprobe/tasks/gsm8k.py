@@ -57,7 +57,6 @@ def gold(answer: str) -> str:
     return n
 
 
-
 def read_split(split: str, data: str | None = None) -> list[dict]:
     """The rows {question, answer, ...} of a GSM8K split from the local data folder, checked."""
     path = find_data("gsm8k", f"gsm8k/{split}.jsonl", data)
@@ -66,6 +65,7 @@ def read_split(split: str, data: str | None = None) -> list[dict]:
         if "question" not in r or "answer" not in r:
             raise QProbeError(f"{path}:{n}: expected fields question and answer")
     return rows
+
 
 class AnswerTask(Task):
     """A task scored by comparing the answer extracted from the completion with a gold answer.

@@ -134,19 +134,11 @@ def format_question(question: str) -> str:
 
 def answer_of(v: Verdict) -> str | None:
     """The normalised number a program printed after MARK, if it ran to the end; else None."""
-    if v.status != "passed":
+    try:
+        x = float(v.marked(MARK))
+    except (ValueError, TypeError):  # no marked line (None), or not a number
         return None
-    for line in reversed(v.output.splitlines()):
-        if line.startswith(MARK):
-            try:
-                text = json.loads(line[len(MARK):])
-                x = float(text)
-            except (ValueError, TypeError):
-                return None
-            if not math.isfinite(x):
-                return None
-            return normalize(repr(round(x, DECIMALS)))
-    return None
+    return normalize(repr(round(x, DECIMALS))) if math.isfinite(x) else None
 
 
 def answer_signature(v: Verdict) -> str | None:

@@ -99,18 +99,10 @@ def error_class(v: Verdict) -> str | None:
 
 def read_result(v: Verdict) -> dict | None:
     """{"out": [...], "ok": [...]} printed by a program that ran to the end, else None."""
-    if v.status != "passed":
-        return None
-    for line in reversed(v.output.splitlines()):
-        if line.startswith(MARK):
-            try:
-                res = json.loads(line[len(MARK):])
-            except ValueError:
-                return None
-            if isinstance(res, dict) and isinstance(res.get("out"), list) \
-                    and isinstance(res.get("ok"), list):
-                return res
-            return None
+    res = v.marked(MARK)
+    if isinstance(res, dict) and isinstance(res.get("out"), list) \
+            and isinstance(res.get("ok"), list):
+        return res
     return None
 
 
